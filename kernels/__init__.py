@@ -1,0 +1,1 @@
+"""Fused Triton alignment kernels."""
