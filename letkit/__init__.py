@@ -1,1 +1,48 @@
-"""letkit"""
+"""letkit: composable PyTorch blocks for Late-to-Early Training (LET).
+
+LET (Zhao et al., ICLR 2026) speeds up LLM pretraining by pulling an *early* layer of the young target
+model towards the *late* (last-layer) features of a small, frozen, already pretrained teacher, with a
+weight lambda(s) that decays to zero at step S_stop, after which the teacher is dropped::
+
+    L = L_NLL + lambda(s) * mean_tokens(1 - cos(P(h_target^k), h_teacher^last))
+
+The blocks, each usable on its own:
+
+* :class:`TeacherFeatureExtractor` -- frozen teacher, hidden states of chosen layers.
+* :class:`LayerMap` -- which teacher layer aligns with which target layer ("L2E", ...).
+* :class:`LayerMappingProjector` -- P: interpolation (paper), linear or MLP.
+* :func:`alignment_loss` / :class:`AlignmentLoss` -- cosine (paper), smooth-L1, MSE; torch or Triton.
+* :class:`LinearDecay` (paper), :class:`CosineDecay`, :class:`StepDecay`, :class:`ExponentialDecay` -- lambda(s).
+* :class:`LETObjective` -- all of the above for any target model, via forward hooks.
+"""
+
+from letkit.layer_map import STRATEGIES, LayerMap
+from letkit.losses import BACKENDS, LOSS_KINDS, PROJECTIONS, AlignmentLoss, alignment_loss, interpolate_features
+from letkit.objective import LETObjective, LETOutput
+from letkit.projector import PROJECTOR_KINDS, LayerMappingProjector
+from letkit.schedulers import SCHEDULES, CosineDecay, ExponentialDecay, LambdaSchedule, LinearDecay, StepDecay
+from letkit.teacher import TeacherFeatureExtractor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlignmentLoss",
+    "BACKENDS",
+    "CosineDecay",
+    "ExponentialDecay",
+    "LETObjective",
+    "LETOutput",
+    "LOSS_KINDS",
+    "LambdaSchedule",
+    "LayerMap",
+    "LayerMappingProjector",
+    "LinearDecay",
+    "PROJECTIONS",
+    "PROJECTOR_KINDS",
+    "SCHEDULES",
+    "STRATEGIES",
+    "StepDecay",
+    "TeacherFeatureExtractor",
+    "alignment_loss",
+    "interpolate_features",
+]

@@ -1,0 +1,149 @@
+"""Schedules for LET's alignment weight lambda(s).
+
+Every schedule has the same shape: an optional linear warmup from 0 to ``lambda0`` over
+``warmup_steps``, an optional hold at ``lambda0`` for ``hold_steps``, then a decay that reaches 0 at
+``stop_step`` (S_stop), after which lambda is 0 for good and the teacher can be dropped.
+
+With no warmup and no hold, :class:`LinearDecay` is the paper's
+``lambda(s) = lambda0 * max(0, (S_stop - s) / S_stop)``.
+
+Schedules are pure functions of the step (``schedule(step)``) and also keep a step counter like
+torch's LR schedulers (``.step()``, ``.current_step``, ``state_dict()`` / ``load_state_dict()``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class LambdaSchedule:
+    """Base class: warmup, hold, then a decay ``decay(progress)`` from 1 at progress 0 to 0 at progress 1."""
+
+    def __init__(self, lambda0: float, stop_step: int, *, warmup_steps: int = 0, hold_steps: int = 0) -> None:
+        if not isinstance(stop_step, int) or isinstance(stop_step, bool):
+            raise TypeError(f"stop_step must be an int, got {type(stop_step).__name__} ({stop_step!r})")
+        if stop_step <= 0:
+            raise ValueError(f"stop_step (S_stop) must be positive, got {stop_step}")
+        if not math.isfinite(lambda0) or lambda0 < 0:
+            raise ValueError(f"lambda0 must be finite and >= 0, got {lambda0}")
+        if warmup_steps < 0 or hold_steps < 0:
+            raise ValueError(f"warmup_steps and hold_steps must be >= 0, got {warmup_steps} and {hold_steps}")
+        if warmup_steps + hold_steps >= stop_step:
+            raise ValueError(
+                f"warmup_steps + hold_steps must be shorter than stop_step: {warmup_steps} + {hold_steps} >= {stop_step}"
+            )
+        self.lambda0 = float(lambda0)
+        self.stop_step = stop_step
+        self.warmup_steps = warmup_steps
+        self.hold_steps = hold_steps
+        self.current_step = 0
+
+    def decay(self, progress: float) -> float:
+        """Decay factor at ``progress`` in [0, 1): 1 at 0, approaching 0 at 1."""
+        raise NotImplementedError
+
+    def __call__(self, step: int | None = None) -> float:
+        """lambda at ``step`` (default: the schedule's own ``current_step``)."""
+        step = self.current_step if step is None else step
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step >= self.stop_step:
+            return 0.0
+        if step < self.warmup_steps:
+            return self.lambda0 * step / self.warmup_steps
+        decay_start = self.warmup_steps + self.hold_steps
+        if step < decay_start:
+            return self.lambda0
+        return self.lambda0 * self.decay((step - decay_start) / (self.stop_step - decay_start))
+
+    def step(self) -> None:
+        """Advance the internal step counter by one."""
+        self.current_step += 1
+
+    def is_done(self, step: int | None = None) -> bool:
+        """True once lambda is 0 for good (``step >= stop_step``): the teacher is no longer needed."""
+        step = self.current_step if step is None else step
+        return step >= self.stop_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        unknown = set(state_dict) - set(vars(self))
+        if unknown:
+            raise ValueError(f"state_dict has keys this {type(self).__name__} does not know: {sorted(unknown)}")
+        self.__dict__.update(state_dict)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class LinearDecay(LambdaSchedule):
+    """Linear decay to 0 at ``stop_step`` (the paper's schedule)."""
+
+    def decay(self, progress: float) -> float:
+        return 1.0 - progress
+
+
+class CosineDecay(LambdaSchedule):
+    """Half-cosine decay to 0 at ``stop_step``: gentle at the start and at the end."""
+
+    def decay(self, progress: float) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StepDecay(LambdaSchedule):
+    """Piecewise constant: multiplied by ``gamma`` every ``step_size`` steps of the decay phase, 0 at ``stop_step``."""
+
+    def __init__(
+        self,
+        lambda0: float,
+        stop_step: int,
+        *,
+        step_size: int,
+        gamma: float = 0.5,
+        warmup_steps: int = 0,
+        hold_steps: int = 0,
+    ) -> None:
+        super().__init__(lambda0, stop_step, warmup_steps=warmup_steps, hold_steps=hold_steps)
+        if step_size <= 0:
+            raise ValueError(f"step_size must be positive, got {step_size}")
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        self.step_size = step_size
+        self.gamma = float(gamma)
+
+    def decay(self, progress: float) -> float:
+        decay_steps = self.stop_step - self.warmup_steps - self.hold_steps
+        return self.gamma ** int(progress * decay_steps // self.step_size)
+
+
+class ExponentialDecay(LambdaSchedule):
+    """Exponential decay from ``lambda0`` towards ``lambda0 * final_ratio`` at ``stop_step``, then 0."""
+
+    def __init__(
+        self,
+        lambda0: float,
+        stop_step: int,
+        *,
+        final_ratio: float = 0.01,
+        warmup_steps: int = 0,
+        hold_steps: int = 0,
+    ) -> None:
+        super().__init__(lambda0, stop_step, warmup_steps=warmup_steps, hold_steps=hold_steps)
+        if not 0 < final_ratio < 1:
+            raise ValueError(f"final_ratio must be in (0, 1), got {final_ratio}")
+        self.final_ratio = float(final_ratio)
+
+    def decay(self, progress: float) -> float:
+        return self.final_ratio**progress
+
+
+SCHEDULES: dict[str, type[LambdaSchedule]] = {
+    "linear": LinearDecay,
+    "cosine": CosineDecay,
+    "step": StepDecay,
+    "exponential": ExponentialDecay,
+}

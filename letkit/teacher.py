@@ -1,0 +1,169 @@
+"""The frozen teacher: run a pretrained model and return the hidden states of chosen layers."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from letkit.module_paths import find_block_list, find_final_norm, get_submodule
+
+LayerSelector = Union[int, str]
+"""A block index over the model's block list (negative counts from the end) or a module path."""
+
+
+class _AllLayersCaptured(Exception):
+    """Raised from a hook to skip the rest of the teacher's forward pass (e.g. its LM head)."""
+
+
+class TeacherFeatureExtractor:
+    """Runs a frozen teacher and returns the hidden states of the requested layers.
+
+    The model is frozen on construction (``requires_grad_(False)``, ``eval()``) and always runs under
+    ``torch.inference_mode``; the features come back as ordinary tensors (no autograd history) that a
+    loss may save for backward.
+
+    Args:
+        model: any ``nn.Module`` whose forward takes token ids (letkit's models, transformers' models, ...).
+        layers: which hidden states to return, in this order. An int indexes the model's block list
+            (negatives from the end); a str is a module path whose output is captured. The last block
+            (``-1``) means the model's *final hidden state*: the output of its final norm when it has
+            one (what transformers returns as ``hidden_states[-1]``); pass the block's module path to
+            get the pre-norm output instead.
+        block_list: module path of the transformer block list (found automatically when None).
+        dtype, device: optional placement of the teacher (e.g. ``torch.bfloat16``, ``"cuda"``).
+        stop_early: skip the rest of the forward pass once every requested layer has been computed.
+        tokenizer: the teacher's tokenizer, kept for callers that need it (e.g. cross-tokenizer LET).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[LayerSelector] = (-1,),
+        *,
+        block_list: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        stop_early: bool = True,
+        tokenizer: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        model.requires_grad_(False).eval()
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        self._model: nn.Module | None = model
+        self.block_list_path, self._blocks = find_block_list(model, block_list)
+        self._final_norm_path = find_final_norm(model, self.block_list_path)
+        self.stop_early = stop_early
+        self.tokenizer = tokenizer
+        self.select_layers(layers)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        layers: Sequence[LayerSelector] = (-1,),
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        stop_early: bool = True,
+    ) -> TeacherFeatureExtractor:
+        """Load a Hugging Face-layout checkpoint directory (config.json + safetensors) as a teacher.
+
+        Supported families load natively (no transformers needed); see :func:`letkit.models.load_pretrained`.
+        """
+        from letkit.models import load_pretrained
+
+        loaded = load_pretrained(path, dtype=dtype, device=device)
+        return cls(loaded.model, layers, stop_early=stop_early, tokenizer=loaded.tokenizer)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of blocks in the teacher's block list."""
+        return len(self._blocks)
+
+    @property
+    def released(self) -> bool:
+        return self._model is None
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            raise RuntimeError("the teacher was released (release() was called): it cannot run any more")
+        return self._model
+
+    def select_layers(self, layers: Sequence[LayerSelector]) -> None:
+        """Choose which hidden states calls return (same rules as the constructor's ``layers``)."""
+        if isinstance(layers, (int, str)):
+            layers = [layers]
+        if not layers:
+            raise ValueError("layers must name at least one layer")
+        modules = []
+        n = self.num_layers
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, (int, str)):
+                raise TypeError(f"a layer is an int block index or a str module path, got {layer!r}")
+            if isinstance(layer, str):
+                modules.append(get_submodule(self.model, layer))
+                continue
+            if not -n <= layer < n:
+                raise ValueError(
+                    f"teacher layer index {layer} does not exist: the block list {self.block_list_path!r} has {n} blocks "
+                    f"(valid indices {-n} .. {n - 1}), or pass a module path"
+                )
+            if layer % n == n - 1 and self._final_norm_path is not None:
+                modules.append(self.model.get_submodule(self._final_norm_path))
+            else:
+                modules.append(self._blocks[layer])
+        self.layers = list(layers)
+        self._modules = modules
+
+    def feature_dims(self, input_ids: Tensor) -> list[int]:
+        """Hidden size of each requested layer (runs the teacher once on ``input_ids``)."""
+        return [f.shape[-1] for f in self(input_ids)]
+
+    def __call__(self, input_ids: Tensor, **forward_kwargs: Any) -> list[Tensor]:
+        """Hidden states ``[B, T, d]`` of the requested layers for ``input_ids`` ``[B, T]``."""
+        model = self.model
+        captured: dict[int, Tensor] = {}
+        wanted = {id(m) for m in self._modules}
+
+        def capture(module: nn.Module, args: Any, output: Any) -> None:
+            captured[id(module)] = output[0] if isinstance(output, (tuple, list)) else output
+            if self.stop_early and wanted.issubset(captured):
+                raise _AllLayersCaptured
+
+        handles = [m.register_forward_hook(capture) for m in set(self._modules)]
+        try:
+            with torch.inference_mode():
+                model(input_ids, **forward_kwargs)
+        except _AllLayersCaptured:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [layer for layer, m in zip(self.layers, self._modules) if id(m) not in captured]
+        if missing:
+            raise RuntimeError(f"the teacher's forward pass never ran the modules of layers {missing}")
+        # Inference tensors cannot be saved for backward; a clone outside inference mode is an ordinary tensor.
+        return [captured[id(m)].clone() for m in self._modules]
+
+    def release(self) -> None:
+        """Drop the teacher model and free its memory (LET is done with it after S_stop)."""
+        if self._model is None:
+            return
+        self._model = None
+        self._blocks = nn.ModuleList()
+        self._modules = []
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else type(self._model).__name__
+        return f"TeacherFeatureExtractor({state}, layers={self.layers}, blocks={self.block_list_path!r})"

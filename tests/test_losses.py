@@ -1,0 +1,185 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from letkit import AlignmentLoss, alignment_loss, interpolate_features
+from letkit.losses import LOSS_KINDS
+
+
+def reference_loss(target, teacher, kind, projection="identity", weight=None, bias=None, mask=None):
+    """Independent float64 reference written from the definitions, one token at a time."""
+    target, teacher = target.double().reshape(-1, target.shape[-1]), teacher.double().reshape(-1, teacher.shape[-1])
+    keep = torch.ones(target.shape[0], dtype=torch.float64) if mask is None else mask.reshape(-1).double()
+    d_in, d_out = target.shape[-1], teacher.shape[-1]
+    total, count = 0.0, 0.0
+    for i in range(target.shape[0]):
+        h = target[i]
+        if projection == "linear":
+            h = weight.double() @ h + (0 if bias is None else bias.double())
+        elif projection == "interpolate":
+            out = torch.empty(d_out, dtype=torch.float64)
+            for j in range(d_out):
+                x = 0.0 if d_out == 1 else j * (d_in - 1) / (d_out - 1)
+                lo = min(int(math.floor(x)), d_in - 1)
+                hi = min(lo + 1, d_in - 1)
+                out[j] = (1 - (x - lo)) * h[lo] + (x - lo) * h[hi]
+            h = out
+        t = teacher[i]
+        if kind == "cosine":
+            value = 1 - h.dot(t) / (max(h.norm(), 1e-8) * max(t.norm(), 1e-8))
+        elif kind == "mse":
+            value = ((h - t) ** 2).mean()
+        else:
+            a = (h - h.mean()) / torch.sqrt(h.var(unbiased=False) + 1e-5)
+            b = (t - t.mean()) / torch.sqrt(t.var(unbiased=False) + 1e-5)
+            diff = (a - b).abs()
+            value = torch.where(diff < 1, 0.5 * diff**2, diff - 0.5).mean()
+        total = total + keep[i] * value
+        count = count + keep[i]
+    return total / max(count, 1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(LOSS_KINDS),
+    projection=st.sampled_from(["identity", "interpolate", "linear"]),
+    tokens=st.integers(1, 7),
+    d_target=st.integers(1, 12),
+    d_teacher=st.integers(1, 12),
+    use_mask=st.booleans(),
+    use_bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_loss_matches_float64_reference(kind, projection, tokens, d_target, d_teacher, use_mask, use_bias, dtype, seed):
+    if projection == "identity":
+        d_teacher = d_target
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(tokens, d_target, generator=g).to(dtype)
+    teacher = torch.randn(tokens, d_teacher, generator=g).to(dtype)
+    weight = torch.randn(d_teacher, d_target, generator=g).to(dtype) if projection == "linear" else None
+    bias = torch.randn(d_teacher, generator=g).to(dtype) if projection == "linear" and use_bias else None
+    mask = torch.rand(tokens, generator=g) > 0.4 if use_mask else None
+    got = alignment_loss(target, teacher, kind, projection=projection, weight=weight, bias=bias, mask=mask, backend="torch")
+    want = reference_loss(target, teacher, kind, projection, weight, bias, mask)
+    assert got.dtype == torch.float32
+    # inputs are rounded to dtype before both computations, so only float32 compute error remains
+    torch.testing.assert_close(got.double(), torch.as_tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("projection", ["identity", "interpolate", "linear"])
+def test_gradcheck_float64(kind, projection):
+    torch.manual_seed(0)
+    d_teacher = 5 if projection == "identity" else 3
+    target = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 4, d_teacher, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    if projection == "linear":
+        weight = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        fn = lambda t, w, b: alignment_loss(t, teacher, kind, projection="linear", weight=w, bias=b, mask=mask, backend="torch")
+        assert torch.autograd.gradcheck(fn, (target, weight, bias))
+    else:
+        fn = lambda t: alignment_loss(t, teacher, kind, projection=projection, mask=mask, backend="torch")
+        assert torch.autograd.gradcheck(fn, (target,))
+
+
+def test_cosine_matches_torch_cosine_similarity():
+    torch.manual_seed(1)
+    a, b = torch.randn(3, 6, 10), torch.randn(3, 6, 10)
+    want = (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+    torch.testing.assert_close(alignment_loss(a, b, "cosine"), want)
+    assert alignment_loss(a, a, "cosine").abs() < 1e-6
+
+
+def test_fully_masked_is_zero_with_zero_grad():
+    target = torch.randn(2, 3, 4, requires_grad=True)
+    loss = alignment_loss(target, torch.randn(2, 3, 4), mask=torch.zeros(2, 3, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(target.grad) == 0
+
+
+def test_masked_tokens_do_not_matter():
+    torch.manual_seed(2)
+    target, teacher = torch.randn(4, 8), torch.randn(4, 8)
+    mask = torch.tensor([True, False, True, False])
+    poisoned = target.clone()
+    poisoned[~mask] = 1e6
+    assert torch.equal(alignment_loss(target, teacher, "mse", mask=mask), alignment_loss(poisoned, teacher, "mse", mask=mask))
+
+
+def test_interpolation_identity_and_exact_on_linear_signals():
+    x = torch.randn(3, 7)
+    assert interpolate_features(x, 7) is x
+    for d_in, d_out in [(7, 3), (3, 11), (16, 5), (2, 9)]:
+        a, b = torch.randn(2, 1, dtype=torch.float64), torch.randn(2, 1, dtype=torch.float64)
+        signal = a + b * torch.linspace(0, 1, d_in, dtype=torch.float64)
+        want = a + b * torch.linspace(0, 1, d_out, dtype=torch.float64)
+        torch.testing.assert_close(interpolate_features(signal, d_out), want)
+
+
+def test_module_form_matches_functional():
+    torch.manual_seed(3)
+    a, b = torch.randn(5, 6), torch.randn(5, 4)
+    w = torch.randn(4, 6)
+    assert torch.equal(AlignmentLoss("smooth_l1")(a, b, projection="linear", weight=w), alignment_loss(a, b, "smooth_l1", projection="linear", weight=w))
+
+
+# ---- bad input: a clear error naming the argument and the values ----
+
+
+def test_error_batch_or_sequence_mismatch():
+    with pytest.raises(ValueError, match=r"same tokens.*\(2, 5, 8\).*\(2, 6, 8\)"):
+        alignment_loss(torch.randn(2, 5, 8), torch.randn(2, 6, 8))
+    with pytest.raises(ValueError, match=r"\(2, 5, 8\).*\(3, 5, 8\)"):
+        alignment_loss(torch.randn(2, 5, 8), torch.randn(3, 5, 8))
+
+
+def test_error_projection_dims():
+    with pytest.raises(ValueError, match="target dim 8 and teacher dim 4"):
+        alignment_loss(torch.randn(5, 8), torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"weight must have shape \(d_teacher, d_target\) = \(4, 8\).*got \(8, 4\)"):
+        alignment_loss(torch.randn(5, 8), torch.randn(5, 4), projection="linear", weight=torch.randn(8, 4))
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        alignment_loss(torch.randn(5, 8), torch.randn(5, 4), projection="linear", weight=torch.randn(4, 8), bias=torch.randn(8))
+    with pytest.raises(ValueError, match="only used with projection='linear'"):
+        alignment_loss(torch.randn(5, 8), torch.randn(5, 8), weight=torch.randn(8, 8))
+
+
+def test_error_mask_shape():
+    with pytest.raises(ValueError, match=r"mask must have the token shape.*\(2, 5\).*got \(2, 4\)"):
+        alignment_loss(torch.randn(2, 5, 8), torch.randn(2, 5, 8), mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_error_non_finite_teacher(bad):
+    teacher = torch.randn(2, 5, 8)
+    teacher[1, 2, 3] = bad
+    with pytest.raises(ValueError, match="teacher features contain 1 non-finite"):
+        alignment_loss(torch.randn(2, 5, 8), teacher)
+    assert not torch.isfinite(alignment_loss(torch.randn(2, 5, 8), teacher, check_finite=False))
+
+
+def test_error_unknown_kind_projection_backend():
+    a = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="kind must be one of.*'huber'"):
+        alignment_loss(a, a, "huber")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        AlignmentLoss("kl")
+    with pytest.raises(ValueError, match="projection must be one of.*'pca'"):
+        alignment_loss(a, a, projection="pca")
+    with pytest.raises(ValueError, match="backend must be one of.*'cuda'"):
+        alignment_loss(a, a, backend="cuda")
+
+
+def test_triton_backend_unavailable_on_cpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="backend='triton' is not available for tensors on cpu"):
+        alignment_loss(a, a, backend="triton")
+    assert torch.equal(alignment_loss(a, a, backend="auto"), alignment_loss(a, a, backend="torch"))

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from letkit import AlignmentLoss, LayerMappingProjector, alignment_loss
+
+
+@pytest.mark.parametrize("kind", ["interpolate", "linear", "mlp"])
+def test_shapes_and_fused_loss_equals_unfused(kind):
+    torch.manual_seed(0)
+    projector = LayerMappingProjector([16, 16], [8, 16], kind)
+    target = [torch.randn(2, 5, 16), torch.randn(2, 5, 16)]
+    teacher = [torch.randn(2, 5, 8), torch.randn(2, 5, 16)]
+    projected = projector(target)
+    assert [p.shape[-1] for p in projected] == [8, 16]
+    mask = torch.rand(2, 5) > 0.3
+    fused = projector.alignment_loss(target, teacher, AlignmentLoss("cosine"), mask)
+    unfused = sum(alignment_loss(p, t, mask=mask) for p, t in zip(projected, teacher)) / 2
+    torch.testing.assert_close(fused, unfused)
+
+
+def test_interpolate_equal_dims_is_identity_and_has_no_parameters():
+    projector = LayerMappingProjector([12], [12], "interpolate")
+    x = torch.randn(3, 12)
+    assert projector([x])[0] is x
+    assert len(list(projector.parameters())) == 0
+
+
+def test_learned_projector_gets_gradients():
+    projector = LayerMappingProjector([6], [4], "linear")
+    loss = projector.alignment_loss([torch.randn(3, 6)], [torch.randn(3, 4)], AlignmentLoss("mse"))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.parameters())
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="kind must be one of.*'conv'"):
+        LayerMappingProjector([4], [4], "conv")
+    with pytest.raises(ValueError, match=r"one entry per layer pair, got \[4, 4\] and \[4\]"):
+        LayerMappingProjector([4, 4], [4])
+    projector = LayerMappingProjector([16], [8], "linear")
+    with pytest.raises(ValueError, match=r"pair 0 was built for target dim 16, but the target features have shape \(3, 12\)"):
+        projector([torch.randn(3, 12)])
+    with pytest.raises(ValueError, match=r"pair 0 was built for teacher dim 8, but the teacher features have shape \(3, 6\)"):
+        projector.alignment_loss([torch.randn(3, 16)], [torch.randn(3, 6)], AlignmentLoss())
+    with pytest.raises(ValueError, match="expected 1 target feature tensors"):
+        projector([torch.randn(3, 16), torch.randn(3, 16)])

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from letkit import TeacherFeatureExtractor
+
+
+def test_features_of_blocks_paths_and_final_hidden_state(tiny_lm):
+    model = tiny_lm(layers=3)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        x = model.embed(ids)
+        outs = []
+        for block in model.blocks:
+            x = block(x)
+            outs.append(x)
+        final = model.final_norm(x)
+    extractor = TeacherFeatureExtractor(model, layers=[0, -2, "blocks.2", -1])
+    feats = extractor(ids)
+    assert len(feats) == 4
+    torch.testing.assert_close(feats[0], outs[0])
+    torch.testing.assert_close(feats[1], outs[1])
+    torch.testing.assert_close(feats[2], outs[2])  # the last block's own output, before the final norm
+    torch.testing.assert_close(feats[3], final)  # "last layer" = final hidden state, after the final norm
+    assert not any(f.requires_grad or f.is_inference() for f in feats)
+
+
+def test_frozen_and_stops_before_the_lm_head(tiny_lm):
+    model = tiny_lm()
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append("head"))
+    extractor = TeacherFeatureExtractor(model, layers=[-1])
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    extractor(torch.randint(0, 50, (1, 4)))
+    assert calls == []
+    TeacherFeatureExtractor(model, layers=[-1], stop_early=False)(torch.randint(0, 50, (1, 4)))
+    assert calls == ["head"]
+
+
+def test_dtype_placement(tiny_lm):
+    extractor = TeacherFeatureExtractor(tiny_lm(), layers=[1], dtype=torch.bfloat16)
+    assert extractor(torch.randint(0, 50, (1, 4)))[0].dtype == torch.bfloat16
+
+
+def test_release(tiny_lm):
+    extractor = TeacherFeatureExtractor(tiny_lm())
+    extractor.release()
+    assert extractor.released
+    with pytest.raises(RuntimeError, match="released"):
+        extractor(torch.randint(0, 50, (1, 4)))
+
+
+def test_bad_layers(tiny_lm):
+    model = tiny_lm(layers=3)
+    with pytest.raises(ValueError, match=r"teacher layer index 3 does not exist.*'blocks' has 3 blocks \(valid indices -3 .. 2\)"):
+        TeacherFeatureExtractor(model, layers=[3])
+    with pytest.raises(ValueError, match=r"module path 'block.1' does not exist in TinyLM; closest valid paths: \['blocks.1'"):
+        TeacherFeatureExtractor(model, layers=["block.1"])
+    with pytest.raises(TypeError, match="int block index or a str module path"):
+        TeacherFeatureExtractor(model, layers=[1.5])
+    with pytest.raises(ValueError, match="block list 'embed' must be an nn.ModuleList"):
+        TeacherFeatureExtractor(model, block_list="embed")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        TeacherFeatureExtractor(lambda x: x)
