@@ -127,15 +127,17 @@ class TokenAlignment:
             )
         dim = teacher_features.shape[-1]
         target_len = self.target_length
+        rows = teacher_features.reshape(batch * teacher_len, dim)
         if self.mode == "last":
-            picked = teacher_features.gather(1, self.hi.unsqueeze(-1).expand(batch, target_len, dim))
-            return picked.masked_fill(~self.mask.unsqueeze(-1), 0)
+            row_base = torch.arange(batch, device=self.mask.device).unsqueeze(1) * teacher_len
+            picked = rows.index_select(0, (self.hi + row_base).reshape(-1)).view(batch, target_len, dim)
+            return picked.masked_fill_(~self.mask.unsqueeze(-1), 0)
         acc_dtype = torch.float32 if teacher_features.element_size() < 4 else teacher_features.dtype
         slots = batch * target_len  # one extra slot collects every teacher token that is not used
         row_base = torch.arange(batch, device=self.mask.device).unsqueeze(1) * target_len
         owner = torch.where(self.teacher_to_target >= 0, self.teacher_to_target + row_base, slots).reshape(-1)
         sums = torch.zeros(slots + 1, dim, dtype=acc_dtype, device=teacher_features.device)
-        sums = sums.index_add(0, owner, teacher_features.reshape(-1, dim).to(acc_dtype))
+        sums.index_add_(0, owner, rows.to(acc_dtype))
         counts = torch.bincount(owner, minlength=slots + 1).clamp_(min=1).to(acc_dtype)
         mean = sums[:slots] / counts[:slots].unsqueeze(-1)
         return mean.view(batch, target_len, dim).to(teacher_features.dtype)
@@ -186,8 +188,7 @@ def _as_offsets(offsets: np.ndarray | Tensor, name: str) -> Tensor:
         raise ValueError(f"{name} must have shape [B, T, 2] (start, end), got {tuple(offsets.shape)}")
     offsets = offsets.to(torch.int64)
     start, end = offsets.unbind(-1)
-    padding = start < 0
-    if bool(((end < 0) != padding).any()):
+    if bool(((start < 0) != (end < 0)).any()):
         raise ValueError(f"{name}: special/padding tokens must have both start and end = -1")
     if bool((start > end).any()):
         bad = (start > end).nonzero()[0].tolist()
