@@ -14,14 +14,34 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
 from letkit.tokenization import align_tokens, encode_for_alignment
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "héllo", "wörld", "中文", "😀", "naïve",
-         "alignment", "teacher", "target", "token", "résumé", "ünïcödé"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "héllo",
+    "wörld",
+    "中文",
+    "😀",
+    "naïve",
+    "alignment",
+    "teacher",
+    "target",
+    "token",
+    "résumé",
+    "ünïcödé",
+]
 
 
 def tile(rng: np.random.Generator, text_length: int, max_piece: int, split_rate: float) -> np.ndarray:
@@ -41,7 +61,9 @@ def tile(rng: np.random.Generator, text_length: int, max_piece: int, split_rate:
     return np.concatenate([[[-1, -1]], offsets])
 
 
-def batch_offsets(rng: np.random.Generator, batch: int, length: int, text_length: int, max_piece: int, split_rate: float) -> torch.Tensor:
+def batch_offsets(
+    rng: np.random.Generator, batch: int, length: int, text_length: int, max_piece: int, split_rate: float
+) -> torch.Tensor:
     rows = [tile(rng, text_length, max_piece, split_rate)[:length] for _ in range(batch)]
     out = np.full((batch, max(len(r) for r in rows), 2), -1, dtype=np.int64)
     for i, row in enumerate(rows):
@@ -64,7 +86,10 @@ def median_ms(fn, repeats: int, warmup: int, sync) -> float:
 
 def generated_texts(rng: np.random.Generator, count: int, words: int) -> list[str]:
     separators = np.array([" ", " ", " ", "  ", "\n", ", ", ". "])
-    return ["".join(w + s for w, s in zip(rng.choice(WORDS, words), rng.choice(separators, words))) for _ in range(count)]
+    return [
+        "".join(w + s for w, s in zip(rng.choice(WORDS, words), rng.choice(separators, words), strict=True))
+        for _ in range(count)
+    ]
 
 
 def byte_level_bpe(vocab_size: int, corpus: list[str]):
@@ -73,7 +98,9 @@ def byte_level_bpe(vocab_size: int, corpus: list[str]):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tokenizer.train_from_iterator(corpus, trainer)
     return tokenizer
 
@@ -84,7 +111,9 @@ def main() -> None:
     parser.add_argument("--target-len", type=int, default=2048, help="target tokens per row")
     parser.add_argument("--dim", type=int, default=576, help="teacher feature size for gather")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="teacher feature dtype")
-    parser.add_argument("--split-rate", type=float, default=0.02, help="fraction of tokens split into two pieces of one character")
+    parser.add_argument(
+        "--split-rate", type=float, default=0.02, help="fraction of tokens split into two pieces of one character"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=50)
@@ -106,25 +135,29 @@ def main() -> None:
     target, teacher = target.to(device), teacher.to(device)
     features = torch.randn(args.batch, teacher.shape[1], args.dim, dtype=getattr(torch, args.dtype), device=device)
 
-    print(f"target offsets {tuple(target.shape)}, teacher offsets {tuple(teacher.shape)}, features {tuple(features.shape)} "
-          f"{args.dtype}, device {device}, threads {torch.get_num_threads()}, median of {args.repeats}")
+    print(
+        f"target offsets {tuple(target.shape)}, teacher offsets {tuple(teacher.shape)}, "
+        f"features {tuple(features.shape)} {args.dtype}, device {device}, threads {torch.get_num_threads()}, "
+        f"median of {args.repeats}"
+    )
     print(f"{'mode':<6} {'align ms':>9} {'gather ms':>10} {'valid targets':>14}")
     for mode in ("last", "mean"):
-        align = median_ms(lambda: align_tokens(target, teacher, mode=mode), args.repeats, args.warmup, sync)
         alignment = align_tokens(target, teacher, mode=mode)
-        gather = median_ms(lambda: alignment.gather(features), args.repeats, args.warmup, sync)
-        valid = alignment.mask.float().mean().item()
-        print(f"{mode:<6} {align:>9.2f} {gather:>10.2f} {valid:>13.1%}")
+        align = median_ms(partial(align_tokens, target, teacher, mode=mode), args.repeats, args.warmup, sync)
+        gather = median_ms(partial(alignment.gather, features), args.repeats, args.warmup, sync)
+        print(f"{mode:<6} {align:>9.2f} {gather:>10.2f} {alignment.mask.float().mean().item():>13.1%}")
 
     if args.encode:
         target_tokenizer = byte_level_bpe(1000, generated_texts(rng, 200, 200))
         teacher_tokenizer = byte_level_bpe(300, generated_texts(rng, 200, 200))
         texts = generated_texts(rng, args.batch, args.target_len)  # long enough to be cut at --target-len
-        run = lambda: encode_for_alignment(texts, target_tokenizer, teacher_tokenizer, max_length=args.target_len)
+        run = partial(encode_for_alignment, texts, target_tokenizer, teacher_tokenizer, max_length=args.target_len)
         batch = run()
         encode = median_ms(run, max(args.repeats // 5, 3), 1, lambda: None)
-        print(f"encode_for_alignment: target {tuple(batch.target_ids.shape)}, teacher {tuple(batch.teacher_ids.shape)}, "
-              f"{encode:.1f} ms, valid targets {batch.alignment.mask.float().mean().item():.1%}")
+        print(
+            f"encode_for_alignment: target {tuple(batch.target_ids.shape)}, teacher {tuple(batch.teacher_ids.shape)}, "
+            f"{encode:.1f} ms, valid targets {batch.alignment.mask.float().mean().item():.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,43 +1,50 @@
 """Cross-tokenizer alignment: give each target token the teacher feature for the same text, causally.
 
 LET pulls the target's layer-k state at position t towards the teacher's last-layer feature "for the
-same token". When teacher and target share a tokenizer that is position t of both. When they do not,
-the two token sequences cut the text at different places and we align them through the character
-spans that `tokenizers` reports for every token.
+same token". With a shared tokenizer that is position t of both. With different tokenizers the two
+token sequences cut the text at different places, and we align them through the character spans that
+`tokenizers` reports for every token (character indices into the original string, also for byte-level
+BPE; the tests check this, multi-byte characters and emoji included).
 
-The rule (per sequence; "content" tokens are the tokens that carry text, i.e. neither special tokens
-added by a post-processor, such as BOS/CLS/SEP/EOS, nor padding; those are marked with offsets -1):
+Conventions: "content" tokens carry text. Special tokens added by a post-processor (BOS, CLS, SEP,
+EOS; `tokenizers` reports them with offsets (0, 0)) and padding are marked with offsets (-1, -1): they
+never receive a feature and never give one. An added token written in the text itself (a literal
+"<|endoftext|>") is content with its real span.
+
+The rule, per sequence:
 
 * Teacher token j spans characters [a_j, b_j). The teacher is causal, so its feature at j depends on
-  teacher tokens 0..j; its *reach* is R_j = max(b_i : i <= j, i content).
-* Target token t spans [s_t, e_t). Its *safe end* is min(e_t, s_n), where n is the next target content
-  token: a multi-byte character split over several byte-level tokens is reported as the whole
-  character by each piece, so a piece that the next token continues has only read the text *before*
-  that character. The target's *reach* is K_t = max(safe end of u : u <= t, u content), K_t = -1 if
-  there is none, and K_{-1} = -1.
-* Teacher token j is *available* to target position t iff  K_{t-1} < R_j <= K_t, i.e. each teacher
-  token goes to the first target position that has read all the text its feature depends on. The
-  available teacher content tokens of t are the content tokens of a contiguous range [lo_t, hi_t];
-  ranges of different t are disjoint.
+  teacher tokens 0..j: its *reach* is R_j = max(b_i : i <= j, i content).
+* Target token t spans [s_t, e_t). Its *safe end* is min(e_t, s_n), n the next target content token:
+  every byte-level piece of a split multi-byte character reports the whole character, so a piece
+  that the next token continues has only read the text before that character. The target's *reach*
+  is K_t = max(safe end of u : u <= t, u content), or -1 if there is none; K_{-1} = -1.
+* Teacher token j is *available* to target position t iff  K_{t-1} < R_j <= K_t: each teacher token
+  goes to the first target position that has read all the text its feature depends on. The available
+  tokens of t are the content tokens of a contiguous range [lo_t, hi_t]; ranges are disjoint. When
+  the target's tokens tile the text (byte-level BPE), K_{t-1} is where token t starts, so these are
+  the teacher tokens that overlap t's span and end no later than its end; with a target that skips
+  whitespace (WordPiece), a teacher token ending in the skipped gap goes to the next target token.
 * mode="last": t receives the feature of hi_t, the last available teacher token.
-  mode="mean": t receives the mean of the features of all its available teacher content tokens.
-* t is valid (``mask``) iff it is a content token and has at least one available teacher content token.
-  Special and padding tokens never receive a feature and never give one.
+  mode="mean": t receives the mean of the features of its available teacher content tokens.
+* t is valid (``mask``) iff it is a content token with at least one available teacher token.
 
-No future leak: a valid target position t only receives teacher features whose reach R_j <= K_t, the
-text it has itself read (for monotone offsets K_t <= e_t, so nothing ending after target token t's end).
-Two limits of what character offsets can express, both documented rather than hidden:
+No future leak: a valid position t only receives features with R_j <= K_t, text the target itself has
+read at t (for monotone offsets K_t <= e_t: nothing that ends after target token t's end).
+
+What offsets cannot express, documented rather than hidden:
 
 * Offsets must cover each token's whole text. ``processors.ByteLevel(trim_offsets=True)`` and
-  ``RobertaProcessing(trim_offsets=True)`` shrink spans to drop spaces, so a token such as
-  "\\n   " reports an end before its last space and would leak it. :func:`encode_for_alignment` refuses
-  such tokenizers; set the post-processor's ``trim_offsets=False`` (the usual setting of byte-level
-  LLM tokenizers). With identical tokenizers the rule gives the identity except on target tokens that
-  end inside a character (masked, since character offsets cannot show how many of its bytes they read);
-  callers that check :func:`same_tokenizer` once skip all of this and use position t of both.
-* Tokenizers choose token boundaries from a whole pre-tokenized word, so where a teacher token ends may
-  reflect characters after it in the same word. This is a property of subword tokenization (the target
-  has it for its own tokens too) and is not something offsets can remove.
+  ``RobertaProcessing(trim_offsets=True)`` drop spaces from spans, so a token such as "\\n   " reports
+  an end before its spaces and its feature would leak them. :func:`encode_for_alignment` refuses such
+  tokenizers; set ``trim_offsets=False`` (the usual setting of byte-level LLM tokenizers).
+* Character offsets cannot tell how many bytes of a split character a piece has read, so such a
+  piece gets at most a teacher token that ended before the character. With identical tokenizers
+  the rule is therefore the identity on every token that ends on a character boundary; callers that
+  check :func:`same_tokenizer` once skip all of this and use position t of both.
+* Subword tokenizers choose boundaries from a whole pre-tokenized word, so where a teacher token ends
+  may reflect characters after it in the same word. The target has the same property for its own
+  tokens; offsets cannot remove it.
 """
 
 from __future__ import annotations
@@ -168,9 +175,7 @@ class CrossTokenizerBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CrossTokenizerBatch:
         """Return a copy with every tensor (and the alignment) on ``device``."""
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)
-        }
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
         return replace(self, **moved)
 
 
@@ -192,9 +197,7 @@ def _as_offsets(offsets: np.ndarray | Tensor, name: str) -> Tensor:
         raise ValueError(f"{name}: special/padding tokens must have both start and end = -1")
     if bool((start > end).any()):
         bad = (start > end).nonzero()[0].tolist()
-        raise ValueError(
-            f"{name}: start > end at [batch, position] = {bad}: {offsets[bad[0], bad[1]].tolist()}"
-        )
+        raise ValueError(f"{name}: start > end at [batch, position] = {bad}: {offsets[bad[0], bad[1]].tolist()}")
     return offsets
 
 
@@ -408,7 +411,7 @@ def encode_for_alignment(
         )
 
     target_ids, target_offsets, teacher_texts = [], [], []
-    for text, encoding in zip(texts, target_tokenizer.encode_batch(list(texts))):
+    for text, encoding in zip(texts, target_tokenizer.encode_batch(list(texts)), strict=True):
         ids, offsets = _content_tokens(encoding)
         offsets, cut = _truncate_target(offsets, max_length)
         target_ids.append(ids[:max_length])

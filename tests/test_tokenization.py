@@ -25,10 +25,34 @@ from letkit.tokenization import (
     same_tokenizer,
 )
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MODES = ("last", "mean")
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "héllo", "wörld", "naïve", "straße",
-         "中文", "字符", "😀", "🎉", "👍🏽", "résumé", "ça", "ünïcödé", "token", "alignment", "teacher", "target"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "héllo",
+    "wörld",
+    "naïve",
+    "straße",
+    "中文",
+    "字符",
+    "😀",
+    "🎉",
+    "👍🏽",
+    "résumé",
+    "ça",
+    "ünïcödé",
+    "token",
+    "alignment",
+    "teacher",
+    "target",
+]
 SEPARATORS = [" ", " ", " ", "  ", "   ", "\n", "\n\n", "\t", " \n  ", ", ", ". "]
 POOL = list("abcdefxyz  .,!?\n\t") + ["é", "ß", "中", "文", "😀", "🎉", "\u200d", "ﬁ", "İ", "\u0301", "Ω"]
 
@@ -42,7 +66,10 @@ def _byte_level_bpe(vocab_size: int, template: str, special: str) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.post_processor = processors.Sequence(
-        [processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(single=template, special_tokens=[(special, 0)])]
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=template, special_tokens=[(special, 0)]),
+        ]
     )
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[special]
@@ -149,7 +176,8 @@ def reference_alignment(target_offsets, teacher_offsets, features=None):
                 continue
             before = target_reach[t - 1] if t > 0 else -1
             available = [
-                j for j in range(teacher_len)
+                j
+                for j in range(teacher_len)
                 if teacher_offsets[b, j, 0] >= 0 and before < teacher_reach[j] <= target_reach[t]
             ]
             if not available:
@@ -172,7 +200,7 @@ def _check_against_reference(alignment: TokenAlignment, target_offsets, teacher_
     else:
         np.testing.assert_array_equal(alignment.lo.numpy(), alignment.hi.numpy())
         used = np.full_like(owner, -1)
-        for b, t in zip(*np.nonzero(mask)):
+        for b, t in zip(*np.nonzero(mask), strict=True):
             used[b, hi[b, t]] = t
         np.testing.assert_array_equal(alignment.teacher_to_target.numpy(), used)
 
@@ -185,7 +213,9 @@ def _check_against_reference(alignment: TokenAlignment, target_offsets, teacher_
 def test_byte_level_offsets_are_character_offsets_into_the_original_text(text, name):
     tokenizer = TOKENIZERS[name]
     encoding = tokenizer.encode(text)
-    for token_id, (start, end), special in zip(encoding.ids, encoding.offsets, encoding.special_tokens_mask):
+    for token_id, (start, end), special in zip(
+        encoding.ids, encoding.offsets, encoding.special_tokens_mask, strict=True
+    ):
         if special:
             assert (start, end) == (0, 0)
             continue
@@ -194,13 +224,17 @@ def test_byte_level_offsets_are_character_offsets_into_the_original_text(text, n
             assert text[start:end] == piece.decode("utf-8")
         except UnicodeDecodeError:  # a token holding part of a multi-byte character
             assert piece in text[start:end].encode("utf-8")
-    total = sum(len(_token_bytes(tokenizer, i)) for i, s in zip(encoding.ids, encoding.special_tokens_mask) if not s)
+    total = sum(
+        len(_token_bytes(tokenizer, i))
+        for i, s in zip(encoding.ids, encoding.special_tokens_mask, strict=True)
+        if not s
+    )
     assert total == len(text.encode("utf-8"))  # byte-level tokens tile the text
 
 
 def test_split_character_pieces_all_report_the_whole_character():
     encoding = TOKENIZERS["bpe300"].encode("a😀b")
-    content = [o for o, s in zip(encoding.offsets, encoding.special_tokens_mask) if not s]
+    content = [o for o, s in zip(encoding.offsets, encoding.special_tokens_mask, strict=True) if not s]
     assert content[0] == (0, 1) and content[-1] == (2, 3)
     assert len(content) > 3 and set(content[1:-1]) == {(1, 2)}
 
@@ -235,8 +269,11 @@ def test_target_piece_of_a_character_gets_nothing_from_a_teacher_that_read_the_w
 
 offsets_rows = st.integers(1, 12).flatmap(
     lambda n: st.lists(
-        st.one_of(st.just((-1, -1)), st.tuples(st.integers(0, 15), st.integers(0, 4)).map(lambda p: (p[0], p[0] + p[1]))),
-        min_size=n, max_size=n,
+        st.one_of(
+            st.just((-1, -1)), st.tuples(st.integers(0, 15), st.integers(0, 4)).map(lambda p: (p[0], p[0] + p[1]))
+        ),
+        min_size=n,
+        max_size=n,
     )
 )
 
@@ -251,9 +288,12 @@ offsets_rows = st.integers(1, 12).flatmap(
 )
 def test_matches_reference_on_arbitrary_offsets(target, teacher, mode, as_numpy, seed):
     batch = min(len(target), len(teacher))
-    pad = lambda rows: np.array([r + [(-1, -1)] * (max(map(len, rows)) - len(r)) for r in rows[:batch]], np.int64)
+
+    def pad(rows):
+        return np.array([r + [(-1, -1)] * (max(map(len, rows)) - len(r)) for r in rows[:batch]], np.int64)
+
     target_offsets, teacher_offsets = pad(target), pad(teacher)
-    convert = (lambda a: a) if as_numpy else torch.from_numpy
+    convert = np.asarray if as_numpy else torch.from_numpy
     alignment = align_tokens(convert(target_offsets), convert(teacher_offsets), mode=mode)
     _check_against_reference(alignment, target_offsets, teacher_offsets, mode)
     features = np.random.default_rng(seed).standard_normal((batch, teacher_offsets.shape[1], 3))
@@ -263,10 +303,18 @@ def test_matches_reference_on_arbitrary_offsets(target, teacher, mode, as_numpy,
 
 
 @SETTINGS
-@given(texts=batches, pair=pairs, mode=st.sampled_from(MODES), max_length=st.integers(1, 64), seed=st.integers(0, 2**31 - 1))
+@given(
+    texts=batches,
+    pair=pairs,
+    mode=st.sampled_from(MODES),
+    max_length=st.integers(1, 64),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_encode_for_alignment_matches_reference_and_mean_is_exact(texts, pair, mode, max_length, seed):
     target_name, teacher_name = pair
-    batch = encode_for_alignment(texts, TOKENIZERS[target_name], TOKENIZERS[teacher_name], max_length=max_length, mode=mode)
+    batch = encode_for_alignment(
+        texts, TOKENIZERS[target_name], TOKENIZERS[teacher_name], max_length=max_length, mode=mode
+    )
     _check_against_reference(batch.alignment, batch.target_offsets, batch.teacher_offsets, mode)
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(*batch.teacher_ids.shape, 8, generator=generator, dtype=torch.float32) * 3 + 50
@@ -276,7 +324,10 @@ def test_encode_for_alignment_matches_reference_and_mean_is_exact(texts, pair, m
     if mode == "mean":
         np.testing.assert_allclose(gathered.double().numpy(), means, rtol=1e-6, atol=1e-5)
     else:
-        assert torch.equal(gathered[batch.alignment.mask], features[torch.nonzero(batch.alignment.mask)[:, 0], batch.alignment.hi[batch.alignment.mask]])
+        assert torch.equal(
+            gathered[batch.alignment.mask],
+            features[torch.nonzero(batch.alignment.mask)[:, 0], batch.alignment.hi[batch.alignment.mask]],
+        )
     assert not gathered[~batch.alignment.mask].any()
 
 
@@ -299,7 +350,7 @@ def test_mean_of_bf16_features_accumulates_in_float32():
 def _read_bytes(name: str, ids: torch.Tensor, offsets: torch.Tensor, text: str) -> list[int]:
     """For every position, how many bytes of ``text`` tokens 0..t have read (a causal model's reach)."""
     tokenizer, reach, done, out = TOKENIZERS[name], 0, 0, []
-    for token_id, (start, end) in zip(ids.tolist(), offsets.tolist()):
+    for token_id, (start, end) in zip(ids.tolist(), offsets.tolist(), strict=True):
         if start >= 0:
             if name in BYTE_LEVEL:  # measured from the token's bytes, not from its offsets
                 done += len(_token_bytes(tokenizer, token_id))
@@ -312,14 +363,23 @@ def _read_bytes(name: str, ids: torch.Tensor, offsets: torch.Tensor, text: str) 
 
 @SETTINGS
 @given(
-    texts=batches, pair=pairs, mode=st.sampled_from(MODES), max_length=st.integers(1, 48),
+    texts=batches,
+    pair=pairs,
+    mode=st.sampled_from(MODES),
+    max_length=st.integers(1, 48),
     teacher_max_length=st.one_of(st.none(), st.integers(1, 48)),
 )
-def test_no_target_position_receives_a_teacher_feature_that_read_further(texts, pair, mode, max_length, teacher_max_length):
+def test_no_target_position_receives_a_teacher_feature_that_read_further(
+    texts, pair, mode, max_length, teacher_max_length
+):
     target_name, teacher_name = pair
     batch = encode_for_alignment(
-        texts, TOKENIZERS[target_name], TOKENIZERS[teacher_name],
-        max_length=max_length, mode=mode, teacher_max_length=teacher_max_length,
+        texts,
+        TOKENIZERS[target_name],
+        TOKENIZERS[teacher_name],
+        max_length=max_length,
+        mode=mode,
+        teacher_max_length=teacher_max_length,
     )
     alignment = batch.alignment
     for b, text in enumerate(texts):
@@ -350,16 +410,19 @@ def test_identical_tokenizers_give_the_identity(texts, name):
         alignment = batch.alignment
         for b in range(len(texts)):
             offsets = batch.target_offsets[b].numpy()
+            mask, lo, hi = (getattr(alignment, name)[b].numpy() for name in ("mask", "lo", "hi"))
             content = offsets[:, 0] >= 0
             mid_char = _is_mid_char(offsets)
-            expected_mask = content & ~mid_char
-            assert alignment.mask[b].numpy().tolist() == expected_mask.tolist()
+            whole = content & ~mid_char
             positions = np.arange(len(offsets))
-            np.testing.assert_array_equal(alignment.hi[b].numpy(), np.where(expected_mask, positions, 0))
-            if mode == "last" or not mid_char.any():
-                np.testing.assert_array_equal(alignment.lo[b].numpy(), np.where(expected_mask, positions, 0))
-            if name == "wordpiece" or not any(ord(c) > 127 for c in texts[b]):
-                assert not mid_char.any()  # whole characters: exactly lo == hi == t on every content token
+            # every token that ends on a character boundary gets exactly its own twin ...
+            assert mask[whole].all() and (hi[whole] == positions[whole]).all()
+            assert (lo[whole] == positions[whole]).all() if mode == "last" else (lo[whole] <= positions[whole]).all()
+            # ... a piece of a character at most an earlier teacher token, special tokens nothing
+            assert (hi[mid_char & mask] < positions[mid_char & mask]).all()
+            assert not mask[~content].any()
+            if name == "wordpiece" or texts[b].isascii():
+                assert not mid_char.any()  # whole characters only: the identity on every content token
 
 
 def test_same_tokenizer_tells_tokenizers_apart():
@@ -375,14 +438,21 @@ def test_same_tokenizer_tells_tokenizers_apart():
 
 
 @SETTINGS
-@given(texts=batches, pair=pairs, max_length=st.integers(1, 24), teacher_max_length=st.one_of(st.none(), st.integers(1, 24)))
+@given(
+    texts=batches,
+    pair=pairs,
+    max_length=st.integers(1, 24),
+    teacher_max_length=st.one_of(st.none(), st.integers(1, 24)),
+)
 def test_padding_and_truncation(texts, pair, max_length, teacher_max_length):
     target_tokenizer, teacher_tokenizer = TOKENIZERS[pair[0]], TOKENIZERS[pair[1]]
-    batch = encode_for_alignment(texts, target_tokenizer, teacher_tokenizer, max_length=max_length, teacher_max_length=teacher_max_length)
+    batch = encode_for_alignment(
+        texts, target_tokenizer, teacher_tokenizer, max_length=max_length, teacher_max_length=teacher_max_length
+    )
     full = target_tokenizer.encode_batch(texts)
     kept = [min(len(e.ids), max_length) for e in full]
     assert batch.target_ids.shape == (len(texts), max(kept))
-    for b, (text, encoding) in enumerate(zip(texts, full)):
+    for b, (text, encoding) in enumerate(zip(texts, full, strict=True)):
         n = kept[b]
         assert batch.target_attention_mask[b].tolist() == [True] * n + [False] * (max(kept) - n)
         assert batch.target_ids[b, :n].tolist() == encoding.ids[:n] and not batch.target_ids[b, n:].any()
@@ -396,11 +466,15 @@ def test_padding_and_truncation(texts, pair, max_length, teacher_max_length):
         same = (offsets[:n][content] == expected_offsets[content]).all(-1)
         assert same[:-1].all()
         if not same[-1:].all():
-            dropped = [o for o, s in zip(encoding.offsets[n:], encoding.special_tokens_mask[n:]) if not s]
+            dropped = [o for o, s in zip(encoding.offsets[n:], encoding.special_tokens_mask[n:], strict=True) if not s]
             assert offsets[:n][content][-1].tolist() == [expected_offsets[content][-1, 0].item(), dropped[0][0]]
         # the teacher encodes exactly the text the kept target tokens read
         teacher_encoding = teacher_tokenizer.encode(text[: _text_read(offsets[:n].numpy())])
-        m = len(teacher_encoding.ids) if teacher_max_length is None else min(len(teacher_encoding.ids), teacher_max_length)
+        m = (
+            len(teacher_encoding.ids)
+            if teacher_max_length is None
+            else min(len(teacher_encoding.ids), teacher_max_length)
+        )
         assert batch.teacher_ids[b, :m].tolist() == teacher_encoding.ids[:m]
         assert batch.teacher_attention_mask[b].sum() == m and not batch.teacher_ids[b, m:].any()
         assert (batch.teacher_offsets[b, m:] == -1).all() and (batch.alignment.teacher_to_target[b, m:] == -1).all()
@@ -408,7 +482,11 @@ def test_padding_and_truncation(texts, pair, max_length, teacher_max_length):
 
 def test_truncation_inside_a_character_stops_before_it():
     tokenizer = TOKENIZERS["bpe300"]
-    pieces = [o for o, s in zip(tokenizer.encode("ab😀").offsets, tokenizer.encode("ab😀").special_tokens_mask) if not s]
+    pieces = [
+        o
+        for o, s in zip(tokenizer.encode("ab😀").offsets, tokenizer.encode("ab😀").special_tokens_mask, strict=True)
+        if not s
+    ]
     first_piece = next(i for i, o in enumerate(pieces) if o == (2, 3))
     max_length = 1 + first_piece + 1  # BOS, "ab" tokens, one piece of the emoji
     batch = encode_for_alignment(["ab😀"], tokenizer, TOKENIZERS["wordpiece"], max_length=max_length)
@@ -434,13 +512,19 @@ def test_empty_texts_and_empty_sequences():
     assert not batch.alignment.mask.any()
     assert batch.alignment.gather(torch.ones(*batch.teacher_ids.shape, 4)).abs().sum() == 0
     for target_len, teacher_len in ((0, 3), (3, 0), (0, 0)):
-        alignment = align_tokens(torch.zeros(2, target_len, 2, dtype=torch.long), torch.zeros(2, teacher_len, 2, dtype=torch.long), mode="mean")
+        alignment = align_tokens(
+            torch.zeros(2, target_len, 2, dtype=torch.long),
+            torch.zeros(2, teacher_len, 2, dtype=torch.long),
+            mode="mean",
+        )
         assert alignment.mask.shape == (2, target_len) and alignment.teacher_to_target.shape == (2, teacher_len)
         assert alignment.gather(torch.ones(2, teacher_len, 5)).shape == (2, target_len, 5)
 
 
 def test_to_moves_every_tensor():
-    batch = encode_for_alignment(["hello world"], TOKENIZERS["bpe300"], TOKENIZERS["bpe1000"], max_length=8, mode="mean")
+    batch = encode_for_alignment(
+        ["hello world"], TOKENIZERS["bpe300"], TOKENIZERS["bpe1000"], max_length=8, mode="mean"
+    )
     moved = batch.to("meta")
     assert isinstance(moved, CrossTokenizerBatch) and moved.alignment.mode == "mean"
     tensors = [moved.target_ids, moved.teacher_offsets, moved.alignment.lo, moved.alignment.teacher_to_target]
