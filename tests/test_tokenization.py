@@ -331,17 +331,18 @@ def test_encode_for_alignment_matches_reference_and_mean_is_exact(texts, pair, m
     assert not gathered[~batch.alignment.mask].any()
 
 
-def test_mean_of_bf16_features_accumulates_in_float32():
-    # one target token covering 64 teacher tokens with a large common offset: summing in bf16 would be
-    # off by many units in the last place; the float32 sum rounds once at the end.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mean_of_half_precision_features_accumulates_in_float32(dtype):
+    # One target token covering 64 teacher tokens of about 2000: their sum (~128000) does not fit in
+    # float16 (max 65504) and is coarse in bfloat16; accumulated in float32 the mean is the correctly
+    # rounded mean, in the features' dtype.
     teacher = torch.tensor([[[i, i + 1] for i in range(64)]])
     target = torch.tensor([[[0, 64]]])
     alignment = align_tokens(target, teacher, mode="mean")
-    features = (torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(0)) + 300).to(torch.bfloat16)
+    features = (torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(0)) * 4 + 2000).to(dtype)
     gathered = alignment.gather(features)
-    assert gathered.dtype == torch.bfloat16
-    reference = features.double().mean(dim=1)
-    assert torch.equal(gathered[0, 0], reference[0].to(torch.bfloat16))
+    assert gathered.dtype == dtype
+    assert torch.equal(gathered[0, 0], features.double().mean(dim=1)[0].to(dtype))
 
 
 # ----------------------------------------------------------------------------- no future leak
