@@ -135,6 +135,8 @@ class TokenAlignment:
         dim = teacher_features.shape[-1]
         target_len = self.target_length
         rows = teacher_features.reshape(batch * teacher_len, dim)
+        if teacher_len == 0:
+            return teacher_features.new_zeros(batch, target_len, dim)
         if self.mode == "last":
             row_base = torch.arange(batch, device=self.mask.device).unsqueeze(1) * teacher_len
             picked = rows.index_select(0, (self.hi + row_base).reshape(-1)).view(batch, target_len, dim)

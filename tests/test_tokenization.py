@@ -508,18 +508,20 @@ def test_tokenizer_padding_is_removed():
         assert torch.equal(got.alignment.teacher_to_target, want.alignment.teacher_to_target)
 
 
-def test_empty_texts_and_empty_sequences():
-    batch = encode_for_alignment(["", ""], TOKENIZERS["bpe1000"], TOKENIZERS["wordpiece"], max_length=8)
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_texts_and_empty_sequences(mode):
+    batch = encode_for_alignment(["", ""], TOKENIZERS["bpe1000"], TOKENIZERS["wordpiece"], max_length=8, mode=mode)
     assert not batch.alignment.mask.any()
     assert batch.alignment.gather(torch.ones(*batch.teacher_ids.shape, 4)).abs().sum() == 0
+    empty = encode_for_alignment([], TOKENIZERS["bpe1000"], TOKENIZERS["wordpiece"], max_length=8, mode=mode)
+    assert empty.target_ids.shape == (0, 0) and empty.alignment.mask.shape == (0, 0)
     for target_len, teacher_len in ((0, 3), (3, 0), (0, 0)):
         alignment = align_tokens(
-            torch.zeros(2, target_len, 2, dtype=torch.long),
-            torch.zeros(2, teacher_len, 2, dtype=torch.long),
-            mode="mean",
+            torch.zeros(2, target_len, 2, dtype=torch.long), torch.zeros(2, teacher_len, 2, dtype=torch.long), mode=mode
         )
         assert alignment.mask.shape == (2, target_len) and alignment.teacher_to_target.shape == (2, teacher_len)
-        assert alignment.gather(torch.ones(2, teacher_len, 5)).shape == (2, target_len, 5)
+        gathered = alignment.gather(torch.ones(2, teacher_len, 5))
+        assert gathered.shape == (2, target_len, 5) and not gathered.any()
 
 
 def test_to_moves_every_tensor():
