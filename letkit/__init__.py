@@ -14,6 +14,7 @@ The blocks, each usable on its own:
 * :func:`alignment_loss` / :class:`AlignmentLoss` -- cosine (paper), smooth-L1, MSE; torch or Triton.
 * :class:`LinearDecay` (paper), :class:`CosineDecay`, :class:`StepDecay`, :class:`ExponentialDecay` -- lambda(s).
 * :class:`LETObjective` -- all of the above for any target model, via forward hooks.
+* :func:`encode_for_alignment` / :class:`TokenAlignment` -- cross-tokenizer LET (teacher with its own tokenizer).
 """
 
 from letkit.layer_map import STRATEGIES, LayerMap
@@ -22,11 +23,13 @@ from letkit.objective import LETObjective, LETOutput
 from letkit.projector import PROJECTOR_KINDS, LayerMappingProjector
 from letkit.schedulers import SCHEDULES, CosineDecay, ExponentialDecay, LambdaSchedule, LinearDecay, StepDecay
 from letkit.teacher import TeacherFeatureExtractor
+from letkit.tokenization import CrossTokenizerBatch, TokenAlignment, align_tokens, encode_for_alignment, same_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlignmentLoss",
+    "CrossTokenizerBatch",
     "BACKENDS",
     "CosineDecay",
     "ExponentialDecay",
@@ -43,6 +46,10 @@ __all__ = [
     "STRATEGIES",
     "StepDecay",
     "TeacherFeatureExtractor",
+    "TokenAlignment",
+    "align_tokens",
     "alignment_loss",
+    "encode_for_alignment",
     "interpolate_features",
+    "same_tokenizer",
 ]

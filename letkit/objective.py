@@ -21,6 +21,7 @@ from letkit.module_paths import find_block_list
 from letkit.projector import LayerMappingProjector
 from letkit.schedulers import LambdaSchedule, LinearDecay
 from letkit.teacher import TeacherFeatureExtractor
+from letkit.tokenization import TokenAlignment
 
 
 @dataclass
@@ -132,14 +133,21 @@ class LETObjective(nn.Module):
         lm_loss: Tensor | None = None,
         step: int | None = None,
         mask: Tensor | None = None,
+        teacher_input_ids: Tensor | None = None,
+        token_alignment: TokenAlignment | None = None,
     ) -> LETOutput:
         """Combine the LM loss with the alignment term for the target forward pass that just ran.
 
         Args:
-            input_ids: the ``[B, T]`` token ids the target was just run on; the teacher reads the same.
+            input_ids: the ``[B, T]`` token ids the target was just run on; the teacher reads the same
+                unless the teacher has its own tokenizer.
             lm_loss: the target's language-modelling loss; None to get only ``lambda * L_align``.
             step: training step for the schedule (default: ``schedule.current_step``).
             mask: optional ``[B, T]`` token mask (True/nonzero = align this token), e.g. padding.
+            teacher_input_ids, token_alignment: cross-tokenizer LET (see :mod:`letkit.tokenization`):
+                the ``[B, S]`` teacher tokenisation of the same texts and the alignment that gives each
+                target position the teacher feature for the same text, causally; positions without one
+                are masked out. Leave both None when target and teacher share a tokenizer.
         """
         step = self.schedule.current_step if step is None else step
         lam = self.schedule(step)
@@ -166,8 +174,22 @@ class LETObjective(nn.Module):
                 f"input_ids {tuple(input_ids.shape)} is not the batch the target just ran on "
                 f"(its layer-{self.target_layers[0]} features are {tuple(target_features[0].shape)})"
             )
-        teacher_ids = input_ids.to(_device_of(self.teacher.model, input_ids.device))
-        teacher_features = [f.to(input_ids.device) for f in self.teacher(teacher_ids)]
+        if (teacher_input_ids is None) != (token_alignment is None):
+            raise ValueError("cross-tokenizer LET needs both teacher_input_ids and token_alignment (or neither)")
+        teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
+        teacher_features = self.teacher(teacher_ids.to(_device_of(self.teacher.model, input_ids.device)))
+        teacher_features = [f.to(input_ids.device) for f in teacher_features]
+        if token_alignment is not None:
+            expected = (tuple(input_ids.shape[:2]), tuple(teacher_input_ids.shape[:2]))
+            got = (tuple(token_alignment.mask.shape), (token_alignment.mask.shape[0], token_alignment.teacher_length))
+            if got != expected:
+                raise ValueError(
+                    f"token_alignment covers target {got[0]} and teacher {got[1]} tokens, but input_ids is "
+                    f"{tuple(input_ids.shape)} and teacher_input_ids is {tuple(teacher_input_ids.shape)}"
+                )
+            token_alignment = token_alignment.to(input_ids.device)
+            teacher_features = [token_alignment.gather(f) for f in teacher_features]
+            mask = token_alignment.mask if mask is None else token_alignment.mask & mask.bool()
         align = self.projector.alignment_loss(target_features, teacher_features, self.loss_fn, mask)
         total = lam * align if lm_loss is None else lm_loss + lam * align
         return LETOutput(total, lm_loss, align, lam, step)

@@ -119,3 +119,30 @@ def test_errors(tiny_lm):
     objective(ids, step=5)
     with pytest.raises(RuntimeError, match="already released"):
         objective(ids, step=1)
+
+
+def test_cross_tokenizer_alignment(tiny_lm):
+    from letkit.tokenization import align_tokens
+
+    target, teacher = tiny_lm(layers=4, seed=0), tiny_lm(dim=8, seed=1)
+    objective = LETObjective(target, teacher, schedule=LinearDecay(1.0, stop_step=4))
+    # 6 one-character target tokens; the teacher reads the same text in 3 two-character tokens
+    target_offsets = torch.tensor([[[i, i + 1] for i in range(6)]] * 2)
+    teacher_offsets = torch.tensor([[[0, 2], [2, 4], [4, 6]]] * 2)
+    alignment = align_tokens(target_offsets, teacher_offsets, mode="last")
+    assert alignment.mask.tolist() == [[False, True, False, True, False, True]] * 2  # odd positions have read a whole teacher token
+    ids, teacher_ids = torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (2, 3))
+    target(ids)
+    out = objective(ids, step=0, teacher_input_ids=teacher_ids, token_alignment=alignment)
+    with torch.no_grad():
+        h_target = target.blocks[0](target.embed(ids))
+        (h_teacher,) = TeacherFeatureExtractor(teacher)(teacher_ids)
+    want = alignment_loss(h_target, alignment.gather(h_teacher), projection="interpolate", mask=alignment.mask)
+    torch.testing.assert_close(out.align_loss, want)
+
+    target(ids)
+    with pytest.raises(ValueError, match=r"token_alignment covers target \(2, 6\) and teacher \(2, 3\) tokens.*teacher_input_ids is \(2, 4\)"):
+        objective(ids, step=0, teacher_input_ids=torch.randint(0, 50, (2, 4)), token_alignment=alignment)
+    target(ids)
+    with pytest.raises(ValueError, match="needs both teacher_input_ids and token_alignment"):
+        objective(ids, step=0, teacher_input_ids=teacher_ids)
