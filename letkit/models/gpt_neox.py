@@ -51,6 +51,8 @@ class GPTNeoXConfig:
             raise ValueError(f"rotary_pct={self.rotary_pct} gives an odd rotary dimension {self.rotary_dim}")
         activation(self.hidden_act)
         check_rope_scaling(self.rope_scaling)
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)  # our own copy: callers' dicts get mutated elsewhere
 
     @property
     def head_dim(self) -> int:

@@ -198,6 +198,7 @@ class _SafetensorsReader:
     def __init__(self, files: list[Path], weight_map: dict[str, str] | None, index_path: Path) -> None:
         self.handles: dict[str, Any] = {}  # tensor name -> open safe_open handle
         self.files: dict[str, Path] = {}  # tensor name -> file
+        self.stored_names: dict[str, str] = {}  # tensor name -> name inside the file (see `rename`)
         for file in files:
             if not file.is_file():
                 raise CheckpointError(f"{index_path} lists shard {file.name}, which does not exist in {file.parent}")
@@ -208,22 +209,23 @@ class _SafetensorsReader:
             for name in handle.keys():
                 if name in self.files:
                     raise CheckpointError(f"tensor {name} is stored twice, in {self.files[name]} and {file}")
-                self.handles[name], self.files[name] = handle, file
+                self.handles[name], self.files[name], self.stored_names[name] = handle, file, name
         for name, file_name in (weight_map or {}).items():
             if self.files.get(name, Path()).name != file_name:
                 raise CheckpointError(f"{index_path} maps tensor {name} to {file_name}, which does not contain it")
 
     def rename(self, old: str, new: str) -> None:
-        self.handles[new], self.files[new] = self.handles.pop(old), self.files.pop(old)
+        for table in (self.handles, self.files, self.stored_names):
+            table[new] = table.pop(old)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handles[name].get_slice(name).get_shape())
+        return tuple(self.handles[name].get_slice(self.stored_names[name]).get_shape())
 
     def get(self, name: str) -> Tensor:
         try:
-            return self.handles[name].get_tensor(name)
+            return self.handles[name].get_tensor(self.stored_names[name])
         except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {self.files[name]}: {e}") from e
+            raise CheckpointError(f"cannot read tensor {self.stored_names[name]} from {self.files[name]}: {e}") from e
 
 
 def _load_family(

@@ -74,6 +74,8 @@ class LlamaConfig:
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
         check_rope_scaling(self.rope_scaling)
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)  # our own copy: callers' dicts get mutated elsewhere
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
@@ -166,7 +168,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # Written out rather than F.rms_norm: same result, and its autograd is faster on CPU (torch 2.13).
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
