@@ -66,7 +66,8 @@ class GPTNeoXConfig:
     def from_hf(cls, hf: dict[str, Any]) -> GPTNeoXConfig:
         """Config from a Hugging Face ``config.json`` dict (old ``rotary_pct`` or new ``rope_parameters`` keys)."""
         theta, scaling = rope_scaling_from_hf(hf)
-        rotary_pct = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
+        rotary_pct = (hf.get("rope_parameters") or {}).get(
+            "partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)))
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],

@@ -111,11 +111,18 @@ def load_pretrained(
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    hf_config = json.loads(config_path.read_text())
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+    if "model_type" not in hf_config:
+        raise CheckpointError(f"{config_path} has no model_type")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
     weight_files, weight_map = _find_weight_files(directory)
-    family = FAMILIES.get(hf_config.get("model_type"))
+    family = FAMILIES.get(hf_config["model_type"])
     if family is None:
         model = _load_with_transformers(directory, hf_config, dtype, device)
     else:
@@ -346,7 +353,7 @@ def _has_submodule(module: nn.Module, name: str) -> bool:
 def _load_with_transformers(
     directory: Path, hf_config: dict[str, Any], dtype: torch.dtype, device: torch.device
 ) -> TransformersModel:
-    model_type = hf_config.get("model_type")
+    model_type = hf_config["model_type"]
     try:
         import transformers
     except ImportError:

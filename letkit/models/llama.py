@@ -130,6 +130,8 @@ class LlamaConfig:
             model_type, arch = "mistral", "MistralForCausalLM"
         else:
             model_type, arch = "llama", "LlamaForCausalLM"
+        if self.mlp_bias and model_type != "llama":
+            raise ValueError(f"mlp_bias=True cannot be saved as {model_type} (needed for the other options)")
         hf = {
             "model_type": model_type,
             "architectures": [arch],
@@ -154,8 +156,6 @@ class LlamaConfig:
             hf.update(sliding_window=self.sliding_window)
         else:
             hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        if self.mlp_bias and model_type != "llama":
-            raise ValueError(f"mlp_bias=True cannot be saved as {model_type}")
         return hf
 
 
