@@ -20,6 +20,8 @@ What it does, in the order of the code below:
   ``trainer_state.json``. A checkpoint is written under a ``.tmp`` name and renamed once complete; a run resumes
   from the newest complete one and skips incomplete or damaged ones with a warning. DCP's ``.metadata`` is a
   pickle: only resume from checkpoints your own runs wrote.
+* Export: at the end, rank 0 gathers the model and writes ``<run_dir>/final_model`` (bf16 safetensors, Hugging Face
+  layout) for ``letkit.models.load_pretrained`` -- e.g. as the teacher of a larger run.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import shutil
 import socket
 import sys
 import time
-import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pip install tomli
+    import tomli as tomllib
 
 from letkit import SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
 from letkit.data import ShardedTokenLoader
@@ -120,7 +126,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = field(default=1000, metadata={"help": "save every this many steps (and at the end)"})
+    every: int = field(default=1000, metadata={"help": "save every this many steps and at the end (0: never)"})
     keep: int = field(default=3, metadata={"help": "complete checkpoints to keep (0: all)"})
     resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint in run_dir"})
     export: bool = field(default=True, metadata={"help": "at the end, save the model (bf16) to <run_dir>/final_model "
@@ -189,7 +195,24 @@ def load_config(argv: list[str] | None = None) -> Config:
         if "." in key:
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, value)
+    check_config(cfg)
     return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """ValueError naming the first field with an invalid value."""
+    choices = {"train.mixed_precision": ("bf16", "fp32"), "teacher.schedule": ("linear", "cosine"),
+               "teacher.projector": ("interpolate", "linear", "mlp"), "teacher.loss": ("cosine", "smooth_l1", "mse")}
+    positive = ("train.steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "teacher.stop_step",
+                "log.every", "optim.lr", "optim.grad_clip")
+    non_negative = ("train.stop_at", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep", "teacher.lambda0")
+    for name in (*choices, *positive, *non_negative):
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if name in choices and value not in choices[name]:
+            raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
+        if (name in positive and value <= 0) or (name in non_negative and value < 0):
+            raise ValueError(f"{name} must be {'positive' if name in positive else '>= 0'}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -573,7 +596,8 @@ def train(cfg: Config) -> None:
             before = memory_gib(device)[0]
             objective.finish()
             objective = None
-            metrics.info("step %d = S_stop: teacher released, memory %.2f -> %.2f GiB", step, before, memory_gib(device)[0])
+            metrics.info("S_stop = %d steps done: teacher released, memory %.2f -> %.2f GiB", step, before,
+                         memory_gib(device)[0])
             metrics.record(event="teacher_released", step=step, memory_before_gib=before, memory_after_gib=memory_gib(device)[0])
 
         sums = torch.zeros(3, device=device)  # loss, lm loss, align loss over micro-steps
@@ -607,23 +631,25 @@ def train(cfg: Config) -> None:
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
             now = time.perf_counter()
-            tokens_per_s = tokens_per_step * (done - last_log_step) / (now - last_log_time)
+            step_time = (now - last_log_time) / (done - last_log_step)
+            tokens_per_s = tokens_per_step / step_time
             last_log_time, last_log_step = now, done
             mfu = flops * tokens_per_s / world / peak if peak else None
             mem, mem_peak = memory_gib(device)
             align_v = align_v if has_align else None
             metrics.info(
-                "step %6d/%d | loss %.4f | lm %.4f | align %s | lambda %.4f | lr %.2e | gnorm %.3f | %.0f tok/s "
-                "| mfu %s | mem %.1f GiB (peak %.1f)", done, c.steps, loss_v, lm_v,
-                "-" if align_v is None else f"{align_v:.4f}", lam, lr, grad_norm.item(), tokens_per_s,
+                "step %6d/%d | loss %.4f | lm %.4f | align %s | lambda %.4f | lr %.2e | gnorm %.3f | %.2fs/step "
+                "| %.0f tok/s | mfu %s | mem %.1f GiB (peak %.1f)", done, c.steps, loss_v, lm_v,
+                "-" if align_v is None else f"{align_v:.4f}", lam, lr, grad_norm.item(), step_time, tokens_per_s,
                 "-" if mfu is None else f"{mfu:.1%}", mem, mem_peak)
             metrics.record(step=done, loss=loss_v, lm_loss=lm_v, align_loss=align_v, lambda_=lam, lr=lr,
-                           grad_norm=grad_norm.item(), tokens_seen=tokens_seen, tokens_per_s=tokens_per_s,
+                           grad_norm=grad_norm.item(), tokens_seen=tokens_seen, step_time_s=step_time,
+                           tokens_per_s=tokens_per_s,
                            mfu=mfu, memory_gib=mem, peak_memory_gib=mem_peak)
             if not math.isfinite(loss_v):
                 raise FloatingPointError(f"loss is {loss_v} at step {done}")
 
-        if done % cfg.checkpoint.every == 0 or done == min(stop_at, c.steps):
+        if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == min(stop_at, c.steps)):
             state = {"tokens_seen": tokens_seen, "lr_scheduler": lr_scheduler.state_dict(), "data": loader.state_dict(),
                      "lambda_schedule": schedule.state_dict() if schedule is not None else None,
                      "config": dataclasses.asdict(cfg)}

@@ -99,8 +99,9 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run_across_s_stop(full_run
     full_dir, _ = full_run
     torchrun(tmp_path, shards, "--train.stop_at", "3")  # before S_stop; the checkpoint at 3 is the last one
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003"]
-    output = torchrun(tmp_path, shards)
+    output = torchrun(tmp_path, shards, "--checkpoint.keep", "1")
     assert "resumed from" in output and "step_0000003" in output
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000012"]  # older ones pruned
     want, _ = metrics(full_dir)
     got, events = metrics(tmp_path)
     assert [e["step"] for e in events if e["event"] == "resume"] == [3]
@@ -222,6 +223,10 @@ def test_config_overrides_help_and_errors(tmp_path, capsys):
     bad.write_text("[train]\nsteps = '3'\n")
     with pytest.raises(ValueError, match="\\[train\\] steps = '3' should be a int"):
         example.load_config(["--config", str(bad)])
+    with pytest.raises(ValueError, match="train.mixed_precision must be one of \\('bf16', 'fp32'\\), got 'fp16'"):
+        example.load_config(["--config", "tiny", "--train.mixed_precision", "fp16"])
+    with pytest.raises(ValueError, match="data.grad_accum must be positive, got 0"):
+        example.load_config(["--config", "tiny", "--data.grad_accum", "0"])
     with pytest.raises(SystemExit):
         example.load_config(["--config", "tiny", "--train.compile", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
