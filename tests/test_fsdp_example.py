@@ -145,6 +145,7 @@ def test_resume_after_s_stop_does_not_load_the_teacher(resumed_after_damage):
     assert not [e for e in events if e["event"] == "teacher_released"]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_exported_model_is_the_last_checkpoint(full_run):
     run_dir, _ = full_run
     exported = load_pretrained(run_dir / "final_model")
