@@ -122,6 +122,9 @@ class TrainConfig:
     mixed_precision: str = field(default="bf16", metadata={"help": "bf16 (params all-gathered in bf16) or fp32"})
     activation_checkpointing: bool = field(default=True, metadata={"help": "recompute each block in backward"})
     compile: bool = field(default=True, metadata={"help": "torch.compile each block"})
+    shard_group: int = field(default=0, metadata={
+        "help": "ranks that shard the model among themselves, replicated across groups (HSDP; e.g. 8 = one node); "
+                "0: all ranks (FSDP)"})
 
 
 @dataclass
@@ -205,7 +208,7 @@ def check_config(cfg: Config) -> None:
                "teacher.projector": ("interpolate", "linear", "mlp"), "teacher.loss": ("cosine", "smooth_l1", "mse")}
     positive = ("train.steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "teacher.stop_step",
                 "log.every", "optim.lr", "optim.grad_clip")
-    non_negative = ("train.stop_at", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep", "teacher.lambda0")
+    non_negative = ("train.stop_at", "train.shard_group", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep", "teacher.lambda0")
     for name in (*choices, *positive, *non_negative):
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -246,10 +249,10 @@ def build_target(cfg: Config, vocab_size: int, mesh: DeviceMesh, device: torch.d
     fully_shard(model, **fsdp)
     model.to_empty(device=device)
     if device.type == "cpu":
-        # DTensor's RNG (different random numbers for each shard) works on CUDA only; on CPU every rank would
-        # draw the same numbers and the shards would be copies of each other.
+        # DTensor's RNG (different random numbers for each shard) works on CUDA only; on CPU seed each shard
+        # differently (else the shards would be copies of each other), and replicas (HSDP) alike.
         warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
-        torch.manual_seed(cfg.train.seed * 1000 + dist.get_rank())
+        torch.manual_seed(cfg.train.seed * 1000 + mesh.get_local_rank(mesh.ndim - 1))
     else:
         torch.manual_seed(cfg.train.seed)
     model.init_weights()
@@ -522,7 +525,13 @@ def setup_distributed() -> torch.device:
 def train(cfg: Config) -> None:
     device = setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
+    shard_group = cfg.train.shard_group or world
+    if world % shard_group:
+        raise ValueError(f"train.shard_group={shard_group} does not divide the world size {world}")
+    # 1-D mesh: FSDP over all ranks. 2-D (replicate, shard): HSDP, all-gathers stay within a group (e.g. a node)
+    # and only the gradient all-reduce crosses groups.
+    mesh = (init_device_mesh(device.type, (world,)) if shard_group == world else
+            init_device_mesh(device.type, (world // shard_group, shard_group), mesh_dim_names=("replicate", "shard")))
     run_dir, ckpt_dir = Path(cfg.train.run_dir), Path(cfg.train.run_dir) / "checkpoints"
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -435,9 +435,11 @@ class ShardedTokenLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m letkit.data") -> None:
     """``python -m letkit.data INPUT... --tokenizer T --output DIR``: tokenize text files into token shards."""
-    parser = argparse.ArgumentParser(prog="python -m letkit.data", description=tokenize_corpus.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Tokenize .txt / .jsonl files into uint16/uint32 token shards for pretraining, in "
+        "parallel; rerun the same command to resume an interrupted run.")
     parser.add_argument("inputs", nargs="+", help=".txt (one document per line) / .jsonl files or directories")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
     parser.add_argument("--output", required=True, help="output directory (rerun on it to resume)")
