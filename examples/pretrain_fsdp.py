@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=8 examples/pretrain_fsdp.py --config 1.4b --data.path data/shards \\
         --teacher.path checkpoints/SmolLM-135M
 
-What it does, in the order of the code below:
+Needs PyTorch >= 2.6 (FSDP2's public ``torch.distributed.fsdp.fully_shard``). What it does, in code order:
 
 * Config: a TOML file (``--config tiny|1.4b|7b`` or a path) whose every field can be overridden on the command
   line as ``--section.field value``; ``--help`` lists them all with their current values.
@@ -240,7 +240,7 @@ def build_target(cfg: Config, vocab_size: int, mesh: DeviceMesh, device: torch.d
     fsdp = fsdp_kwargs(cfg, mesh)
     for i, block in enumerate(model.blocks):
         if cfg.train.activation_checkpointing:
-            block = checkpoint_wrapper(block)
+            block = checkpoint_wrapper(block, preserve_rng_state=False)  # the blocks draw no random numbers
         if cfg.train.compile:
             block = torch.compile(block)
         # The last block's parameters are needed again right away by backward: keep them gathered.
