@@ -145,7 +145,15 @@ def test_missing_files_and_bad_config(tmp_path, llama_dir):
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_pretrained(tmp_path / "empty")
 
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype or None, got 'bf16'"):
+        load_pretrained(llama_dir, dtype="bf16")
     config = json.loads((llama_dir / "config.json").read_text())
+    (llama_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model_type"}))
+    with pytest.raises(CheckpointError, match="config.json has no model_type"):
+        load_pretrained(llama_dir)
+    (llama_dir / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_pretrained(llama_dir)
     del config["hidden_size"]
     (llama_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json lacks key 'hidden_size'"):

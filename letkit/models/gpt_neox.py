@@ -51,6 +51,8 @@ class GPTNeoXConfig:
             raise ValueError(f"rotary_pct={self.rotary_pct} gives an odd rotary dimension {self.rotary_dim}")
         activation(self.hidden_act)
         check_rope_scaling(self.rope_scaling)
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)  # our own copy: callers' dicts get mutated elsewhere
 
     @property
     def head_dim(self) -> int:
@@ -64,7 +66,8 @@ class GPTNeoXConfig:
     def from_hf(cls, hf: dict[str, Any]) -> GPTNeoXConfig:
         """Config from a Hugging Face ``config.json`` dict (old ``rotary_pct`` or new ``rope_parameters`` keys)."""
         theta, scaling = rope_scaling_from_hf(hf)
-        rotary_pct = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
+        rotary_pct = (hf.get("rope_parameters") or {}).get(
+            "partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)))
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],

@@ -111,11 +111,18 @@ def load_pretrained(
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    hf_config = json.loads(config_path.read_text())
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+    if "model_type" not in hf_config:
+        raise CheckpointError(f"{config_path} has no model_type")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
     weight_files, weight_map = _find_weight_files(directory)
-    family = FAMILIES.get(hf_config.get("model_type"))
+    family = FAMILIES.get(hf_config["model_type"])
     if family is None:
         model = _load_with_transformers(directory, hf_config, dtype, device)
     else:
@@ -198,6 +205,7 @@ class _SafetensorsReader:
     def __init__(self, files: list[Path], weight_map: dict[str, str] | None, index_path: Path) -> None:
         self.handles: dict[str, Any] = {}  # tensor name -> open safe_open handle
         self.files: dict[str, Path] = {}  # tensor name -> file
+        self.stored_names: dict[str, str] = {}  # tensor name -> name inside the file (see `rename`)
         for file in files:
             if not file.is_file():
                 raise CheckpointError(f"{index_path} lists shard {file.name}, which does not exist in {file.parent}")
@@ -208,22 +216,23 @@ class _SafetensorsReader:
             for name in handle.keys():
                 if name in self.files:
                     raise CheckpointError(f"tensor {name} is stored twice, in {self.files[name]} and {file}")
-                self.handles[name], self.files[name] = handle, file
+                self.handles[name], self.files[name], self.stored_names[name] = handle, file, name
         for name, file_name in (weight_map or {}).items():
             if self.files.get(name, Path()).name != file_name:
                 raise CheckpointError(f"{index_path} maps tensor {name} to {file_name}, which does not contain it")
 
     def rename(self, old: str, new: str) -> None:
-        self.handles[new], self.files[new] = self.handles.pop(old), self.files.pop(old)
+        for table in (self.handles, self.files, self.stored_names):
+            table[new] = table.pop(old)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handles[name].get_slice(name).get_shape())
+        return tuple(self.handles[name].get_slice(self.stored_names[name]).get_shape())
 
     def get(self, name: str) -> Tensor:
         try:
-            return self.handles[name].get_tensor(name)
+            return self.handles[name].get_tensor(self.stored_names[name])
         except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {self.files[name]}: {e}") from e
+            raise CheckpointError(f"cannot read tensor {self.stored_names[name]} from {self.files[name]}: {e}") from e
 
 
 def _load_family(
@@ -344,7 +353,7 @@ def _has_submodule(module: nn.Module, name: str) -> bool:
 def _load_with_transformers(
     directory: Path, hf_config: dict[str, Any], dtype: torch.dtype, device: torch.device
 ) -> TransformersModel:
-    model_type = hf_config.get("model_type")
+    model_type = hf_config["model_type"]
     try:
         import transformers
     except ImportError:

@@ -74,6 +74,8 @@ class LlamaConfig:
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
         check_rope_scaling(self.rope_scaling)
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)  # our own copy: callers' dicts get mutated elsewhere
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
@@ -128,6 +130,8 @@ class LlamaConfig:
             model_type, arch = "mistral", "MistralForCausalLM"
         else:
             model_type, arch = "llama", "LlamaForCausalLM"
+        if self.mlp_bias and model_type != "llama":
+            raise ValueError(f"mlp_bias=True cannot be saved as {model_type} (needed for the other options)")
         hf = {
             "model_type": model_type,
             "architectures": [arch],
@@ -152,8 +156,6 @@ class LlamaConfig:
             hf.update(sliding_window=self.sliding_window)
         else:
             hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        if self.mlp_bias and model_type != "llama":
-            raise ValueError(f"mlp_bias=True cannot be saved as {model_type}")
         return hf
 
 
@@ -166,7 +168,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # Written out rather than F.rms_norm: same result, and its autograd is faster on CPU (torch 2.13).
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -2,7 +2,8 @@
 
 ``rope_scaling`` follows the Hugging Face config dict: ``None`` (plain RoPE) or ``{"rope_type": ..., ...}`` with
 * ``"linear"``: ``factor`` (positions divided by ``factor``),
-* ``"dynamic"``: ``factor`` (NTK-aware base growth once the sequence exceeds ``max_position_embeddings``),
+* ``"dynamic"``: ``factor`` (NTK-aware base growth once the sequence exceeds ``max_position_embeddings``;
+  computed from the current length, whereas ``transformers`` keeps the largest length seen so far),
 * ``"llama3"``: ``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``.
 The cos/sin tables are recomputed in every forward (a [T, rotary_dim] outer product, negligible next to the
 matmuls); keeping no buffers lets models be built on the meta device and materialised with ``to_empty``.
