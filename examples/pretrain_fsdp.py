@@ -1,0 +1,683 @@
+"""LET pretraining of a Llama-style target with FSDP2, launched with torchrun.
+
+    torchrun --nproc_per_node=8 examples/pretrain_fsdp.py --config 1.4b --data.path data/shards \\
+        --teacher.path checkpoints/SmolLM-135M
+
+Needs PyTorch >= 2.6 (FSDP2's public ``torch.distributed.fsdp.fully_shard``). What it does, in code order:
+
+* Config: a TOML file (``--config tiny|1.4b|7b`` or a path) whose every field can be overridden on the command
+  line as ``--section.field value``; ``--help`` lists them all with their current values.
+* Target: ``letkit.models.from_preset`` built on the meta device; each block gets activation checkpointing,
+  ``torch.compile`` and ``fully_shard`` (FSDP2, bf16 compute / fp32 reduce via ``MixedPrecisionPolicy``), then
+  the root; ``to_empty`` + ``init_weights`` materialise only this rank's shards.
+* Teacher: a frozen, replicated bf16 copy on every rank (``TeacherFeatureExtractor.from_pretrained``, or
+  ``random:<shape>`` for a randomly initialised one), pulled into ``LETObjective`` with an L2E layer map; it is
+  freed at S_stop (``--teacher.stop_step``) and never even loaded by a run resumed after S_stop.
+* Loop: gradient accumulation, clipping of the sharded gradients, AdamW with warmup + cosine LR, the lambda
+  schedule; rank 0 prints a progress line and appends metrics to ``<run_dir>/metrics.jsonl``.
+* Checkpoints (``<run_dir>/checkpoints/step_XXXXXXX``): model, optimizer and projector through
+  ``torch.distributed.checkpoint`` (DCP); LR and lambda schedules, data position and RNG states in
+  ``trainer_state.json``. A checkpoint is written under a ``.tmp`` name and renamed once complete; a run resumes
+  from the newest complete one and skips incomplete or damaged ones with a warning. DCP's ``.metadata`` is a
+  pickle: only resume from checkpoints your own runs wrote.
+* Export: at the end, rank 0 gathers the model and writes ``<run_dir>/final_model`` (bf16 safetensors, Hugging Face
+  layout) for ``letkit.models.load_pretrained`` -- e.g. as the teacher of a larger run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pip install tomli
+    import tomli as tomllib
+
+from letkit import SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
+from letkit.data import ShardedTokenLoader
+from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, save_pretrained
+
+log = logging.getLogger("pretrain")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+# ----------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelConfig:
+    preset: str = field(default="tiny", metadata={"help": "letkit.models preset of the target (tiny, 125m, 1.4b, 7b)"})
+    vocab_size: int = field(default=0, metadata={"help": "0: the data's vocabulary size"})
+
+
+@dataclass
+class TeacherConfig:
+    path: str = field(default="none", metadata={
+        "help": "teacher checkpoint dir; 'random:<shape>[,field=value...]' for a random one (shapes: "
+                "smollm-135m or a letkit.models preset); 'none' trains the baseline without LET"})
+    layer_map: str = field(default="L2E", metadata={"help": "comma-separated LayerMap specs (L2E, L2M, 0.25, ...)"})
+    projector: str = field(default="interpolate", metadata={"help": "interpolate (paper), linear or mlp"})
+    loss: str = field(default="cosine", metadata={"help": "cosine (paper), smooth_l1 or mse"})
+    schedule: str = field(default="linear", metadata={"help": "lambda schedule: linear (paper) or cosine"})
+    lambda0: float = field(default=0.1, metadata={"help": "alignment weight at step 0"})
+    stop_step: int = field(default=10_000, metadata={"help": "S_stop: lambda reaches 0 and the teacher is freed"})
+
+
+@dataclass
+class DataConfig:
+    path: str = field(default="", metadata={
+        "help": "token shards from python -m letkit.data; 'random:<vocab_size>' for uniform random tokens (benchmarks)"})
+    seq_len: int = 2048
+    micro_batch_size: int = field(default=4, metadata={"help": "sequences per GPU per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    seed: int = field(default=0, metadata={"help": "data shuffling seed"})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final LR of the cosine decay, as a fraction of lr"})
+    warmup_steps: int = 2000
+    weight_decay: float = field(default=0.1, metadata={"help": "applied to matrices only (not norms or biases)"})
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm"})
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = field(default="runs/tiny", metadata={"help": "checkpoints/ and metrics.jsonl go here"})
+    steps: int = field(default=100, metadata={"help": "total optimizer steps (sets the LR schedule)"})
+    stop_at: int = field(default=0, metadata={"help": "end this run after this step, with a checkpoint (0: steps)"})
+    seed: int = 0
+    mixed_precision: str = field(default="bf16", metadata={"help": "bf16 (params all-gathered in bf16) or fp32"})
+    activation_checkpointing: bool = field(default=True, metadata={"help": "recompute each block in backward"})
+    compile: bool = field(default=True, metadata={"help": "torch.compile each block"})
+    shard_group: int = field(default=0, metadata={
+        "help": "ranks that shard the model among themselves, replicated across groups (HSDP; e.g. 8 = one node); "
+                "0: all ranks (FSDP)"})
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = field(default=1000, metadata={"help": "save every this many steps and at the end (0: never)"})
+    keep: int = field(default=3, metadata={"help": "complete checkpoints to keep (0: all)"})
+    resume: bool = field(default=True, metadata={"help": "resume from the newest complete checkpoint in run_dir"})
+    export: bool = field(default=True, metadata={"help": "at the end, save the model (bf16) to <run_dir>/final_model "
+                                                         "for letkit.models.load_pretrained"})
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    peak_tflops: float = field(default=0.0, metadata={"help": "per-GPU peak for MFU; 0: known GPUs' bf16 dense peak"})
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Config from ``--config`` (a name in examples/configs/ or a TOML path), then ``--section.field`` overrides."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="tiny")
+    known, _ = pre.parse_known_args(argv)
+    path = Path(known.config) if known.config.endswith(".toml") else CONFIG_DIR / f"{known.config}.toml"
+    if not path.is_file():
+        raise ValueError(f"--config {known.config!r}: no such file {str(path)!r} (configs: "
+                         f"{sorted(p.stem for p in CONFIG_DIR.glob('*.toml'))})")
+    cfg = Config()
+    for section, values in tomllib.loads(path.read_text()).items():
+        if section not in {f.name for f in dataclasses.fields(Config)} or not isinstance(values, dict):
+            raise ValueError(f"{path}: unknown section [{section}]")
+        part = getattr(cfg, section)
+        for key, value in values.items():
+            if key not in {f.name for f in dataclasses.fields(part)}:
+                raise ValueError(f"{path}: unknown key {key!r} in [{section}]")
+            default = getattr(part, key)
+            if not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int)):
+                raise ValueError(f"{path}: [{section}] {key} = {value!r} should be a {type(default).__name__}")
+            setattr(part, key, type(default)(value))
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", help="config name in examples/configs/ or a .toml path")
+    for section in dataclasses.fields(Config):
+        group = parser.add_argument_group(f"[{section.name}]")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            kind = _parse_bool if isinstance(value, bool) else type(value)
+            help_text = f.metadata.get("help", "")
+            group.add_argument(f"--{section.name}.{f.name}", type=kind, default=value, metavar=type(value).__name__.upper(),
+                               help=f"{help_text} (default: %(default)s)" if help_text else "(default: %(default)s)")
+    args = vars(parser.parse_args(argv))
+    for key, value in args.items():
+        if "." in key:
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """ValueError naming the first field with an invalid value."""
+    choices = {"train.mixed_precision": ("bf16", "fp32"), "teacher.schedule": ("linear", "cosine"),
+               "teacher.projector": ("interpolate", "linear", "mlp"), "teacher.loss": ("cosine", "smooth_l1", "mse")}
+    positive = ("train.steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "teacher.stop_step",
+                "log.every", "optim.lr", "optim.grad_clip")
+    non_negative = ("train.stop_at", "train.shard_group", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep", "teacher.lambda0")
+    for name in (*choices, *positive, *non_negative):
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if name in choices and value not in choices[name]:
+            raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
+        if (name in positive and value <= 0) or (name in non_negative and value < 0):
+            raise ValueError(f"{name} must be {'positive' if name in positive else '>= 0'}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+# Shapes for random teachers (LlamaConfig fields; the vocabulary is the data's), besides letkit.models.PRESETS.
+TEACHER_SHAPES: dict[str, dict[str, Any]] = {
+    "smollm-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                        num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=2048),
+}
+
+
+def fsdp_kwargs(cfg: Config, mesh: DeviceMesh) -> dict[str, Any]:
+    """fully_shard arguments: compute in bf16 (or fp32), reduce gradients in fp32; sharded fp32 master weights."""
+    param_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.mixed_precision]
+    return dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32))
+
+
+def build_target(cfg: Config, vocab_size: int, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+    """The target on the meta device -> AC, compile and fully_shard per block, then the root -> this rank's shards."""
+    with torch.device("meta"):
+        model = from_preset(cfg.model.preset, vocab_size=vocab_size)
+    fsdp = fsdp_kwargs(cfg, mesh)
+    for i, block in enumerate(model.blocks):
+        if cfg.train.activation_checkpointing:
+            block = checkpoint_wrapper(block, preserve_rng_state=False)  # the blocks draw no random numbers
+        if cfg.train.compile:
+            block = torch.compile(block)
+        # The last block's parameters are needed again right away by backward: keep them gathered.
+        fully_shard(block, **fsdp, reshard_after_forward=i < len(model.blocks) - 1)
+        model.blocks[i] = block
+    fully_shard(model, **fsdp)
+    model.to_empty(device=device)
+    if device.type == "cpu":
+        # DTensor's RNG (different random numbers for each shard) works on CUDA only; on CPU seed each shard
+        # differently (else the shards would be copies of each other), and replicas (HSDP) alike.
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+        torch.manual_seed(cfg.train.seed * 1000 + mesh.get_local_rank(mesh.ndim - 1))
+    else:
+        torch.manual_seed(cfg.train.seed)
+    model.init_weights()
+    return model
+
+
+def build_teacher(spec: str, vocab_size: int, device: torch.device, seed: int) -> TeacherFeatureExtractor:
+    """The frozen teacher, replicated on this rank in bf16 (float32 on CPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not spec.startswith("random:"):
+        teacher = TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
+        teacher_vocab = getattr(getattr(teacher.model, "config", None), "vocab_size", vocab_size)
+        if teacher_vocab < vocab_size:
+            raise ValueError(f"teacher {spec!r} has vocab_size {teacher_vocab} < the data's {vocab_size}: the data "
+                             "must be tokenized with the teacher's tokenizer")
+        return teacher
+    name, *assignments = spec.removeprefix("random:").split(",")
+    shapes = {**PRESETS, **TEACHER_SHAPES}
+    if name not in shapes:
+        raise ValueError(f"teacher.path {spec!r}: unknown random teacher shape {name!r}; shapes: {sorted(shapes)}")
+    shape = dict(shapes[name])
+    for item in assignments:
+        key, _, value = item.partition("=")
+        shape[key.strip()] = json.loads(value)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + 1)  # the same teacher on every rank, whenever it is built
+        with torch.device(device):
+            model = Llama(LlamaConfig(**{**shape, "vocab_size": vocab_size}))
+    return TeacherFeatureExtractor(model, dtype=dtype)
+
+
+def build_objective(cfg: Config, target: nn.Module, teacher: TeacherFeatureExtractor, schedule, mesh: DeviceMesh,
+                    device: torch.device) -> LETObjective:
+    """LETObjective; a learned projector is sharded like the target (its grads are reduced like the target's)."""
+    specs = [float(s) if re.fullmatch(r"[0-9.]+", s) else s for s in cfg.teacher.layer_map.split(",")]
+    layer_map = LayerMap(specs)
+    pairs = layer_map.resolve(teacher.num_layers, len(target.blocks))
+    teacher.select_layers([t for t, _ in pairs])
+    teacher_dims = teacher.feature_dims(torch.zeros(1, 2, dtype=torch.long, device=device))
+    projector = LayerMappingProjector([target.config.hidden_size] * len(pairs), teacher_dims, cfg.teacher.projector)
+    projector.to(device)
+    for p in projector.projectors:
+        if any(True for _ in p.parameters()):
+            fully_shard(p, **fsdp_kwargs(cfg, mesh))
+            register_fsdp_forward_method(p, "loss")  # the fused loss reads the weights through .loss(), not forward
+    return LETObjective(target, teacher, layer_map=layer_map, projector=projector, loss=cfg.teacher.loss,
+                        schedule=schedule, target_block_list="blocks")
+
+
+class RandomTokens:
+    """Uniform random token batches for throughput benchmarks; same interface as ShardedTokenLoader."""
+
+    def __init__(self, vocab_size: int, seq_len: int, batch_size: int, rank: int, seed: int) -> None:
+        self.vocab_size, self.shape, self.rank, self.seed = vocab_size, (batch_size, seq_len + 1), rank, seed
+        self.batches = 0
+
+    def __next__(self) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, self.rank, self.batches])
+        self.batches += 1
+        return torch.from_numpy(rng.integers(0, self.vocab_size, self.shape))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches = state["batches"]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def find_checkpoint(ckpt_dir: Path) -> Path | None:
+    """Newest complete checkpoint in ``ckpt_dir``; incomplete (``.tmp``) and damaged ones are skipped with a warning."""
+    if not ckpt_dir.is_dir():
+        return None
+    for path in sorted(ckpt_dir.iterdir(), reverse=True):
+        if path.name.endswith(".tmp"):
+            log.warning("skipping incomplete checkpoint %s (its save was interrupted)", path)
+            continue
+        match = re.fullmatch(r"step_(\d{7})", path.name)
+        if not match:
+            continue
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+            if state["step"] != int(match.group(1)):
+                raise ValueError(f"trainer_state.json says step {state['step']}")
+            for name, size in state["files"].items():
+                actual = (path / name).stat().st_size
+                if actual != size:
+                    raise ValueError(f"{name} has {actual} bytes, {size} were written")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("skipping damaged checkpoint %s: %s", path, e)
+            continue
+        return path
+    return None
+
+
+def training_state(trainable: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state for DCP: this rank's shards, keyed by unwrapped parameter names."""
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model_state, optim_state = get_state_dict(trainable, optimizer, options=options)
+    return {"model": model_state, "optim": optim_state}
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, trainable: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write a checkpoint under ``<name>.tmp``; rank 0 renames it to ``<name>`` once every rank has written."""
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(training_state(trainable, optimizer), checkpoint_id=tmp)
+    rng = [None] * dist.get_world_size()
+    dist.all_gather_object(rng, _rng_state())
+    if dist.get_rank() == 0:
+        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        state = {**trainer_state, "step": step, "world_size": dist.get_world_size(), "rng": rng, "files": files}
+        _write_json(tmp / "trainer_state.json", state)
+        if final.exists():  # a damaged checkpoint of this step, skipped at resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        complete = sorted(p for p in ckpt_dir.iterdir() if re.fullmatch(r"step_\d{7}", p.name))
+        for old in complete[:-keep] if keep else []:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer shards in place; returns trainer_state.json (RNG states already restored)."""
+    state = training_state(trainable, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(trainable, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(flatten_optimizer_state_dict=True))
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    if trainer_state["world_size"] == dist.get_world_size():
+        _set_rng_state(trainer_state["rng"][dist.get_rank()])
+    else:
+        log.warning("checkpoint was written by %d ranks, this run has %d: RNG states not restored",
+                    trainer_state["world_size"], dist.get_world_size())
+    return trainer_state
+
+
+def export_model(model: nn.Module, path: Path) -> None:
+    """Gather the full model on rank 0's CPU and save it (bf16, Hugging Face layout) with save_pretrained."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        with torch.device("meta"):
+            plain = Llama(model.config)
+        plain.load_state_dict(full, assign=True)
+        save_pretrained(plain.to(torch.bfloat16), path)
+    dist.barrier()
+
+
+def _rng_state() -> dict[str, str]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in state.items()}
+
+
+def _set_rng_state(state: dict[str, str]) -> None:
+    def tensor(key: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(state[key])), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor("cpu"))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor("cuda"))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------- metrics
+
+# Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor datasheets).
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0,
+               "B200": 2250.0, "L40S": 362.0}
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (parameters in matmuls) + 12 * layers * heads * head_dim * seq_len (attention).
+
+    The input embedding is a lookup, not a matmul; with tied embeddings its matrix still counts once, as the LM head.
+    """
+    c = model.config
+    matmul_params = sum(p.numel() for p in model.parameters())
+    if not c.tie_word_embeddings:
+        matmul_params -= model.embed.weight.numel()
+    return 6 * matmul_params + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+
+def peak_flops(device: torch.device, override_tflops: float) -> float | None:
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def memory_gib(device: torch.device) -> tuple[float, float]:
+    """(allocated now, peak allocated) on the GPU; (RSS, peak RSS) of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30, torch.cuda.max_memory_allocated(device) / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return rss, peak
+
+
+class MetricsLog:
+    """Rank 0's progress lines and JSONL records; a no-op on other ranks."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = open(path, "a") if enabled else None
+
+    def record(self, **fields: Any) -> None:
+        if self.enabled:
+            self.file.write(json.dumps(fields) + "\n")
+            self.file.flush()
+
+    def info(self, message: str, *args: Any) -> None:
+        if self.enabled:
+            log.info(message, *args)
+
+
+# ----------------------------------------------------------------------------------------------------- train
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def setup_distributed() -> torch.device:
+    if "RANK" not in os.environ:  # plain `python pretrain_fsdp.py`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device
+
+
+def train(cfg: Config) -> None:
+    device = setup_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shard_group = cfg.train.shard_group or world
+    if world % shard_group:
+        raise ValueError(f"train.shard_group={shard_group} does not divide the world size {world}")
+    # 1-D mesh: FSDP over all ranks. 2-D (replicate, shard): HSDP, all-gathers stay within a group (e.g. a node)
+    # and only the gradient all-reduce crosses groups.
+    mesh = (init_device_mesh(device.type, (world,)) if shard_group == world else
+            init_device_mesh(device.type, (world // shard_group, shard_group), mesh_dim_names=("replicate", "shard")))
+    run_dir, ckpt_dir = Path(cfg.train.run_dir), Path(cfg.train.run_dir) / "checkpoints"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
+    c, d = cfg.train, cfg.data
+
+    resume_from = [find_checkpoint(ckpt_dir) if rank == 0 and cfg.checkpoint.resume else None]
+    dist.broadcast_object_list(resume_from)  # rank 0 decides, so every rank loads the same checkpoint
+    resume_from = resume_from[0]
+    trainer_state = json.loads((resume_from / "trainer_state.json").read_text()) if resume_from else {}
+    start_step = trainer_state.get("step", 0)
+
+    if d.path.startswith("random:"):
+        data_vocab = int(d.path.removeprefix("random:"))
+        loader = RandomTokens(data_vocab, d.seq_len, d.micro_batch_size, rank, d.seed)
+    else:
+        loader = ShardedTokenLoader(d.path, seq_len=d.seq_len, batch_size=d.micro_batch_size, rank=rank,
+                                    world_size=world, seed=d.seed)
+        data_vocab = loader.vocab_size
+    vocab_size = cfg.model.vocab_size or data_vocab
+    if vocab_size < data_vocab:
+        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data_vocab})")
+
+    model = build_target(cfg, vocab_size, mesh, device)
+    trainable = nn.ModuleDict({"model": model})
+    objective, schedule = None, None
+    if cfg.teacher.path != "none":
+        schedule = SCHEDULES[cfg.teacher.schedule](cfg.teacher.lambda0, cfg.teacher.stop_step)
+        if schedule.is_done(start_step):
+            metrics.info("step %d >= S_stop = %d: LET is over, the teacher is not loaded", start_step, schedule.stop_step)
+        else:
+            teacher = build_teacher(cfg.teacher.path, vocab_size, device, c.seed)
+            objective = build_objective(cfg, model, teacher, schedule, mesh, device)
+            del teacher  # the objective holds the only reference, so releasing it frees the memory
+            if any(True for _ in objective.parameters()):
+                trainable["projector"] = objective.projector
+            metrics.info("teacher %s: %d layers, pairs (teacher, target) %s, projector %s, memory %.2f GiB",
+                         cfg.teacher.path, objective.teacher.num_layers, objective.pairs, cfg.teacher.projector,
+                         memory_gib(device)[0])
+
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, fused=device.type == "cuda")
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, c.steps))
+
+    if resume_from:
+        trainer_state = load_checkpoint(resume_from, trainable, optimizer)
+        lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+        loader.load_state_dict(trainer_state["data"])
+        if schedule is not None and trainer_state.get("lambda_schedule"):
+            schedule.load_state_dict(trainer_state["lambda_schedule"])
+        metrics.info("resumed from %s (step %d)", resume_from, start_step)
+        metrics.record(event="resume", step=start_step, checkpoint=str(resume_from))
+
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = world * d.micro_batch_size * d.grad_accum * d.seq_len
+    flops = flops_per_token(model, d.seq_len)
+    peak = peak_flops(device, cfg.log.peak_tflops)
+    metrics.info("target %s: %.2fM parameters, %d ranks, %d tokens/step, %.3g FLOPs/token", cfg.model.preset,
+                 n_params / 1e6, world, tokens_per_step, flops)
+    if rank == 0:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    tokens_seen = trainer_state.get("tokens_seen", 0)
+    stop_at = c.stop_at or c.steps
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    for step in range(start_step, min(stop_at, c.steps)):
+        if objective is not None and schedule.is_done(step):
+            before = memory_gib(device)[0]
+            objective.finish()
+            objective = None
+            metrics.info("S_stop = %d steps done: teacher released, memory %.2f -> %.2f GiB", step, before,
+                         memory_gib(device)[0])
+            metrics.record(event="teacher_released", step=step, memory_before_gib=before, memory_after_gib=memory_gib(device)[0])
+
+        sums = torch.zeros(3, device=device)  # loss, lm loss, align loss over micro-steps
+        has_align = False
+        for _ in range(d.grad_accum):
+            batch = next(loader).to(device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            logits = model(inputs)
+            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            loss, align = lm_loss, None
+            if objective is not None:
+                out = objective(inputs, lm_loss=lm_loss, step=step)
+                loss, align = out.loss, out.align_loss
+            (loss / d.grad_accum).backward()
+            sums += torch.stack([loss.detach(), lm_loss.detach(), align.detach() if align is not None else loss.new_zeros(())])
+            has_align |= align is not None
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = lr_scheduler.get_last_lr()[0]
+        lr_scheduler.step()
+        lam = schedule(step) if schedule is not None else 0.0
+        if schedule is not None:
+            schedule.step()
+        tokens_seen += tokens_per_step
+        done = step + 1
+
+        if done % cfg.log.every == 0 or done == min(stop_at, c.steps):
+            dist.all_reduce(sums)
+            loss_v, lm_v, align_v = (sums / (world * d.grad_accum)).tolist()
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            now = time.perf_counter()
+            step_time = (now - last_log_time) / (done - last_log_step)
+            tokens_per_s = tokens_per_step / step_time
+            last_log_time, last_log_step = now, done
+            mfu = flops * tokens_per_s / world / peak if peak else None
+            mem, mem_peak = memory_gib(device)
+            align_v = align_v if has_align else None
+            metrics.info(
+                "step %6d/%d | loss %.4f | lm %.4f | align %s | lambda %.4f | lr %.2e | gnorm %.3f | %.2fs/step "
+                "| %.0f tok/s | mfu %s | mem %.1f GiB (peak %.1f)", done, c.steps, loss_v, lm_v,
+                "-" if align_v is None else f"{align_v:.4f}", lam, lr, grad_norm.item(), step_time, tokens_per_s,
+                "-" if mfu is None else f"{mfu:.1%}", mem, mem_peak)
+            metrics.record(step=done, loss=loss_v, lm_loss=lm_v, align_loss=align_v, lambda_=lam, lr=lr,
+                           grad_norm=grad_norm.item(), tokens_seen=tokens_seen, step_time_s=step_time,
+                           tokens_per_s=tokens_per_s,
+                           mfu=mfu, memory_gib=mem, peak_memory_gib=mem_peak)
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"loss is {loss_v} at step {done}")
+
+        if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == min(stop_at, c.steps)):
+            state = {"tokens_seen": tokens_seen, "lr_scheduler": lr_scheduler.state_dict(), "data": loader.state_dict(),
+                     "lambda_schedule": schedule.state_dict() if schedule is not None else None,
+                     "config": dataclasses.asdict(cfg)}
+            started = time.perf_counter()
+            path = save_checkpoint(ckpt_dir, done, trainable, optimizer, state, cfg.checkpoint.keep)
+            metrics.info("saved %s in %.1fs", path, time.perf_counter() - started)
+            metrics.record(event="checkpoint", step=done, path=str(path))
+    final = run_dir / "final_model"
+    if cfg.checkpoint.export and min(stop_at, c.steps) == c.steps and not final.exists():
+        export_model(model, final)
+        metrics.info("exported the model to %s", final)
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,461 @@
+"""Pretraining data: text files -> token shards on disk -> a distributed, resumable batch loader.
+
+Tokenizing (:func:`tokenize_corpus`, or ``python -m letkit.data``)::
+
+    python -m letkit.data corpus/ --tokenizer tokenizer.json --output data/shards --workers 16
+
+* Inputs are ``.txt`` files (one document per line) and ``.jsonl`` files (one JSON object per line, the
+  document under ``text_key``); directories are searched recursively. Empty documents are skipped and an
+  end-of-sequence token follows every document.
+* Files are tokenized in parallel (one worker process per file at a time) and streamed: a file is read line
+  by line and written out in shards of about ``shard_tokens`` tokens (cut at document boundaries), as
+  ``uint16`` when the vocabulary fits, else ``uint32``.
+* Resumable: every shard is written atomically (temporary file + rename) and recorded in its source's
+  manifest together with the byte offset it ends at. A rerun skips finished files, continues an interrupted
+  file after its last finished shard, and restarts a file whose size or mtime changed.
+* ``index.json`` is written last; loaders refuse a directory without it (an unfinished tokenization).
+
+Layout of the output directory::
+
+    tokenize.json              settings; a rerun with different settings is refused
+    parts/00003.json           manifest of source file 3: its shards, the byte offset each ends at, complete?
+    parts/00003-00000.npy      shard 0 of source file 3 (a 1-D .npy array, read with numpy.memmap)
+    index.json                 all shards in order, token counts, dtype, vocab size, eos id
+
+Loading (:class:`ShardedTokenLoader`): fixed-length windows of ``seq_len + 1`` tokens cut from each shard
+(inputs and next-token targets), shuffled per epoch with a seeded generator. Every rank reads its own
+slice of each global batch. The position is a count of global samples consumed, so it is the same on every
+rank, is saved with ``state_dict()``, and resumes exactly (even with another world size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = "letkit-token-shards-v1"
+TEXT_SUFFIXES = (".txt", ".jsonl")
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+ENCODE_BATCH_DOCS = 512
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """``uint16`` when every id of a ``vocab_size`` vocabulary fits, else ``uint32``."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def find_sources(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The text files named by ``inputs`` (files, or directories searched recursively), sorted and deduplicated."""
+    sources: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            sources.update(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        elif path.is_file():
+            if path.suffix not in TEXT_SUFFIXES:
+                raise ValueError(f"input {str(path)!r} is neither a {' nor a '.join(TEXT_SUFFIXES)} file")
+            sources.add(path)
+        else:
+            raise ValueError(f"input {str(path)!r} does not exist")
+    if not sources:
+        raise ValueError(f"no {'/'.join(TEXT_SUFFIXES)} files found in inputs {[str(i) for i in inputs]}")
+    return sorted(p.resolve() for p in sources)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write ``path`` via ``write(file)`` on a temporary file that replaces ``path`` only once complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def _iter_documents(path: Path, start: int, text_key: str) -> Iterator[tuple[str, int]]:
+    """``(document, byte offset just after it)`` for the documents of ``path`` from byte offset ``start`` on."""
+    offset = start
+    with open(path, "rb") as f:
+        f.seek(start)
+        for line_number, line in enumerate(f, 1):
+            offset += len(line)
+            if path.suffix == ".jsonl":
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record[text_key]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(
+                        f"{path} (line {line_number} after byte {start}): expected a JSON object with a string "
+                        f"{text_key!r} field ({type(e).__name__}: {e})"
+                    ) from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path} (line {line_number} after byte {start}): {text_key!r} is not a string")
+            else:
+                text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+            if text.strip():
+                yield text, offset
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_path: str, parallel: bool) -> None:
+    global _worker_tokenizer
+    from tokenizers import Tokenizer
+
+    if not parallel:  # one process per file already uses the cores; nested thread pools would oversubscribe them
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
+
+
+def _tokenize_source(task: tuple[int, str, str, dict[str, Any]]) -> tuple[int, dict[str, Any], bool]:
+    """Tokenize one source file into shards; returns ``(source index, manifest, skipped)``."""
+    index, source, out_dir, settings = task
+    source_path, parts_dir = Path(source), Path(out_dir) / "parts"
+    stat = source_path.stat()
+    signature = {"source": source, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    manifest_path = parts_dir / f"{index:05d}.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    if manifest is None or manifest["signature"] != signature:
+        manifest = {"signature": signature, "parts": [], "complete": False}
+    if manifest["complete"]:
+        return index, manifest, True
+
+    dtype, eos_id = np.dtype(settings["dtype"]), settings["eos_id"]
+    shard_tokens = settings["shard_tokens"]
+    buffer: list[np.ndarray] = []
+    buffered = 0
+
+    def flush(end_offset: int) -> None:
+        nonlocal buffer, buffered
+        name = f"{index:05d}-{len(manifest['parts']):05d}.npy"
+        tokens = np.concatenate(buffer).astype(dtype, copy=False)
+        _write_atomic(parts_dir / name, lambda f: np.save(f, tokens, allow_pickle=False))
+        manifest["parts"].append({"file": name, "tokens": int(tokens.size), "end_offset": end_offset})
+        _write_json(manifest_path, manifest)
+        buffer, buffered = [], 0
+
+    def encode(batch: list[tuple[str, int]]) -> None:
+        nonlocal buffered
+        encodings = _worker_tokenizer.encode_batch([text for text, _ in batch], add_special_tokens=False)
+        for encoding, (_, end_offset) in zip(encodings, batch):
+            ids = np.asarray(encoding.ids if eos_id is None else encoding.ids + [eos_id], dtype=np.int64)
+            buffer.append(ids)
+            buffered += ids.size
+            if buffered >= shard_tokens:
+                flush(end_offset)
+
+    start = manifest["parts"][-1]["end_offset"] if manifest["parts"] else 0
+    batch: list[tuple[str, int]] = []
+    last_offset = start
+    for text, end_offset in _iter_documents(source_path, start, settings["text_key"]):
+        batch.append((text, end_offset))
+        last_offset = end_offset
+        if len(batch) == ENCODE_BATCH_DOCS:
+            encode(batch)
+            batch = []
+    if batch:
+        encode(batch)
+    if buffered:
+        flush(last_offset)
+    manifest["complete"] = True
+    _write_json(manifest_path, manifest)
+    return index, manifest, False
+
+
+def _resolve_eos(tokenizer, eos_token: str | None) -> int | None:
+    if eos_token is None:
+        return None
+    if eos_token != "auto":
+        eos_id = tokenizer.token_to_id(eos_token)
+        if eos_id is None:
+            raise ValueError(f"eos_token {eos_token!r} is not in the tokenizer's vocabulary")
+        return eos_id
+    for candidate in EOS_CANDIDATES:
+        eos_id = tokenizer.token_to_id(candidate)
+        if eos_id is not None:
+            return eos_id
+    raise ValueError(
+        f"eos_token='auto' found none of {list(EOS_CANDIDATES)} in the tokenizer: pass eos_token explicitly "
+        "(or None to not separate documents)"
+    )
+
+
+def tokenize_corpus(
+    inputs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    *,
+    text_key: str = "text",
+    eos_token: str | None = "auto",
+    shard_tokens: int = 100_000_000,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Tokenize text files into token shards in ``output_dir`` (see the module docstring); returns the index.
+
+    Args:
+        inputs: ``.txt`` / ``.jsonl`` files or directories holding them.
+        output_dir: where the shards, manifests and ``index.json`` go. Rerunning on the same directory
+            resumes; rerunning with other settings (tokenizer, sources, ...) raises ValueError.
+        tokenizer: a ``tokenizers`` ``tokenizer.json`` file (a directory holding one is accepted too).
+        text_key: the document field of ``.jsonl`` records.
+        eos_token: token appended after every document: ``"auto"`` (the first of ``<|endoftext|>``, ``</s>``,
+            ``<eos>``, ``<|end_of_text|>``, ``[SEP]`` in the vocabulary), a token string, or None for none.
+        shard_tokens: a shard is closed at the first document boundary once it holds this many tokens.
+        num_workers: processes tokenizing files in parallel (default: CPU count, at most the number of files).
+            With one worker the files are tokenized in this process, with ``tokenizers``' own threads.
+    """
+    from tokenizers import Tokenizer
+
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    tokenizer_path = Path(tokenizer)
+    if tokenizer_path.is_dir():
+        tokenizer_path = tokenizer_path / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise ValueError(f"tokenizer {str(tokenizer)!r} is not a tokenizer.json file or a directory holding one")
+    sources = find_sources(inputs)
+    loaded = Tokenizer.from_file(str(tokenizer_path))
+    vocab_size = loaded.get_vocab_size(with_added_tokens=True)
+    settings = {
+        "format": INDEX_FORMAT,
+        "tokenizer_sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest(),
+        "vocab_size": vocab_size,
+        "dtype": token_dtype(vocab_size).name,
+        "eos_id": _resolve_eos(loaded, eos_token),
+        "text_key": text_key,
+        "shard_tokens": shard_tokens,
+        "sources": [str(s) for s in sources],
+    }
+    out = Path(output_dir)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    settings_path = out / "tokenize.json"
+    if settings_path.exists():
+        previous = json.loads(settings_path.read_text())
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(
+                f"output_dir {str(out)!r} holds a tokenization with other settings ({', '.join(changed)} differ): "
+                "use a new output_dir or delete this one"
+            )
+    else:
+        _write_json(settings_path, settings)
+    (out / "index.json").unlink(missing_ok=True)  # stale until every source is done again
+
+    workers = max(1, min(num_workers or os.cpu_count() or 1, len(sources)))
+    tasks = [(i, str(s), str(out), settings) for i, s in enumerate(sources)]
+    manifests: dict[int, dict[str, Any]] = {}
+    started = time.perf_counter()
+    if workers == 1:
+        _init_worker(str(tokenizer_path), parallel=True)
+        results: Iterator = map(_tokenize_source, tasks)
+        pool = None
+    else:
+        # Workers run only tokenizers and numpy: forking spares each one re-importing torch (spawn elsewhere).
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (str(tokenizer_path), False))
+        results = pool.imap_unordered(_tokenize_source, tasks)
+    try:
+        for index, manifest, skipped in results:
+            manifests[index] = manifest
+            tokens = sum(p["tokens"] for p in manifest["parts"])
+            state = "already done" if skipped else f"{time.perf_counter() - started:.1f}s"
+            log.info("[%d/%d] %s: %d tokens in %d shards (%s)", len(manifests), len(tasks), sources[index],
+                     tokens, len(manifest["parts"]), state)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    shards = [{"path": f"parts/{p['file']}", "tokens": p["tokens"]} for i in range(len(tasks)) for p in manifests[i]["parts"]]
+    index = {
+        "format": INDEX_FORMAT,
+        "dtype": settings["dtype"],
+        "vocab_size": vocab_size,
+        "eos_id": settings["eos_id"],
+        "tokenizer_sha256": settings["tokenizer_sha256"],
+        "total_tokens": sum(s["tokens"] for s in shards),
+        "shards": shards,
+    }
+    _write_json(out / "index.json", index)
+    return index
+
+
+def load_index(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``index.json`` of a finished tokenization in ``data_dir`` (ValueError if there is none)."""
+    path = Path(data_dir) / "index.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{str(data_dir)!r} has no index.json: not a token-shard directory, or its tokenization did not finish "
+            "(rerun tokenize_corpus / python -m letkit.data to complete it)"
+        )
+    index = json.loads(path.read_text())
+    if index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path} has format {index.get('format')!r}, expected {INDEX_FORMAT!r}")
+    return index
+
+
+class ShardedTokenLoader:
+    """Batches ``[batch_size, seq_len + 1]`` (int64) of token windows for one rank, resumable and deterministic.
+
+    Each shard is cut into non-overlapping windows of ``seq_len + 1`` tokens (a shard's tail shorter than a
+    window is not used); ``batch[:, :-1]`` are inputs and ``batch[:, 1:]`` their next-token targets. In epoch
+    ``e`` the shard order and the window order within each shard are permutations drawn from
+    ``numpy.random.default_rng([seed, e])`` and ``default_rng([seed, e, shard])``. The global batch of a step is
+    the next ``world_size * batch_size`` windows; rank ``r`` gets the ``r``-th block of ``batch_size`` of them.
+    Windows left over at the end of an epoch (fewer than a global batch) are skipped.
+
+    Args:
+        data_dir: a directory written by :func:`tokenize_corpus`.
+        seq_len: tokens per input sequence.
+        batch_size: sequences per batch on this rank.
+        rank, world_size: this rank and the number of ranks sharing the data.
+        seed: shuffling seed; ``shuffle=False`` reads shards and windows in order.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.data_dir = Path(data_dir)
+        self.index = load_index(data_dir)
+        self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.windows_per_shard = np.array([max(0, (s["tokens"] - 1) // seq_len) for s in self.index["shards"]])
+        self.num_windows = int(self.windows_per_shard.sum())
+        self.global_batch = world_size * batch_size
+        if self.num_windows < self.global_batch:
+            raise ValueError(
+                f"the data has {self.num_windows} windows of seq_len + 1 = {seq_len + 1} tokens "
+                f"({self.index['total_tokens']} tokens in {len(self.index['shards'])} shards), fewer than one global "
+                f"batch of world_size * batch_size = {world_size} * {batch_size}"
+            )
+        shard_sizes = ",".join(str(s["tokens"]) for s in self.index["shards"])
+        self.fingerprint = hashlib.sha256(f"{self.index['tokenizer_sha256']}:{shard_sizes}".encode()).hexdigest()[:16]
+        self.epoch = 0
+        self.position = 0  # global windows consumed in this epoch
+        self._shards: dict[int, np.ndarray] = {}
+        self._order_epoch = -1
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size of the tokenizer the data was made with."""
+        return self.index["vocab_size"]
+
+    def _shard(self, k: int) -> np.ndarray:
+        if k not in self._shards:
+            path = self.data_dir / self.index["shards"][k]["path"]
+            self._shards[k] = np.load(path, mmap_mode="r", allow_pickle=False)
+        return self._shards[k]
+
+    def _prepare_epoch(self) -> None:
+        if self._order_epoch == self.epoch:
+            return
+        n = len(self.windows_per_shard)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        self._shard_order = order
+        self._window_ends = np.cumsum(self.windows_per_shard[order])
+        self._window_orders: dict[int, np.ndarray] = {}
+        self._order_epoch = self.epoch
+
+    def _window(self, g: int) -> np.ndarray:
+        """Tokens of the ``g``-th window of the current epoch."""
+        slot = int(np.searchsorted(self._window_ends, g, side="right"))
+        k = int(self._shard_order[slot])
+        local = g - (int(self._window_ends[slot - 1]) if slot else 0)
+        if self.shuffle:
+            if k not in self._window_orders:
+                rng = np.random.default_rng([self.seed, self.epoch, k])
+                self._window_orders[k] = rng.permutation(int(self.windows_per_shard[k]))
+            local = int(self._window_orders[k][local])
+        start = local * self.seq_len
+        return self._shard(k)[start : start + self.seq_len + 1]
+
+    def __iter__(self) -> ShardedTokenLoader:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.position + self.global_batch > self.num_windows:
+            self.epoch += 1
+            self.position = 0
+        self._prepare_epoch()
+        first = self.position + self.rank * self.batch_size
+        rows = [self._window(g) for g in range(first, first + self.batch_size)]
+        self.position += self.global_batch
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's position (JSON-serialisable; identical on every rank)."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
+                "shuffle": self.shuffle, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; ValueError if it was saved for other data, seq_len, seed or shuffling."""
+        for key in ("fingerprint", "seq_len", "seed", "shuffle"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"loader state was saved with {key}={state.get(key)!r} but this loader has {key}={getattr(self, key)!r}"
+                    + (" (different data)" if key == "fingerprint" else "")
+                )
+        if not 0 <= state["position"] <= self.num_windows:
+            raise ValueError(f"loader state position {state['position']} is outside [0, {self.num_windows}]")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m letkit.data") -> None:
+    """``python -m letkit.data INPUT... --tokenizer T --output DIR``: tokenize text files into token shards."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Tokenize .txt / .jsonl files into uint16/uint32 token shards for pretraining, in "
+        "parallel; rerun the same command to resume an interrupted run.")
+    parser.add_argument("inputs", nargs="+", help=".txt (one document per line) / .jsonl files or directories")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
+    parser.add_argument("--output", required=True, help="output directory (rerun on it to resume)")
+    parser.add_argument("--text-key", default="text", help="document field of .jsonl records (default: text)")
+    parser.add_argument("--eos-token", default="auto", help="token after every document; 'auto' or 'none'")
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 1e8)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    index = tokenize_corpus(
+        args.inputs, args.output, args.tokenizer, text_key=args.text_key,
+        eos_token=None if args.eos_token.lower() == "none" else args.eos_token,
+        shard_tokens=args.shard_tokens, num_workers=args.workers,
+    )
+    log.info("%d tokens (%s) in %d shards -> %s", index["total_tokens"], index["dtype"], len(index["shards"]), args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+import json
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import letkit.data as data
+from letkit.data import ShardedTokenLoader, load_index, token_dtype, tokenize_corpus
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def make_tokenizer(path):
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+def random_docs(n, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(1, 30))) for _ in range(n)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Two .txt files and one .jsonl file (with an empty document to skip), and a word-level tokenizer."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    docs = {"a.txt": random_docs(40, 0), "sub/b.txt": random_docs(25, 1), "c.jsonl": random_docs(30, 2)}
+    (src / "a.txt").write_text("\n".join(docs["a.txt"]) + "\n\n")
+    (src / "sub/b.txt").write_text("\n".join(docs["sub/b.txt"]))
+    (src / "c.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs["c.jsonl"])) + '{"text": ""}\n')
+    tokenizer = make_tokenizer(tmp_path / "tokenizer.json")
+    # the expected token stream, in sorted source order: every document then <|endoftext|> (id 1)
+    expected = [t for name in sorted(docs, key=lambda n: str(src / n)) for d in docs[name] for t in tokenizer.encode(d).ids + [1]]
+    return src, tmp_path / "tokenizer.json", np.array(expected)
+
+
+def read_stream(out):
+    index = load_index(out)
+    return np.concatenate([np.load(out / s["path"]) for s in index["shards"]]), index
+
+
+def test_round_trip_and_shard_layout(corpus, tmp_path):
+    src, tok, expected = corpus
+    out = tmp_path / "out"
+    index = tokenize_corpus([src], out, tok, shard_tokens=50, num_workers=1)
+    stream, on_disk = read_stream(out)
+    assert on_disk == index
+    np.testing.assert_array_equal(stream, expected)
+    assert index["dtype"] == "uint16" and stream.dtype == np.uint16
+    assert index["total_tokens"] == expected.size and index["vocab_size"] == 62 and index["eos_id"] == 1
+    shards = [np.load(out / s["path"]) for s in index["shards"]]
+    assert len(shards) > 3
+    assert all(s[-1] == 1 for s in shards)  # cut at document boundaries
+    per_source = {}
+    for s, meta in zip(shards, index["shards"]):
+        per_source.setdefault(meta["path"].split("/")[1][:5], []).append(s.size)
+    for sizes in per_source.values():  # every shard but a file's last holds >= shard_tokens tokens
+        assert all(n >= 50 for n in sizes[:-1])
+
+
+def test_parallel_workers_write_the_same_shards(corpus, tmp_path):
+    src, tok, _ = corpus
+    serial = tokenize_corpus([src], tmp_path / "serial", tok, shard_tokens=64, num_workers=1)
+    parallel = tokenize_corpus([src], tmp_path / "parallel", tok, shard_tokens=64, num_workers=2)
+    assert serial == parallel
+    for s in serial["shards"]:
+        assert (tmp_path / "serial" / s["path"]).read_bytes() == (tmp_path / "parallel" / s["path"]).read_bytes()
+
+
+def test_interrupted_run_resumes_after_its_last_finished_shard(corpus, tmp_path, monkeypatch):
+    src, tok, expected = corpus
+    out = tmp_path / "out"
+    real_write = data._write_atomic
+    written = []
+
+    def crash_on_fourth_shard(path, write):
+        if path.suffix == ".npy":
+            if len(written) == 3:
+                raise KeyboardInterrupt("simulated crash")
+            written.append(path.name)
+        real_write(path, write)
+
+    monkeypatch.setattr(data, "_write_atomic", crash_on_fourth_shard)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
+    assert not (out / "index.json").exists()
+    with pytest.raises(ValueError, match="has no index.json"):
+        ShardedTokenLoader(out, seq_len=4, batch_size=1)
+    first_run = {name: (out / "parts" / name).stat().st_mtime_ns for name in written}
+
+    rewritten = []
+    monkeypatch.setattr(data, "_write_atomic", lambda path, write: (rewritten.append(path.name), real_write(path, write)))
+    tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
+    stream, index = read_stream(out)
+    np.testing.assert_array_equal(stream, expected)
+    assert not set(written) & set(rewritten)  # finished shards were not redone
+    assert all((out / "parts" / n).stat().st_mtime_ns == t for n, t in first_run.items())
+    fresh = tokenize_corpus([src], tmp_path / "fresh", tok, shard_tokens=40, num_workers=1)
+    assert fresh["shards"] == index["shards"]
+
+    rewritten.clear()
+    tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)  # all done: nothing but index.json rewritten
+    assert rewritten == ["index.json"]
+
+
+def test_changed_source_is_redone_and_changed_settings_refused(corpus, tmp_path):
+    src, tok, _ = corpus
+    out = tmp_path / "out"
+    tokenize_corpus([src], out, tok, shard_tokens=50, num_workers=1)
+    (src / "a.txt").write_text("w1 w2 w3\n")
+    stream, _ = read_stream(out)
+    index = tokenize_corpus([src], out, tok, shard_tokens=50, num_workers=1)
+    assert index["shards"][0]["tokens"] == 4  # w1 w2 w3 <eos>
+    assert index["total_tokens"] < stream.size
+    with pytest.raises(ValueError, match="other settings \\(shard_tokens differ\\)"):
+        tokenize_corpus([src], out, tok, shard_tokens=99, num_workers=1)
+    with pytest.raises(ValueError, match="other settings \\(sources differ\\)"):
+        tokenize_corpus([src / "a.txt"], out, tok, shard_tokens=50, num_workers=1)
+
+
+def test_tokenize_errors(corpus, tmp_path):
+    src, tok, _ = corpus
+    with pytest.raises(ValueError, match="does not exist"):
+        tokenize_corpus([tmp_path / "missing"], tmp_path / "o1", tok)
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(ValueError, match="neither a .txt nor a .jsonl file"):
+        tokenize_corpus([tmp_path / "x.csv"], tmp_path / "o2", tok)
+    with pytest.raises(ValueError, match="not a tokenizer.json"):
+        tokenize_corpus([src], tmp_path / "o3", tmp_path / "nope.json")
+    with pytest.raises(ValueError, match="eos_token '</s>' is not in the tokenizer"):
+        tokenize_corpus([src], tmp_path / "o4", tok, eos_token="</s>")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "d.jsonl").write_text('{"text": "w1"}\n{"body": "w2"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl \(line 2 after byte 0\): expected a JSON object with a string 'text'"):
+        tokenize_corpus([bad], tmp_path / "o5", tok, num_workers=1)
+    with pytest.raises(ValueError, match="shard_tokens must be positive"):
+        tokenize_corpus([src], tmp_path / "o6", tok, shard_tokens=0)
+
+
+def test_no_eos(corpus, tmp_path):
+    src, tok, expected = corpus
+    index = tokenize_corpus([src], tmp_path / "out", tok, eos_token=None, num_workers=1)
+    assert index["eos_id"] is None and index["total_tokens"] == np.count_nonzero(expected != 1)
+
+
+def test_token_dtype():
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    with pytest.raises(ValueError, match="vocab_size must be positive"):
+        token_dtype(0)
+
+
+@pytest.fixture
+def shards(corpus, tmp_path):
+    src, tok, expected = corpus
+    out = tmp_path / "shards"
+    tokenize_corpus([src], out, tok, shard_tokens=60, num_workers=1)
+    return out, expected
+
+
+def test_loader_windows_are_slices_of_the_shards(shards):
+    out, expected = shards
+    loader = ShardedTokenLoader(out, seq_len=7, batch_size=4, shuffle=False)
+    index = load_index(out)
+    first = np.load(out / index["shards"][0]["path"])
+    batch = next(loader)
+    assert batch.dtype == torch.int64 and batch.shape == (4, 8)
+    for i in range(4):  # consecutive windows overlap by the one target token
+        np.testing.assert_array_equal(batch[i].numpy(), first[7 * i : 7 * i + 8])
+    assert loader.vocab_size == 62
+
+
+def test_ranks_read_disjoint_slices_of_the_global_batch(shards):
+    out, _ = shards
+    whole = ShardedTokenLoader(out, seq_len=5, batch_size=6, seed=3)
+    ranks = [ShardedTokenLoader(out, seq_len=5, batch_size=3, rank=r, world_size=2, seed=3) for r in range(2)]
+    read = Counter()
+    for _ in range(whole.num_windows // 6):  # one epoch
+        global_batch = next(whole)
+        parts = [next(r) for r in ranks]
+        torch.testing.assert_close(torch.cat(parts), global_batch)
+        read.update(tuple(row.tolist()) for row in global_batch)
+    in_order = ShardedTokenLoader(out, seq_len=5, batch_size=1, shuffle=False)
+    every_window = Counter(tuple(next(in_order)[0].tolist()) for _ in range(in_order.num_windows))
+    assert read.total() == whole.num_windows // 6 * 6 > whole.num_windows - 6
+    assert all(every_window[w] >= n for w, n in read.items())  # no window read twice within the epoch
+    assert all(r.epoch == 0 for r in ranks)
+    next(ranks[0])
+    assert ranks[0].epoch == 1
+
+
+def test_shuffle_is_deterministic_and_seeded(shards):
+    out, _ = shards
+
+    def take(seed, n=10):
+        loader = ShardedTokenLoader(out, seq_len=4, batch_size=2, seed=seed)
+        return torch.cat([next(loader) for _ in range(n)])
+
+    assert torch.equal(take(0), take(0))
+    assert not torch.equal(take(0), take(1))
+    in_order = ShardedTokenLoader(out, seq_len=4, batch_size=2, shuffle=False)
+    assert not torch.equal(take(0), torch.cat([next(in_order) for _ in range(10)]))
+
+
+@pytest.mark.parametrize("stop_after", [1, 7, "epoch - 2"])
+def test_resume_continues_exactly(shards, stop_after):
+    out, _ = shards
+    kwargs = dict(seq_len=6, batch_size=2, rank=1, world_size=2, seed=5)
+    uninterrupted = ShardedTokenLoader(out, **kwargs)
+    crosses_epoch = stop_after == "epoch - 2"
+    if crosses_epoch:  # the resumed loader goes on into the next epoch
+        stop_after = uninterrupted.num_windows // uninterrupted.global_batch - 2
+    want = [next(uninterrupted) for _ in range(stop_after + 25)]
+    first = ShardedTokenLoader(out, **kwargs)
+    for _ in range(stop_after):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = ShardedTokenLoader(out, **kwargs)
+    resumed.load_state_dict(state)
+    for i in range(25):
+        assert torch.equal(next(resumed), want[stop_after + i])
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    assert resumed.epoch == (1 if crosses_epoch else 0)
+
+
+def test_loader_errors(shards, tmp_path):
+    out, expected = shards
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        ShardedTokenLoader(out, seq_len=0, batch_size=1)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\)"):
+        ShardedTokenLoader(out, seq_len=4, batch_size=1, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="fewer than one global batch of world_size \\* batch_size = 4 \\* 1000"):
+        ShardedTokenLoader(out, seq_len=4, batch_size=1000, world_size=4)
+    loader = ShardedTokenLoader(out, seq_len=4, batch_size=2)
+    with pytest.raises(ValueError, match="seq_len=4 but this loader has seq_len=8"):
+        ShardedTokenLoader(out, seq_len=8, batch_size=2).load_state_dict(loader.state_dict())
+    other = tmp_path / "other"
+    tokenize_corpus([tmp_path / "src" / "a.txt"], other, tmp_path / "tokenizer.json", num_workers=1)
+    with pytest.raises(ValueError, match="fingerprint=.* \\(different data\\)"):
+        ShardedTokenLoader(other, seq_len=4, batch_size=2).load_state_dict(loader.state_dict())
+    (out / "index.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="has format 'something-else'"):
+        ShardedTokenLoader(out, seq_len=4, batch_size=2)
+
+
+def test_cli(corpus, tmp_path):
+    src, tok, expected = corpus
+    data.main([str(src), "--tokenizer", str(tok), "--output", str(tmp_path / "cli"), "--workers", "1", "--shard-tokens", "80"])
+    stream, _ = read_stream(tmp_path / "cli")
+    np.testing.assert_array_equal(stream, expected)

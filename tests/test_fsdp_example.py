@@ -1,0 +1,233 @@
+"""examples/pretrain_fsdp.py under torchrun: 2 CPU ranks (gloo), the tiny config, a few steps."""
+
+import importlib.util
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from letkit.data import tokenize_corpus
+from letkit.models import count_parameters, from_preset, load_pretrained
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "pretrain_fsdp.py"
+STEPS, S_STOP = 12, 6  # the tiny config: 12 steps, the teacher released at step 6, checkpoints every 4 steps
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("pretrain_fsdp", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A tokenized corpus with learnable structure: each word is mostly followed by the next one in a cycle."""
+    root = tmp_path_factory.mktemp("corpus")
+    words = [f"w{i}" for i in range(40)]
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(words)}}, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(root / "tokenizer.json"))
+    rng = random.Random(0)
+    lines = []
+    for _ in range(400):
+        i = rng.randrange(40)
+        doc = []
+        for _ in range(rng.randint(20, 60)):
+            doc.append(words[i])
+            i = (i + 1) % 40 if rng.random() < 0.9 else rng.randrange(40)
+        lines.append(" ".join(doc))
+    (root / "corpus.txt").write_text("\n".join(lines))
+    tokenize_corpus([root / "corpus.txt"], root / "shards", root / "tokenizer.json", shard_tokens=4000, num_workers=1)
+    return root / "shards"
+
+
+def torchrun(run_dir, shards, *args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
+               "--config", "tiny", "--data.path", str(shards), "--train.run_dir", str(run_dir), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+def metrics(run_dir):
+    """Per-step records (the last one written for a step wins) and the events of a run's metrics.jsonl."""
+    steps, events = {}, []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "event" in record:
+            events.append(record)
+        else:
+            steps[record["step"]] = record
+    return steps, events
+
+
+@pytest.fixture(scope="module")
+def full_run(shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    output = torchrun(run_dir, shards)
+    return run_dir, output
+
+
+def test_trains_aligns_until_s_stop_then_drops_the_teacher(full_run):
+    run_dir, output = full_run
+    steps, events = metrics(run_dir)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    lm = [steps[s]["lm_loss"] for s in range(1, STEPS + 1)]
+    assert sum(lm[-3:]) / 3 < sum(lm[:3]) / 3 - 0.3, lm
+    for s in range(1, STEPS + 1):  # step s ran at schedule step s - 1
+        assert (steps[s]["align_loss"] is not None) == (s <= S_STOP), steps[s]
+        assert (steps[s]["lambda_"] > 0) == (s <= S_STOP)
+        if s > S_STOP:
+            assert steps[s]["loss"] == steps[s]["lm_loss"]
+    assert steps[1]["loss"] == pytest.approx(steps[1]["lm_loss"] + 0.5 * steps[1]["align_loss"], rel=1e-6)
+    released = [e for e in events if e["event"] == "teacher_released"]
+    assert [e["step"] for e in released] == [S_STOP]
+    assert "teacher released, memory" in output
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000004", "step_0000008", "step_0000012"]
+
+
+def test_stop_and_resume_reproduces_the_uninterrupted_run_across_s_stop(full_run, shards, tmp_path):
+    full_dir, _ = full_run
+    torchrun(tmp_path, shards, "--train.stop_at", "3")  # before S_stop; the checkpoint at 3 is the last one
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003"]
+    output = torchrun(tmp_path, shards, "--checkpoint.keep", "1")
+    assert "resumed from" in output and "step_0000003" in output
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000012"]  # older ones pruned
+    want, _ = metrics(full_dir)
+    got, events = metrics(tmp_path)
+    assert [e["step"] for e in events if e["event"] == "resume"] == [3]
+    for s in range(1, STEPS + 1):
+        for key in ("loss", "lm_loss", "align_loss", "lambda_", "lr", "grad_norm"):
+            assert got[s][key] == want[s][key], (s, key)
+
+
+@pytest.fixture(scope="module")
+def resumed_after_damage(full_run, shards, tmp_path_factory):
+    """Checkpoints 4 and 8 of the full run, 12 damaged (a truncated shard file), 16 interrupted (.tmp); resumed with
+    a teacher path that does not exist (after S_stop the teacher must not be loaded)."""
+    full_dir, _ = full_run
+    run_dir = tmp_path_factory.mktemp("damaged")
+    for name in ("step_0000004", "step_0000008", "step_0000012"):
+        shutil.copytree(full_dir / "checkpoints" / name, run_dir / "checkpoints" / name)
+    shard = run_dir / "checkpoints" / "step_0000012" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    shutil.copytree(full_dir / "checkpoints" / "step_0000012", run_dir / "checkpoints" / "step_0000016.tmp")
+    output = torchrun(run_dir, shards, "--teacher.path", "/does/not/exist", "--train.steps", str(STEPS))
+    return run_dir, output
+
+
+def test_damaged_and_incomplete_checkpoints_are_skipped_with_a_warning(full_run, resumed_after_damage):
+    run_dir, output = resumed_after_damage
+    assert "WARNING skipping incomplete checkpoint" in output and "step_0000016.tmp" in output
+    assert "WARNING skipping damaged checkpoint" in output and "__1_0.distcp has" in output
+    _, events = metrics(run_dir)
+    assert [e["step"] for e in events if e["event"] == "resume"] == [8]
+    want, _ = metrics(full_run[0])
+    got, _ = metrics(run_dir)
+    assert sorted(got) == [9, 10, 11, 12]
+    assert all(got[s]["loss"] == want[s]["loss"] for s in got)
+
+
+def test_resume_after_s_stop_does_not_load_the_teacher(resumed_after_damage):
+    run_dir, output = resumed_after_damage
+    assert "LET is over, the teacher is not loaded" in output
+    steps, events = metrics(run_dir)
+    assert all(r["align_loss"] is None for r in steps.values())
+    assert not [e for e in events if e["event"] == "teacher_released"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_exported_model_is_the_last_checkpoint(full_run):
+    run_dir, _ = full_run
+    exported = load_pretrained(run_dir / "final_model")
+    assert exported.family == "llama"
+    state = {"model": {f"model.{k}": torch.empty_like(v, dtype=torch.float32) for k, v in exported.model.state_dict().items()}}
+    dcp.load(state, checkpoint_id=run_dir / "checkpoints" / "step_0000012", no_dist=True)
+    for name, value in exported.model.state_dict().items():
+        assert torch.equal(value, state["model"][f"model.{name}"].bfloat16()), name
+
+
+def test_find_checkpoint_rules(tmp_path, caplog):
+    example = load_example()
+    assert example.find_checkpoint(tmp_path / "none") is None
+
+    def fake(number, files, **overrides):
+        path = tmp_path / f"step_{number:07d}"
+        path.mkdir()
+        for name, data in files.items():
+            (path / name).write_bytes(data)
+        state = {"step": number, "files": {n: len(d) for n, d in files.items()}, **overrides}
+        (path / "trainer_state.json").write_text(json.dumps(state))
+        return path
+
+    good = fake(1, {".metadata": b"m", "__0_0.distcp": b"abc"})
+    fake(2, {".metadata": b"m"}, step=7)
+    bad_size = fake(3, {".metadata": b"m", "__0_0.distcp": b"abc"})
+    (bad_size / "__0_0.distcp").write_bytes(b"ab")
+    missing = fake(4, {".metadata": b"m"})
+    (missing / ".metadata").unlink()
+    (fake(5, {}) / "trainer_state.json").write_text("{not json")
+    (tmp_path / "step_0000006.tmp").mkdir()
+    (tmp_path / "notes").mkdir()
+    assert example.find_checkpoint(tmp_path) == good
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 5 and all(w.startswith("skipping ") for w in warnings)
+    assert "(its save was interrupted)" in warnings[0] and "Expecting property name" in warnings[1]
+    assert ".metadata" in warnings[2] and "__0_0.distcp has 2 bytes, 3 were written" in warnings[3]
+    assert "trainer_state.json says step 7" in warnings[4]
+
+
+@pytest.mark.parametrize("preset, billions", [("1.4b", 1.36), ("7b", 6.74)])
+def test_large_configs_build_on_meta_with_expected_parameter_counts(preset, billions):
+    example = load_example()
+    cfg = example.load_config(["--config", preset])
+    assert cfg.model.preset == preset and cfg.train.mixed_precision == "bf16"
+    assert cfg.train.activation_checkpointing and cfg.train.compile
+    with torch.device("meta"):
+        model = from_preset(cfg.model.preset, vocab_size=32000)
+    c = model.config
+    d, f, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+    per_block = d * (d + 2 * kv) + d * d + 3 * d * f + 2 * d  # qkv, o, gate/up/down, two RMSNorms
+    want = c.num_hidden_layers * per_block + 2 * c.vocab_size * d + d
+    assert count_parameters(model) == want
+    assert round(want / 1e9, 2) == billions  # Pythia-1.4B shape / Llama-2-7B's published 6.74B
+    assert all(p.is_meta for p in model.parameters())
+    # 6N (matmul params: all but the input embedding) + 12 * L * d * T attention FLOPs per token
+    t = cfg.data.seq_len
+    want_flops = 6 * (want - c.vocab_size * d) + 12 * c.num_hidden_layers * d * t
+    assert example.flops_per_token(model, t) == want_flops
+
+
+def test_config_overrides_help_and_errors(tmp_path, capsys):
+    example = load_example()
+    cfg = example.load_config(["--config", "tiny", "--train.steps", "7", "--train.compile", "true", "--optim.lr", "1e-4"])
+    assert (cfg.train.steps, cfg.train.compile, cfg.optim.lr, cfg.teacher.stop_step) == (7, True, 1e-4, S_STOP)
+    with pytest.raises(SystemExit):
+        example.load_config(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--teacher.stop_step INT" in help_text and "--data.micro_batch_size INT" in help_text
+    with pytest.raises(ValueError, match="no such file"):
+        example.load_config(["--config", "13b"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nstepz = 3\n")
+    with pytest.raises(ValueError, match="unknown key 'stepz' in \\[train\\]"):
+        example.load_config(["--config", str(bad)])
+    bad.write_text("[train]\nsteps = '3'\n")
+    with pytest.raises(ValueError, match="\\[train\\] steps = '3' should be a int"):
+        example.load_config(["--config", str(bad)])
+    with pytest.raises(ValueError, match="train.mixed_precision must be one of \\('bf16', 'fp32'\\), got 'fp16'"):
+        example.load_config(["--config", "tiny", "--train.mixed_precision", "fp16"])
+    with pytest.raises(ValueError, match="data.grad_accum must be positive, got 0"):
+        example.load_config(["--config", "tiny", "--data.grad_accum", "0"])
+    with pytest.raises(SystemExit):
+        example.load_config(["--config", "tiny", "--train.compile", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
