@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from letkit.models import PRESETS, Llama, LlamaConfig, count_parameters, from_preset, materialize
+from letkit.models import PRESETS, LlamaConfig, count_parameters, from_preset, materialize
 from letkit.models.rope import apply_rotary, rotary_cos_sin
 
 

@@ -127,7 +127,8 @@ def load_pretrained(
         model = _load_with_transformers(directory, hf_config, dtype, device)
     else:
         model = _load_family(family, directory, hf_config, weight_files, weight_map, dtype, device)
-    return PretrainedModel(model.eval(), _load_tokenizer(directory), hf_config, family.name if family else "transformers")
+    family_name = family.name if family else "transformers"
+    return PretrainedModel(model.eval(), _load_tokenizer(directory), hf_config, family_name)
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer: Any = None) -> Path:
@@ -135,9 +136,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer
     target), ``model.safetensors`` (HF tensor names, tied LM head stored once) and, if given, ``tokenizer.json``.
 
     The directory is written under a temporary name next to ``path`` and renamed into place, so ``path`` never
-    holds a half-written checkpoint. ``path`` must not exist yet (or be an empty directory).
-    Returns the checkpoint directory.
+    holds a half-written checkpoint. ``path`` must not exist yet (or be an empty directory). ``model`` may be
+    wrapped by ``torch.compile``. Returns the checkpoint directory.
     """
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     target = Path(path)
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         raise FileExistsError(f"save_pretrained path={str(target)!r} exists and is not an empty directory")
@@ -150,7 +152,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer
             model.hf_model.save_pretrained(tmp, safe_serialization=True)
         else:
             family = _family_of(model)
-            hf_config = {**model.config.to_hf(), "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            hf_config = {**model.config.to_hf(), "torch_dtype": dtype}
             tensors = {}
             for m in family.mapping(model):
                 param = model.get_parameter(m.name).detach()
@@ -159,6 +162,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer
             (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             (tmp / TOKENIZER_NAME).write_text(tokenizer.to_str())
+        tmp.chmod(0o755)  # mkdtemp makes it private
         if target.exists():
             target.rmdir()  # empty, checked above
         os.replace(tmp, target)

@@ -47,7 +47,7 @@ class LlamaConfig:
     qkv_bias: bool = False  # Qwen2
     o_bias: bool = False
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral: a token attends to the previous `sliding_window` tokens (itself included)
+    sliding_window: int | None = None  # Mistral: attend to the last `sliding_window` tokens (self included)
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
@@ -184,7 +184,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        q, k, v = (rearrange(t, "b t (h d) -> b h t d", d=self.head_dim) for t in self.qkv_proj(x).split(self.split_sizes, -1))
+        q, k, v = (
+            rearrange(t, "b t (h d) -> b h t d", d=self.head_dim) for t in self.qkv_proj(x).split(self.split_sizes, -1)
+        )
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         seq_len, window = x.shape[1], self.config.sliding_window
         mask = None

@@ -78,7 +78,8 @@ def inverse_frequencies(
         wavelen = 2 * math.pi / inv_freq
         smooth = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)
         scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen < context / high, inv_freq, torch.where(wavelen > context / low, inv_freq / factor, scaled))
+        is_long, is_short = wavelen > context / low, wavelen < context / high
+        inv_freq = torch.where(is_long, inv_freq / factor, torch.where(is_short, inv_freq, scaled))
     return inv_freq
 
 
