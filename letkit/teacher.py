@@ -38,6 +38,10 @@ class TeacherFeatureExtractor:
         dtype, device: optional placement of the teacher (e.g. ``torch.bfloat16``, ``"cuda"``).
         stop_early: skip the rest of the forward pass once every requested layer has been computed.
         tokenizer: the teacher's tokenizer, kept for callers that need it (e.g. cross-tokenizer LET).
+        check_causal: verify once, on an 8-token probe, that the requested features at a position do not
+            depend on later tokens, and refuse the teacher otherwise. A bidirectional encoder (BERT and
+            its family) sees the future: pulling a causal target towards its features would train the
+            target on information it cannot have at inference time.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class TeacherFeatureExtractor:
         device: torch.device | str | None = None,
         stop_early: bool = True,
         tokenizer: Any = None,
+        check_causal: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -62,6 +67,24 @@ class TeacherFeatureExtractor:
         self.stop_early = stop_early
         self.tokenizer = tokenizer
         self.select_layers(layers)
+        if check_causal:
+            self._check_causal()
+
+    def _check_causal(self) -> None:
+        parameter = next(self.model.parameters(), None)
+        device = parameter.device if parameter is not None else None
+        probe = torch.zeros(1, 8, dtype=torch.long, device=device)
+        changed_last = probe.clone()
+        changed_last[0, -1] = 1
+        for layer, before, after in zip(self.layers, self(probe), self(changed_last)):
+            drift = (before[:, :-1].float() - after[:, :-1].float()).abs().max().item()
+            if drift > 1e-3 * max(before.float().abs().max().item(), 1e-6):
+                raise ValueError(
+                    f"the teacher {type(self.model).__name__} is not causal: its layer-{layer} features at earlier "
+                    f"positions change (by up to {drift:.3g}) when only the last token changes. A bidirectional "
+                    "teacher (e.g. a BERT-family encoder) sees future tokens, and aligning a causal target to it "
+                    "leaks them. Use a causal (decoder-only) teacher, or pass check_causal=False if you know better."
+                )
 
     @classmethod
     def from_pretrained(
@@ -72,6 +95,7 @@ class TeacherFeatureExtractor:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         stop_early: bool = True,
+        check_causal: bool = True,
     ) -> TeacherFeatureExtractor:
         """Load a Hugging Face-layout checkpoint directory (config.json + safetensors) as a teacher.
 
@@ -80,7 +104,7 @@ class TeacherFeatureExtractor:
         from letkit.models import load_pretrained
 
         loaded = load_pretrained(path, dtype=dtype, device=device)
-        return cls(loaded.model, layers, stop_early=stop_early, tokenizer=loaded.tokenizer)
+        return cls(loaded.model, layers, stop_early=stop_early, tokenizer=loaded.tokenizer, check_causal=check_causal)
 
     @property
     def num_layers(self) -> int:

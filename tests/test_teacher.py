@@ -32,7 +32,9 @@ def test_frozen_and_stops_before_the_lm_head(tiny_lm):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     extractor(torch.randint(0, 50, (1, 4)))
     assert calls == []
-    TeacherFeatureExtractor(model, layers=[-1], stop_early=False)(torch.randint(0, 50, (1, 4)))
+    full = TeacherFeatureExtractor(model, layers=[-1], stop_early=False)
+    calls.clear()  # construction probed the teacher for causality
+    full(torch.randint(0, 50, (1, 4)))
     assert calls == ["head"]
 
 
@@ -61,3 +63,29 @@ def test_bad_layers(tiny_lm):
         TeacherFeatureExtractor(model, block_list="embed")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         TeacherFeatureExtractor(lambda x: x)
+
+
+def test_bidirectional_teacher_is_refused(tiny_lm):
+    model = tiny_lm()
+    TeacherFeatureExtractor(model)  # the tiny LM is causal
+
+    class Bidirectional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids):
+            return self.inner(ids.flip(1))  # position t now depends on tokens after t
+
+    with pytest.raises(ValueError, match="not causal: its layer--1 features at earlier positions change"):
+        TeacherFeatureExtractor(Bidirectional())
+    TeacherFeatureExtractor(Bidirectional(), check_causal=False)
+
+
+def test_bert_encoder_from_transformers_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(ValueError, match="BERT-family encoder"):
+        TeacherFeatureExtractor.from_pretrained(tmp_path)
