@@ -35,12 +35,14 @@ from letkit.kernels.alignment_common import (
 from letkit.losses import interpolation_taps
 
 MAX_ROW_BLOCK = 2048
-"""Widest feature tile a row program holds at once; wider rows are processed in a loop."""
+"""Widest feature tile a program holds at once; wider rows are processed in a loop."""
+ROW_TILE_ELEMENTS = 4096
+"""Target size of a program's (tokens x features) tile: narrow rows are batched, up to 16 per program."""
 
 
 @triton.jit
 def _elementwise_grad(z, t, KIND: tl.constexpr, c0, c1, c2, c3, c4, c5):
-    # dL/dz up to the per-row factor applied by the caller; c0..c5 are the row statistics of KIND.
+    # dL/dz up to the per-token factor applied by the caller; c0..c5 are the (tokens, 1) row statistics of KIND.
     if KIND == COSINE:
         grad = c0 * t + c1 * z
     elif KIND == SMOOTH_L1:
@@ -54,16 +56,17 @@ def _elementwise_grad(z, t, KIND: tl.constexpr, c0, c1, c2, c3, c4, c5):
 
 
 @triton.jit
-def _project(x_row, lo_ptr, hi_ptr, frac_ptr, offsets, valid, INTERPOLATE: tl.constexpr):
+def _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE: tl.constexpr):
+    # (tokens, dims) tile of the projected features; x_rows holds one row pointer per token.
     if INTERPOLATE:
-        lo = tl.load(lo_ptr + offsets, mask=valid, other=0)
-        hi = tl.load(hi_ptr + offsets, mask=valid, other=0)
-        frac = tl.load(frac_ptr + offsets, mask=valid, other=0.0)
-        x_lo = tl.load(x_row + lo, mask=valid, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_row + hi, mask=valid, other=0.0).to(tl.float32)
+        lo = tl.load(lo_ptr + dims, mask=dims_ok, other=0)
+        hi = tl.load(hi_ptr + dims, mask=dims_ok, other=0)
+        frac = tl.load(frac_ptr + dims, mask=dims_ok, other=0.0)[None, :]
+        x_lo = tl.load(x_rows[:, None] + lo[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_rows[:, None] + hi[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         z = x_lo * (1.0 - frac) + x_hi * frac
     else:
-        z = tl.load(x_row + offsets, mask=valid, other=0.0).to(tl.float32)
+        z = tl.load(x_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     return z
 
 
@@ -80,6 +83,7 @@ def _row_alignment_kernel(
     denom_ptr,
     loss_ptr,
     grad_ptr,
+    n_rows,
     d_in,
     d_out,
     adj_taps,
@@ -90,141 +94,155 @@ def _row_alignment_kernel(
     INTERPOLATE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
     BLOCK_OUT: tl.constexpr,
     BLOCK_IN: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    t_row = teacher_ptr + row * stride_teacher
-    g_row = grad_ptr + row * stride_grad
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < n_rows
     if HAS_MASK:
-        weight = tl.load(token_weight_ptr + row)
+        weight = tl.load(token_weight_ptr + rows, mask=row_ok, other=0.0)
     else:
-        weight = 1.0
+        weight = tl.where(row_ok, 1.0, 0.0)
     scale = weight / tl.load(denom_ptr)
+    # Masked tokens are never read: they contribute nothing whatever they hold (padding may be garbage).
+    live = weight != 0.0
+    x_rows = x_ptr + rows.to(tl.int64) * stride_x
+    t_rows = teacher_ptr + rows.to(tl.int64) * stride_teacher
     out_range = tl.arange(0, BLOCK_OUT)
 
-    if weight != 0.0:
-        # ---- row statistics and the token's loss ------------------------------------------------------
-        c0 = 0.0
-        c1 = 0.0
-        c2 = 0.0
-        c3 = 0.0
-        c4 = 0.0
-        c5 = 0.0
-        if KIND == COSINE:
-            acc_zt = tl.zeros([BLOCK_OUT], tl.float32)
-            acc_zz = tl.zeros([BLOCK_OUT], tl.float32)
-            acc_tt = tl.zeros([BLOCK_OUT], tl.float32)
-            for start in range(0, d_out, BLOCK_OUT):
-                offsets = start + out_range
-                valid = offsets < d_out
-                z = _project(x_row, lo_ptr, hi_ptr, frac_ptr, offsets, valid, INTERPOLATE)
-                t = tl.load(t_row + offsets, mask=valid, other=0.0).to(tl.float32)
-                acc_zt += z * t
-                acc_zz += z * z
-                acc_tt += t * t
-            dot = tl.sum(acc_zt)
-            norm_z = tl.sqrt(tl.sum(acc_zz))
-            clamped_z = tl.maximum(norm_z, COS_EPS)
-            clamped_t = tl.maximum(tl.sqrt(tl.sum(acc_tt)), COS_EPS)
-            loss = 1.0 - dot / (clamped_z * clamped_t)
-            c0 = -1.0 / (clamped_z * clamped_t)
-            # The norm clamp passes gradient only where |z| >= eps (as torch's clamp_min does).
-            c1 = tl.where(norm_z >= COS_EPS, dot / (clamped_z * clamped_z * clamped_z * clamped_t), 0.0)
-            grad_scale = scale
-        elif KIND == SMOOTH_L1:
-            acc_z = tl.zeros([BLOCK_OUT], tl.float32)
-            acc_t = tl.zeros([BLOCK_OUT], tl.float32)
-            for start in range(0, d_out, BLOCK_OUT):
-                offsets = start + out_range
-                valid = offsets < d_out
-                acc_z += _project(x_row, lo_ptr, hi_ptr, frac_ptr, offsets, valid, INTERPOLATE)
-                acc_t += tl.load(t_row + offsets, mask=valid, other=0.0).to(tl.float32)
-            c0 = tl.sum(acc_z) / d_out
-            c2 = tl.sum(acc_t) / d_out
-            # Centred second pass for the variances: stable even when |mean| >> std.
-            acc_z = tl.zeros([BLOCK_OUT], tl.float32)
-            acc_t = tl.zeros([BLOCK_OUT], tl.float32)
-            for start in range(0, d_out, BLOCK_OUT):
-                offsets = start + out_range
-                valid = offsets < d_out
-                dz = tl.where(valid, _project(x_row, lo_ptr, hi_ptr, frac_ptr, offsets, valid, INTERPOLATE) - c0, 0.0)
-                dt = tl.where(valid, tl.load(t_row + offsets, mask=valid, other=0.0).to(tl.float32) - c2, 0.0)
-                acc_z += dz * dz
-                acc_t += dt * dt
-            c1 = 1.0 / tl.sqrt(tl.sum(acc_z) / d_out + LN_EPS)
-            c3 = 1.0 / tl.sqrt(tl.sum(acc_t) / d_out + LN_EPS)
-            acc_loss = tl.zeros([BLOCK_OUT], tl.float32)
-            acc_q = tl.zeros([BLOCK_OUT], tl.float32)
-            acc_qa = tl.zeros([BLOCK_OUT], tl.float32)
-            for start in range(0, d_out, BLOCK_OUT):
-                offsets = start + out_range
-                valid = offsets < d_out
-                a = (_project(x_row, lo_ptr, hi_ptr, frac_ptr, offsets, valid, INTERPOLATE) - c0) * c1
-                diff = a - (tl.load(t_row + offsets, mask=valid, other=0.0).to(tl.float32) - c2) * c3
-                small = tl.abs(diff) < SL1_BETA
-                elem_loss = tl.where(small, 0.5 * diff * diff / SL1_BETA, tl.abs(diff) - 0.5 * SL1_BETA)
-                q = tl.where(small, diff / SL1_BETA, tl.where(diff > 0, 1.0, -1.0))
-                acc_loss += tl.where(valid, elem_loss, 0.0)
-                acc_q += tl.where(valid, q, 0.0)
-                acc_qa += tl.where(valid, q * a, 0.0)
-            loss = tl.sum(acc_loss) / d_out
-            c4 = tl.sum(acc_q) / d_out
-            c5 = tl.sum(acc_qa) / d_out
-            grad_scale = scale * c1 / d_out
-        else:
-            acc_loss = tl.zeros([BLOCK_OUT], tl.float32)
-            for start in range(0, d_out, BLOCK_OUT):
-                offsets = start + out_range
-                valid = offsets < d_out
-                z = _project(x_row, lo_ptr, hi_ptr, frac_ptr, offsets, valid, INTERPOLATE)
-                t = tl.load(t_row + offsets, mask=valid, other=0.0).to(tl.float32)
-                acc_loss += (z - t) * (z - t)
-            loss = tl.sum(acc_loss) / d_out
-            grad_scale = scale * 2.0 / d_out
-        tl.store(loss_ptr + row, loss * scale)
-
-        # ---- gradient with respect to the row that was projected ----------------------------------------
-        if COMPUTE_GRAD:
-            if INTERPOLATE:
-                in_range = tl.arange(0, BLOCK_IN)
-                for start in range(0, d_in, BLOCK_IN):
-                    dims = start + in_range
-                    valid_in = dims < d_in
-                    first = tl.load(adj_first_ptr + dims, mask=valid_in, other=0)
-                    count = tl.load(adj_count_ptr + dims, mask=valid_in, other=0)
-                    acc = tl.zeros([BLOCK_IN], tl.float32)
-                    for tap in range(0, adj_taps):
-                        j = first + tap
-                        touches = valid_in & (tap < count)
-                        lo = tl.load(lo_ptr + j, mask=touches, other=0)
-                        hi = tl.load(hi_ptr + j, mask=touches, other=0)
-                        frac = tl.load(frac_ptr + j, mask=touches, other=0.0)
-                        x_lo = tl.load(x_row + lo, mask=touches, other=0.0).to(tl.float32)
-                        x_hi = tl.load(x_row + hi, mask=touches, other=0.0).to(tl.float32)
-                        z = x_lo * (1.0 - frac) + x_hi * frac
-                        t = tl.load(t_row + j, mask=touches, other=0.0).to(tl.float32)
-                        g = _elementwise_grad(z, t, KIND, c0, c1, c2, c3, c4, c5)
-                        coef = tl.where(lo == dims, 1.0 - frac, 0.0) + tl.where(hi == dims, frac, 0.0)
-                        acc += tl.where(touches, coef * g, 0.0)
-                    tl.store(g_row + dims, (acc * grad_scale).to(grad_ptr.dtype.element_ty), mask=valid_in)
-            else:
-                for start in range(0, d_out, BLOCK_OUT):
-                    offsets = start + out_range
-                    valid = offsets < d_out
-                    z = tl.load(x_row + offsets, mask=valid, other=0.0).to(tl.float32)
-                    t = tl.load(t_row + offsets, mask=valid, other=0.0).to(tl.float32)
-                    g = _elementwise_grad(z, t, KIND, c0, c1, c2, c3, c4, c5)
-                    tl.store(g_row + offsets, (g * grad_scale).to(grad_ptr.dtype.element_ty), mask=valid)
+    # ---- row statistics and the per-token loss -----------------------------------------------------------
+    c0 = tl.zeros([BLOCK_ROWS], tl.float32)
+    c1 = tl.zeros([BLOCK_ROWS], tl.float32)
+    c2 = tl.zeros([BLOCK_ROWS], tl.float32)
+    c3 = tl.zeros([BLOCK_ROWS], tl.float32)
+    c4 = tl.zeros([BLOCK_ROWS], tl.float32)
+    c5 = tl.zeros([BLOCK_ROWS], tl.float32)
+    if KIND == COSINE:
+        acc_zt = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        acc_zz = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        acc_tt = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        for start in range(0, d_out, BLOCK_OUT):
+            dims = start + out_range
+            dims_ok = dims < d_out
+            tile_ok = live[:, None] & dims_ok[None, :]
+            z = _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
+            t = tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            acc_zt += z * t
+            acc_zz += z * z
+            acc_tt += t * t
+        dot = tl.sum(acc_zt, axis=1)
+        norm_z = tl.sqrt(tl.sum(acc_zz, axis=1))
+        clamped_z = tl.maximum(norm_z, COS_EPS)
+        clamped_t = tl.maximum(tl.sqrt(tl.sum(acc_tt, axis=1)), COS_EPS)
+        loss = 1.0 - dot / (clamped_z * clamped_t)
+        c0 = -1.0 / (clamped_z * clamped_t)
+        # The norm clamp passes gradient only where |z| >= eps (as torch's clamp_min does).
+        c1 = tl.where(norm_z >= COS_EPS, dot / (clamped_z * clamped_z * clamped_z * clamped_t), 0.0)
+        grad_scale = scale
+    elif KIND == SMOOTH_L1:
+        acc_z = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        acc_t = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        for start in range(0, d_out, BLOCK_OUT):
+            dims = start + out_range
+            dims_ok = dims < d_out
+            tile_ok = live[:, None] & dims_ok[None, :]
+            acc_z += _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
+            acc_t += tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        c0 = tl.sum(acc_z, axis=1) / d_out
+        c2 = tl.sum(acc_t, axis=1) / d_out
+        # Centred second pass for the variances: stable even when |mean| >> std.
+        acc_z = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        acc_t = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        for start in range(0, d_out, BLOCK_OUT):
+            dims = start + out_range
+            dims_ok = dims < d_out
+            tile_ok = live[:, None] & dims_ok[None, :]
+            z = _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
+            t = tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            dz = tl.where(tile_ok, z - c0[:, None], 0.0)
+            dt = tl.where(tile_ok, t - c2[:, None], 0.0)
+            acc_z += dz * dz
+            acc_t += dt * dt
+        c1 = 1.0 / tl.sqrt(tl.sum(acc_z, axis=1) / d_out + LN_EPS)
+        c3 = 1.0 / tl.sqrt(tl.sum(acc_t, axis=1) / d_out + LN_EPS)
+        acc_loss = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        acc_q = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        acc_qa = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        for start in range(0, d_out, BLOCK_OUT):
+            dims = start + out_range
+            dims_ok = dims < d_out
+            tile_ok = live[:, None] & dims_ok[None, :]
+            z = _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
+            t = tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            a = (z - c0[:, None]) * c1[:, None]
+            diff = a - (t - c2[:, None]) * c3[:, None]
+            small = tl.abs(diff) < SL1_BETA
+            elem_loss = tl.where(small, 0.5 * diff * diff / SL1_BETA, tl.abs(diff) - 0.5 * SL1_BETA)
+            q = tl.where(small, diff / SL1_BETA, tl.where(diff > 0, 1.0, -1.0))
+            acc_loss += tl.where(tile_ok, elem_loss, 0.0)
+            acc_q += tl.where(tile_ok, q, 0.0)
+            acc_qa += tl.where(tile_ok, q * a, 0.0)
+        loss = tl.sum(acc_loss, axis=1) / d_out
+        c4 = tl.sum(acc_q, axis=1) / d_out
+        c5 = tl.sum(acc_qa, axis=1) / d_out
+        grad_scale = scale * c1 / d_out
     else:
-        # Masked token: contributes nothing, whatever its features hold (padding may be garbage).
-        tl.store(loss_ptr + row, 0.0)
-        if COMPUTE_GRAD:
+        acc_loss = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
+        for start in range(0, d_out, BLOCK_OUT):
+            dims = start + out_range
+            dims_ok = dims < d_out
+            tile_ok = live[:, None] & dims_ok[None, :]
+            z = _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
+            t = tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            acc_loss += (z - t) * (z - t)
+        loss = tl.sum(acc_loss, axis=1) / d_out
+        grad_scale = scale * 2.0 / d_out
+    tl.store(loss_ptr + rows, tl.where(live, loss * scale, 0.0), mask=row_ok)
+
+    # ---- gradient with respect to the rows that were projected ---------------------------------------------
+    if COMPUTE_GRAD:
+        grad_scale = tl.where(live, grad_scale, 0.0)[:, None]
+        c0 = c0[:, None]
+        c1 = c1[:, None]
+        c2 = c2[:, None]
+        c3 = c3[:, None]
+        c4 = c4[:, None]
+        c5 = c5[:, None]
+        g_rows = grad_ptr + rows.to(tl.int64) * stride_grad
+        if INTERPOLATE:
             in_range = tl.arange(0, BLOCK_IN)
             for start in range(0, d_in, BLOCK_IN):
                 dims = start + in_range
-                tl.store(g_row + dims, tl.zeros([BLOCK_IN], tl.float32).to(grad_ptr.dtype.element_ty), mask=dims < d_in)
+                dims_ok = dims < d_in
+                first = tl.load(adj_first_ptr + dims, mask=dims_ok, other=0)
+                count = tl.load(adj_count_ptr + dims, mask=dims_ok, other=0)
+                acc = tl.zeros([BLOCK_ROWS, BLOCK_IN], tl.float32)
+                for tap in range(0, adj_taps):
+                    j = first + tap
+                    touches = dims_ok & (tap < count)
+                    tile_ok = live[:, None] & touches[None, :]
+                    lo = tl.load(lo_ptr + j, mask=touches, other=0)
+                    hi = tl.load(hi_ptr + j, mask=touches, other=0)
+                    frac = tl.load(frac_ptr + j, mask=touches, other=0.0)
+                    x_lo = tl.load(x_rows[:, None] + lo[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+                    x_hi = tl.load(x_rows[:, None] + hi[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+                    z = x_lo * (1.0 - frac[None, :]) + x_hi * frac[None, :]
+                    t = tl.load(t_rows[:, None] + j[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+                    g = _elementwise_grad(z, t, KIND, c0, c1, c2, c3, c4, c5)
+                    coef = tl.where(lo == dims, 1.0 - frac, 0.0) + tl.where(hi == dims, frac, 0.0)
+                    acc += tl.where(tile_ok, coef[None, :] * g, 0.0)
+                grad = acc * grad_scale
+                tl.store(g_rows[:, None] + dims[None, :], grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & dims_ok[None, :])
+        else:
+            for start in range(0, d_out, BLOCK_OUT):
+                dims = start + out_range
+                dims_ok = dims < d_out
+                tile_ok = live[:, None] & dims_ok[None, :]
+                z = tl.load(x_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+                t = tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+                grad = tl.where(tile_ok, _elementwise_grad(z, t, KIND, c0, c1, c2, c3, c4, c5) * grad_scale, 0.0)
+                tl.store(g_rows[:, None] + dims[None, :], grad.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & dims_ok[None, :])
 
 
 @functools.lru_cache(maxsize=64)
@@ -248,9 +266,8 @@ def interpolation_adjoint(d_in: int, d_out: int, device: torch.device) -> tuple[
     return lo.to(i32), hi.to(i32), frac.contiguous(), first.to(i32), count.to(i32), int(count.max())
 
 
-def _row_launch_config(width: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(max(width, 1)), MAX_ROW_BLOCK)
-    return block, max(1, min(8, block // 256))
+def _feature_block(width: int) -> int:
+    return min(triton.next_power_of_2(max(width, 1)), MAX_ROW_BLOCK)
 
 
 def launch_row_alignment(
@@ -278,9 +295,9 @@ def launch_row_alignment(
     else:
         lo = hi = frac = first = count = None
         taps = 0
-    block_out, warps_out = _row_launch_config(d_out)
-    block_in, warps_in = _row_launch_config(d_in)
-    _row_alignment_kernel[(n_rows,)](
+    block_out, block_in = _feature_block(d_out), _feature_block(d_in)
+    block_rows = max(1, min(16, ROW_TILE_ELEMENTS // max(block_out, block_in)))
+    _row_alignment_kernel[(triton.cdiv(n_rows, block_rows),)](
         x,
         teacher,
         lo,
@@ -292,6 +309,7 @@ def launch_row_alignment(
         denom,
         loss_out,
         grad_out,
+        n_rows,
         d_in,
         d_out,
         taps,
@@ -302,9 +320,10 @@ def launch_row_alignment(
         INTERPOLATE=interpolate,
         HAS_MASK=weights is not None,
         COMPUTE_GRAD=grad_out is not None,
+        BLOCK_ROWS=block_rows,
         BLOCK_OUT=block_out,
         BLOCK_IN=block_in,
-        num_warps=max(warps_out, warps_in),
+        num_warps=max(1, min(8, block_rows * max(block_out, block_in) // 256)),
     )
 
 

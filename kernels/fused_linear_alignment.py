@@ -187,8 +187,8 @@ def _chunk_rows(n_tokens: int, d_out: int) -> int:
     cap = max(1, CHUNK_ELEMENTS // d_out)
     if cap >= 128:
         cap -= cap % 128
-    n_chunks = triton.cdiv(n_tokens, cap)
-    return triton.cdiv(n_tokens, n_chunks)
+    n_chunks = max(1, triton.cdiv(n_tokens, cap))
+    return max(1, triton.cdiv(n_tokens, n_chunks))
 
 
 def linear_alignment_forward(
@@ -227,10 +227,10 @@ def linear_alignment_forward(
     else:
         losses = torch.empty(n_tokens, dtype=torch.float32, device=device)
 
-    chunk = _chunk_rows(n_tokens, d_out) if n_tokens else 0
-    projected = None if fuse_mse or not n_tokens else torch.empty(chunk, d_out, dtype=torch.float32, device=device)
-    grad_projected = torch.empty(chunk, d_out, dtype=gemm_dtype, device=device) if compute_grad and n_tokens else None
-    for start in range(0, n_tokens, chunk):
+    chunk = min(_chunk_rows(n_tokens, d_out), n_tokens)
+    projected = None if fuse_mse else torch.empty(chunk, d_out, dtype=torch.float32, device=device)
+    grad_projected = torch.empty(chunk, d_out, dtype=gemm_dtype, device=device) if compute_grad else None
+    for start in range(0, n_tokens, max(chunk, 1)):
         stop = min(start + chunk, n_tokens)
         h = target[start:stop]
         g = None if grad_projected is None else grad_projected[: stop - start]

@@ -1,0 +1,253 @@
+"""Fused identity/interpolate alignment kernels vs the float64 torch reference (letkit.losses).
+
+Without CUDA the kernels run under Triton's CPU interpreter, which must be switched on before
+``letkit.kernels`` is imported, hence the environment tweak above the imports.
+"""
+
+import contextlib
+import math
+import os
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+
+pytest.importorskip("triton")
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from letkit.kernels import alignment_common, fused_alignment_loss
+from letkit.kernels import fused_interpolate_alignment as fia
+from letkit.losses import LOSS_KINDS, alignment_loss, interpolation_taps
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not alignment_common.INTERPRETED:
+    raise RuntimeError("letkit.kernels was imported without TRITON_INTERPRET=1 before this module; run it on its own")
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Fill every buffer the op allocates with torch.empty/empty_like with NaN, so unwritten elements show."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(math.nan) if tensor.is_floating_point() else tensor.fill_(-7)
+
+    with mock.patch("torch.empty", lambda *a, **k: poison(real_empty(*a, **k))), mock.patch(
+        "torch.empty_like", lambda *a, **k: poison(real_empty_like(*a, **k))
+    ):
+        yield
+
+
+def relative_error(actual, expected):
+    expected = expected.double()
+    scale = expected.norm()
+    if scale == 0:
+        return actual.double().norm().item()
+    return ((actual.double() - expected).norm() / scale).item()
+
+
+def check_against_reference(target, teacher, kind, projection, mask=None, grad_scale=1.0):
+    """Fused vs float64 torch loss and target gradient, within the dtype's tolerance.
+
+    Where the float64 gradient is itself a cancellation (e.g. cosine of 1-D features is scale invariant, so
+    its gradient is exactly 0), no float32 implementation is relatively accurate; the bound then becomes
+    ten times the error of letkit's own torch path run in the input dtype.
+    """
+    target = target.detach().requires_grad_()
+    with poisoned_allocations():
+        loss = fused_alignment_loss(target, teacher, kind, projection=projection, mask=mask)
+        (loss * grad_scale).backward()
+    reference_target = target.detach().double().requires_grad_()
+    reference = alignment_loss(reference_target, teacher.double(), kind, projection=projection, mask=mask, backend="torch")
+    (reference * grad_scale).backward()
+    same_dtype_target = target.detach().requires_grad_()
+    same_dtype = alignment_loss(same_dtype_target, teacher, kind, projection=projection, mask=mask, backend="torch")
+    (same_dtype * grad_scale).backward()
+
+    tolerance = TOLERANCE[target.dtype]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(loss.item() - reference.item()) <= tolerance * max(abs(reference.item()), 1e-6)
+    assert target.grad.dtype == target.dtype and target.grad.shape == target.shape
+    bound = max(tolerance, 10 * relative_error(same_dtype_target.grad, reference_target.grad))
+    assert relative_error(target.grad, reference_target.grad) <= bound
+
+
+def random_mask(draw, tokens):
+    pattern = draw(st.sampled_from(["none", "random", "all_masked", "weights"]))
+    if pattern == "none":
+        return None
+    if pattern == "all_masked":
+        return torch.zeros(tokens, dtype=torch.bool, device=DEVICE)
+    if pattern == "weights":
+        return torch.rand(tokens, device=DEVICE) * 2
+    return torch.rand(tokens, device=DEVICE) < 0.6
+
+
+@st.composite
+def problems(draw):
+    projection = draw(st.sampled_from(["identity", "interpolate"]))
+    d_target = draw(st.integers(1, 48))
+    d_teacher = d_target if projection == "identity" else draw(st.integers(1, 48))
+    batch, seq = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    return dict(
+        projection=projection,
+        kind=draw(st.sampled_from(LOSS_KINDS)),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        shape=(batch, seq),
+        d_target=d_target,
+        d_teacher=d_teacher,
+        mask=random_mask(draw, batch * seq),
+        max_row_block=draw(st.sampled_from([16, fia.MAX_ROW_BLOCK])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(problems())
+def test_matches_float64_reference(problem):
+    generator = torch.Generator(device=DEVICE).manual_seed(problem["seed"])
+    dtype, shape = problem["dtype"], problem["shape"]
+    target = torch.randn(*shape, problem["d_target"], generator=generator, device=DEVICE).to(dtype)
+    teacher = torch.randn(*shape, problem["d_teacher"], generator=generator, device=DEVICE).to(dtype)
+    mask = problem["mask"]
+    if mask is not None:
+        mask = mask.reshape(shape)
+    with mock.patch.object(fia, "MAX_ROW_BLOCK", problem["max_row_block"]):
+        check_against_reference(target, teacher, problem["kind"], problem["projection"], mask)
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("d_target,d_teacher", [(40, 24), (24, 40), (1, 9), (9, 1), (37, 37)])
+def test_interpolation_both_directions_with_scaled_grad(kind, d_target, d_teacher):
+    generator = torch.Generator(device=DEVICE).manual_seed(d_target * 100 + d_teacher)
+    target = torch.randn(5, d_target, generator=generator, device=DEVICE)
+    teacher = torch.randn(5, d_teacher, generator=generator, device=DEVICE)
+    check_against_reference(target, teacher, kind, "interpolate", grad_scale=-2.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300))
+def test_adjoint_ranges_cover_exactly_the_taps(d_in, d_out):
+    lo, hi, frac, first, count, max_count = fia.interpolation_adjoint(d_in, d_out, torch.device("cpu"))
+    reference_lo, reference_hi, reference_frac = interpolation_taps(d_in, d_out)
+    assert torch.equal(lo.long(), reference_lo) and torch.equal(hi.long(), reference_hi)
+    assert torch.equal(frac, reference_frac)
+    outputs = torch.arange(d_out)
+    for i in range(d_in):
+        touching = outputs[(reference_lo == i) | (reference_hi == i)]
+        expected = torch.arange(int(first[i]), int(first[i] + count[i]))
+        assert torch.equal(touching, expected), (i, touching, expected)
+    assert max_count == int(count.max())
+
+
+def test_single_token_and_all_masked_batch():
+    target = torch.randn(1, 16, device=DEVICE)
+    teacher = torch.randn(1, 11, device=DEVICE)
+    for kind in LOSS_KINDS:
+        check_against_reference(target, teacher, kind, "interpolate")
+        check_against_reference(target, teacher, kind, "interpolate", mask=torch.zeros(1, device=DEVICE))
+
+
+def test_masked_tokens_are_skipped_even_when_non_finite():
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    target = torch.randn(6, 20, generator=generator, device=DEVICE)
+    teacher = torch.randn(6, 12, generator=generator, device=DEVICE)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=DEVICE)
+    poisoned = target.clone()
+    poisoned[~mask] = math.nan
+    poisoned.requires_grad_()
+    loss = fused_alignment_loss(poisoned, teacher, "cosine", projection="interpolate", mask=mask)
+    loss.backward()
+    expected = alignment_loss(target[mask].double(), teacher[mask].double(), "cosine", projection="interpolate", backend="torch")
+    assert abs(loss.item() - expected.item()) <= 1e-5 * abs(expected.item())
+    assert torch.isfinite(poisoned.grad).all() and (poisoned.grad[~mask] == 0).all()
+
+
+def test_strided_inputs_and_no_tokens():
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
+    wide = torch.randn(4, 3, 50, generator=generator, device=DEVICE)
+    target = wide[..., 5:35]  # rows are not contiguous
+    teacher = torch.randn(3, 4, 30, generator=generator, device=DEVICE).transpose(0, 1)
+    check_against_reference(target, teacher, "smooth_l1", "identity")
+
+    empty = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    loss = fused_alignment_loss(empty, torch.randn(0, 8, device=DEVICE), "mse")
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.shape == (0, 8)
+
+
+def test_no_grad_and_frozen_target_compute_the_loss_only():
+    target = torch.randn(3, 8, device=DEVICE)
+    teacher = torch.randn(3, 8, device=DEVICE)
+    expected = alignment_loss(target.double(), teacher.double(), "cosine", backend="torch").item()
+    assert not fused_alignment_loss(target, teacher, "cosine").requires_grad
+    with torch.no_grad():
+        loss = fused_alignment_loss(target.requires_grad_(), teacher, "cosine")
+    assert not loss.requires_grad and abs(loss.item() - expected) <= 1e-5 * abs(expected)
+
+
+def test_second_backward_through_the_same_graph_raises():
+    target = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    loss = fused_alignment_loss(target, torch.randn(3, 8, device=DEVICE), "cosine")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_custom_op_passes_opcheck():
+    target = torch.randn(4, 12, device=DEVICE, requires_grad=True)
+    teacher = torch.randn(4, 7, device=DEVICE)
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0], device=DEVICE)
+    torch.library.opcheck(torch.ops.letkit.fused_interpolate_alignment.default, (target, teacher, mask, "smooth_l1", True, True))
+
+
+def test_compiles_without_graph_breaks_through_alignment_loss():
+    """torch.compile(fullgraph=True) of a model step calling letkit's public loss with backend='triton'."""
+    import torch._dynamo
+
+    def step(hidden, teacher, mask):
+        return 0.5 * alignment_loss(torch.tanh(hidden), teacher, "cosine", projection="interpolate", mask=mask, backend="triton")
+
+    generator = torch.Generator(device=DEVICE).manual_seed(2)
+    hidden = torch.randn(2, 3, 20, generator=generator, device=DEVICE, requires_grad=True)
+    teacher = torch.randn(2, 3, 12, generator=generator, device=DEVICE)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], device=DEVICE)
+    explanation = torch._dynamo.explain(step)(hidden, teacher, mask)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss = compiled(hidden, teacher, mask)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    reference_hidden = hidden.detach().double().requires_grad_()
+    reference = 0.5 * alignment_loss(
+        torch.tanh(reference_hidden), teacher.double(), "cosine", projection="interpolate", mask=mask, backend="torch"
+    )
+    (reference_grad,) = torch.autograd.grad(reference, reference_hidden)
+    assert abs(loss.item() - reference.item()) <= 1e-5 * abs(reference.item())
+    assert relative_error(grad, reference_grad) <= 1e-5
+
+
+def test_bad_inputs_raise_errors_naming_the_argument():
+    target = torch.randn(3, 8, device=DEVICE)
+    teacher = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="target has dtype torch.float64"):
+        fused_alignment_loss(target.double(), teacher, "cosine")
+    with pytest.raises(TypeError, match="mask must be"):
+        fused_alignment_loss(target, teacher, "cosine", mask=torch.ones(3, dtype=torch.complex64, device=DEVICE))
+    with pytest.raises(ValueError, match="teacher on meta"):
+        fused_alignment_loss(target, torch.empty(3, 8, device="meta"), "cosine")
+    with pytest.raises(ValueError, match="feature dims must be positive"):
+        fused_alignment_loss(torch.randn(3, 0, device=DEVICE), torch.randn(3, 0, device=DEVICE), "cosine")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        fused_alignment_loss(target, teacher, "kl")
+    with pytest.raises(ValueError, match="same tokens"):
+        fused_alignment_loss(target, teacher[:2], "cosine")

@@ -1,0 +1,246 @@
+"""Fused linear-projector alignment kernels vs the float64 torch reference (letkit.losses).
+
+Without CUDA the kernels run under Triton's CPU interpreter, which must be switched on before
+``letkit.kernels`` is imported, hence the environment tweak above the imports.
+"""
+
+import contextlib
+import math
+import os
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+
+pytest.importorskip("triton")
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from letkit.kernels import alignment_common, fused_alignment_loss
+from letkit.kernels import fused_linear_alignment as fla
+from letkit.losses import LOSS_KINDS, alignment_loss
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not alignment_common.INTERPRETED:
+    raise RuntimeError("letkit.kernels was imported without TRITON_INTERPRET=1 before this module; run it on its own")
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Fill every buffer the op allocates with torch.empty/empty_like with NaN, so unwritten elements show."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(math.nan) if tensor.is_floating_point() else tensor.fill_(-7)
+
+    with mock.patch("torch.empty", lambda *a, **k: poison(real_empty(*a, **k))), mock.patch(
+        "torch.empty_like", lambda *a, **k: poison(real_empty_like(*a, **k))
+    ):
+        yield
+
+
+def relative_error(actual, expected):
+    expected = expected.double()
+    scale = expected.norm()
+    if scale == 0:
+        return actual.double().norm().item()
+    return ((actual.double() - expected).norm() / scale).item()
+
+
+def make_problem(shape, d_target, d_teacher, dtype, *, bias, seed, weight_dtype=None, teacher_dtype=None):
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    target = torch.randn(*shape, d_target, generator=generator, device=DEVICE).to(dtype)
+    teacher = torch.randn(*shape, d_teacher, generator=generator, device=DEVICE).to(teacher_dtype or dtype)
+    weight = (torch.randn(d_teacher, d_target, generator=generator, device=DEVICE) / math.sqrt(d_target)).to(weight_dtype or dtype)
+    bias_ = torch.randn(d_teacher, generator=generator, device=DEVICE).to(weight_dtype or dtype) if bias else None
+    return target, teacher, weight, bias_
+
+
+def check_against_reference(target, teacher, weight, bias, kind, mask=None, grad_scale=1.0):
+    """Fused vs float64 torch loss and gradients (target, weight, bias), within the dtype's tolerance.
+
+    Where a float64 gradient is itself a cancellation, no float32 implementation is relatively accurate;
+    the bound then becomes ten times the error of letkit's own torch path run in the input dtypes.
+    """
+    leaves = [x.detach().requires_grad_() for x in (target, weight) + ((bias,) if bias is not None else ())]
+
+    def run(tensors, teacher_, backend):
+        bias_ = tensors[2] if bias is not None else None
+        loss = alignment_loss(tensors[0], teacher_, kind, projection="linear", weight=tensors[1], bias=bias_, mask=mask, backend=backend)
+        (loss * grad_scale).backward()
+        return loss, [x.grad for x in tensors]
+
+    with poisoned_allocations():
+        loss, grads = run(leaves, teacher, "triton")
+    reference, reference_grads = run([x.detach().double().requires_grad_() for x in leaves], teacher.double(), "torch")
+    _, same_dtype_grads = run([x.detach().requires_grad_() for x in leaves], teacher, "torch")
+
+    tolerance = max(TOLERANCE[x.dtype] for x in leaves)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(loss.item() - reference.item()) <= tolerance * max(abs(reference.item()), 1e-6)
+    for leaf, grad, expected, same_dtype in zip(leaves, grads, reference_grads, same_dtype_grads):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+        bound = max(tolerance, 10 * relative_error(same_dtype, expected))
+        assert relative_error(grad, expected) <= bound
+
+
+@st.composite
+def problems(draw):
+    batch, seq = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    tokens = batch * seq
+    mask_pattern = draw(st.sampled_from(["none", "random", "all_masked", "weights"]))
+    mask = {
+        "none": None,
+        "random": torch.rand(tokens, device=DEVICE) < 0.6,
+        "all_masked": torch.zeros(tokens, dtype=torch.bool, device=DEVICE),
+        "weights": torch.rand(tokens, device=DEVICE) * 2,
+    }[mask_pattern]
+    return dict(
+        kind=draw(st.sampled_from(LOSS_KINDS)),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        shape=(batch, seq),
+        d_target=draw(st.integers(1, 48)),
+        d_teacher=draw(st.integers(1, 48)),
+        bias=draw(st.booleans()),
+        mask=None if mask is None else mask.reshape(batch, seq),
+        # Fewer tokens per chunk than tokens forces several chunks (and a ragged last one).
+        chunks=draw(st.integers(1, 3)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(problems())
+def test_matches_float64_reference(problem):
+    target, teacher, weight, bias = make_problem(
+        problem["shape"], problem["d_target"], problem["d_teacher"], problem["dtype"], bias=problem["bias"], seed=problem["seed"]
+    )
+    tokens_per_chunk = -(-target[..., 0].numel() // problem["chunks"])
+    with mock.patch.object(fla, "CHUNK_ELEMENTS", tokens_per_chunk * problem["d_teacher"]):
+        check_against_reference(target, teacher, weight, bias, problem["kind"], problem["mask"])
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_mixed_dtypes_and_scaled_grad(kind):
+    # bf16 activations with an fp32 master-weight projector and an fp16 teacher: the GEMMs run in fp32.
+    target, teacher, weight, bias = make_problem(
+        (2, 3), 20, 12, torch.bfloat16, bias=True, seed=3, weight_dtype=torch.float32, teacher_dtype=torch.float16
+    )
+    check_against_reference(target, teacher, weight, bias, kind, grad_scale=-0.75)
+
+
+def test_single_token_and_all_masked_batch():
+    target, teacher, weight, bias = make_problem((1,), 17, 9, torch.float32, bias=True, seed=4)
+    for kind in LOSS_KINDS:
+        check_against_reference(target, teacher, weight, bias, kind)
+        check_against_reference(target, teacher, weight, bias, kind, mask=torch.zeros(1, dtype=torch.bool, device=DEVICE))
+
+
+def test_only_the_requested_gradients_are_computed():
+    target, teacher, weight, bias = make_problem((4,), 10, 6, torch.float32, bias=True, seed=5)
+    weight.requires_grad_()
+    loss = fused_alignment_loss(target, teacher, "cosine", projection="linear", weight=weight, bias=bias)
+    loss.backward()
+    reference_weight = weight.detach().double().requires_grad_()
+    alignment_loss(
+        target.double(), teacher.double(), "cosine", projection="linear", weight=reference_weight, bias=bias.double(), backend="torch"
+    ).backward()
+    assert target.grad is None and bias.grad is None
+    assert relative_error(weight.grad, reference_weight.grad) <= 1e-5
+
+    with torch.no_grad():
+        loss = fused_alignment_loss(target.requires_grad_(), teacher, "mse", projection="linear", weight=weight, bias=bias)
+    expected = alignment_loss(
+        target.double(), teacher.double(), "mse", projection="linear", weight=weight.double(), bias=bias.double(), backend="torch"
+    )
+    assert not loss.requires_grad and abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+
+
+def test_no_tokens_give_zero_loss_and_gradients():
+    target, teacher, weight, _ = make_problem((0,), 8, 5, torch.float32, bias=False, seed=6)
+    target.requires_grad_()
+    weight.requires_grad_()
+    loss = fused_alignment_loss(target, teacher, "smooth_l1", projection="linear", weight=weight)
+    loss.backward()
+    assert loss.item() == 0.0 and target.grad.shape == (0, 8) and (weight.grad == 0).all()
+
+
+def test_second_backward_through_the_same_graph_raises():
+    target, teacher, weight, _ = make_problem((3,), 8, 5, torch.float32, bias=False, seed=7)
+    weight.requires_grad_()
+    loss = fused_alignment_loss(target, teacher, "cosine", projection="linear", weight=weight)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_custom_op_passes_opcheck(kind):
+    target, teacher, weight, bias = make_problem((5,), 12, 7, torch.float32, bias=True, seed=8)
+    for x in (target, weight, bias):
+        x.requires_grad_()
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5], device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.letkit.fused_linear_alignment.default, (target, teacher, weight, bias, mask, kind, True, True, True)
+    )
+
+
+def test_compiles_without_graph_breaks_through_alignment_loss():
+    """torch.compile(fullgraph=True) of a model step calling letkit's public loss with backend='triton'."""
+    import torch._dynamo
+
+    projector = torch.nn.Linear(16, 10).to(DEVICE)
+
+    def step(hidden, teacher):
+        return 0.5 * alignment_loss(
+            torch.tanh(hidden), teacher, "smooth_l1", projection="linear", weight=projector.weight, bias=projector.bias, backend="triton"
+        )
+
+    generator = torch.Generator(device=DEVICE).manual_seed(9)
+    hidden = torch.randn(2, 3, 16, generator=generator, device=DEVICE, requires_grad=True)
+    teacher = torch.randn(2, 3, 10, generator=generator, device=DEVICE)
+    explanation = torch._dynamo.explain(step)(hidden, teacher)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+    torch._dynamo.reset()
+    loss = torch.compile(step, backend="aot_eager", fullgraph=True)(hidden, teacher)
+    grads = torch.autograd.grad(loss, [hidden, projector.weight, projector.bias])
+    reference_leaves = [x.detach().double().requires_grad_() for x in (hidden, projector.weight, projector.bias)]
+    reference = 0.5 * alignment_loss(
+        torch.tanh(reference_leaves[0]), teacher.double(), "smooth_l1", projection="linear",
+        weight=reference_leaves[1], bias=reference_leaves[2], backend="torch",
+    )
+    reference_grads = torch.autograd.grad(reference, reference_leaves)
+    assert abs(loss.item() - reference.item()) <= 1e-5 * abs(reference.item())
+    for grad, expected in zip(grads, reference_grads):
+        assert relative_error(grad, expected) <= 1e-5
+
+
+def test_bad_inputs_raise_errors_naming_the_argument():
+    target, teacher, weight, bias = make_problem((3,), 8, 5, torch.float32, bias=True, seed=10)
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        fused_alignment_loss(target, teacher, "cosine", projection="linear", weight=weight.double())
+    with pytest.raises(TypeError, match="bias has dtype torch.int64"):
+        fused_alignment_loss(target, teacher, "cosine", projection="linear", weight=weight, bias=bias.long())
+    with pytest.raises(ValueError, match="weight on meta"):
+        fused_alignment_loss(target, teacher, "cosine", projection="linear", weight=weight.to("meta"))
+    with pytest.raises(ValueError, match=r"weight must have shape \(d_teacher, d_target\) = \(5, 8\)"):
+        fused_alignment_loss(target, teacher, "cosine", projection="linear", weight=weight.t())
+    with pytest.raises(ValueError, match="projection='linear' needs weight"):
+        fused_alignment_loss(target, teacher, "cosine", projection="linear")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuned tensor-core path needs CUDA")
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_cuda_tensor_core_path_on_ragged_shapes(kind):
+    target, teacher, weight, bias = make_problem((3, 173), 200, 72, torch.bfloat16, bias=True, seed=11)
+    mask = torch.rand(3, 173, device=DEVICE) < 0.8
+    with mock.patch.object(fla, "CHUNK_ELEMENTS", 72 * 128):
+        check_against_reference(target, teacher, weight, bias, kind, mask)
