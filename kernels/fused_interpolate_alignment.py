@@ -34,9 +34,9 @@ from letkit.kernels.alignment_common import (
 )
 from letkit.losses import interpolation_taps
 
-MAX_ROW_BLOCK = 2048
+MAX_ROW_BLOCK = 1024
 """Widest feature tile a program holds at once; wider rows are processed in a loop."""
-ROW_TILE_ELEMENTS = 4096
+ROW_TILE_ELEMENTS = 2048
 """Target size of a program's (tokens x features) tile: narrow rows are batched, up to 16 per program."""
 
 

@@ -37,6 +37,11 @@ from letkit.kernels.fused_interpolate_alignment import launch_row_alignment
 CHUNK_ELEMENTS = 1 << 22
 """Target size (rows x d_teacher) of one token chunk: 16 MiB of float32 projections plus ``dL/dz``."""
 
+PROJECTION_GEMM = "triton"
+"""Who computes ``z = h @ W.T + b``: ``"triton"`` (the kernel below; for ``mse`` with the loss fused into its
+epilogue) or ``"torch"`` (cuBLAS with float32 output, then the row kernel for every loss). Both are exact
+to float32 accumulation; which is faster depends on the GPU and shapes -- ``benchmarks/kernels.py`` measures both."""
+
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
     for bm, bn, bk, warps, stages in [
@@ -183,6 +188,15 @@ def _launch_projection(h, weight, bias, out, *, teacher=None, weights=None, deno
     )
 
 
+def _project_with_torch(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    if h.is_cuda and weight.dtype != torch.float32:
+        torch.mm(h, weight.t(), out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(h.to(torch.float32), weight.t().to(torch.float32), out=out)
+    if bias is not None:
+        out += bias
+
+
 def _chunk_rows(n_tokens: int, d_out: int) -> int:
     cap = max(1, CHUNK_ELEMENTS // d_out)
     if cap >= 128:
@@ -216,7 +230,9 @@ def linear_alignment_forward(
     need_bias_grad = need_bias_grad and bias is not None
     compute_grad = need_target_grad or need_weight_grad or need_bias_grad
     weights, denom = token_weights(mask, n_tokens, device)
-    fuse_mse = kind == "mse"
+    if PROJECTION_GEMM not in ("triton", "torch"):
+        raise ValueError(f"PROJECTION_GEMM must be 'triton' or 'torch', got {PROJECTION_GEMM!r}")
+    fuse_mse = kind == "mse" and PROJECTION_GEMM == "triton"
 
     grad_target = torch.empty_like(target) if need_target_grad else None
     grad_weight = torch.zeros(d_out, d_in, dtype=torch.float32, device=device) if need_weight_grad else None
@@ -242,7 +258,10 @@ def linear_alignment_forward(
             )
         else:
             z = projected[: stop - start]
-            _launch_projection(h, weight_g, bias, z)
+            if PROJECTION_GEMM == "triton":
+                _launch_projection(h, weight_g, bias, z)
+            else:
+                _project_with_torch(h, weight_g, bias, z)
             launch_row_alignment(
                 z, teacher[start:stop], kind, interpolate=False, weights=chunk_weights, denom=denom,
                 loss_out=losses[start:stop], grad_out=g,

@@ -112,6 +112,7 @@ def problems(draw):
         mask=None if mask is None else mask.reshape(batch, seq),
         # Fewer tokens per chunk than tokens forces several chunks (and a ragged last one).
         chunks=draw(st.integers(1, 3)),
+        projection_gemm=draw(st.sampled_from(["triton", "torch"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -123,7 +124,9 @@ def test_matches_float64_reference(problem):
         problem["shape"], problem["d_target"], problem["d_teacher"], problem["dtype"], bias=problem["bias"], seed=problem["seed"]
     )
     tokens_per_chunk = -(-target[..., 0].numel() // problem["chunks"])
-    with mock.patch.object(fla, "CHUNK_ELEMENTS", tokens_per_chunk * problem["d_teacher"]):
+    with mock.patch.object(fla, "CHUNK_ELEMENTS", tokens_per_chunk * problem["d_teacher"]), mock.patch.object(
+        fla, "PROJECTION_GEMM", problem["projection_gemm"]
+    ):
         check_against_reference(target, teacher, weight, bias, problem["kind"], problem["mask"])
 
 
