@@ -247,3 +247,52 @@ def test_cuda_tensor_core_path_on_ragged_shapes(kind):
     mask = torch.rand(3, 173, device=DEVICE) < 0.8
     with mock.patch.object(fla, "CHUNK_ELEMENTS", 72 * 128):
         check_against_reference(target, teacher, weight, bias, kind, mask)
+
+
+SM90_COMPILE_SCRIPT = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from letkit.kernels import alignment_common, fused_interpolate_alignment, fused_linear_alignment
+
+def compile_sm90(kernel, types, constexprs, num_warps, num_stages=3, tensor_cores=False):
+    # Pointers and strides marked 16-divisible, as Triton specialises them at launch.
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if signature[name][0] == "*" or name.startswith("stride")}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    assert not tensor_cores or "wgmma" in compiled.asm["ptx"], "the bf16 projection GEMM must use Hopper wgmma"
+
+ints = ["n_rows", "d_in", "d_out", "adj_taps", "stride_x", "stride_teacher", "stride_grad", "stride_h", "stride_w", "stride_out", "stride_loss_part", "n_elements"]
+types = dict.fromkeys(ints, "i32")
+types.update(x_ptr="*bf16", teacher_ptr="*bf16", lo_ptr="*i32", hi_ptr="*i32", frac_ptr="*fp32", adj_first_ptr="*i32", adj_count_ptr="*i32",
+             token_weight_ptr="*fp32", denom_ptr="*fp32", loss_ptr="*fp32", grad_ptr="*bf16", h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16",
+             out_ptr="*fp32", loss_part_ptr="*fp32", factor_ptr="*fp32")
+compile_sm90(alignment_common._scale_inplace_kernel, types, {"BLOCK": 4096}, 4)
+for kind, interpolate in [(0, True), (1, False)]:
+    unused = {} if interpolate else dict.fromkeys(["lo_ptr", "hi_ptr", "frac_ptr", "adj_first_ptr", "adj_count_ptr"])
+    compile_sm90(fused_interpolate_alignment._row_alignment_kernel, types,
+                 dict(KIND=kind, INTERPOLATE=interpolate, HAS_MASK=True, COMPUTE_GRAD=True, BLOCK_ROWS=2, BLOCK_OUT=1024, BLOCK_IN=1024, **unused), 8)
+tile = fused_linear_alignment._GEMM_CONFIGS[0]
+common = dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee", HAS_MASK=True, COMPUTE_GRAD=True, **tile.kwargs)
+compile_sm90(fused_linear_alignment._linear_projection_kernel, types,
+             dict(HAS_BIAS=True, FUSE_MSE=False, teacher_ptr=None, token_weight_ptr=None, denom_ptr=None, loss_part_ptr=None, **common),
+             tile.num_warps, tile.num_stages, tensor_cores=True)
+compile_sm90(fused_linear_alignment._linear_projection_kernel, dict(types, out_ptr="*bf16"), dict(HAS_BIAS=False, FUSE_MSE=True, b_ptr=None, **common),
+             tile.num_warps, tile.num_stages, tensor_cores=True)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter does not exercise Triton's compiler; build the key specialisations for an H100 offline."""
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.isdir(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia")):
+        pytest.skip("this Triton build has no NVIDIA backend")
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
