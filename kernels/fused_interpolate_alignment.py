@@ -1,9 +1,9 @@
 """Fused alignment loss for the parameter-free projections: ``identity`` and ``interpolate``.
 
-One Triton program owns one token. It resamples the target row to the teacher's width on the fly (a
-two-tap gather per output dimension, ``align_corners=True`` as in :func:`letkit.losses.interpolation_taps`,
-no dense interpolation matrix), reduces the row statistics the loss needs, and writes the token's loss
-and the gradient with respect to the *target* row. The gradient of the interpolation is its adjoint,
+Each Triton program owns a few whole tokens (rows). It resamples the target rows to the teacher's width on
+the fly (a two-tap gather per output dimension, ``align_corners=True`` as in
+:func:`letkit.losses.interpolation_taps`, no dense interpolation matrix), reduces the row statistics the
+loss needs, and writes each token's loss and the gradient with respect to the *target* row. The gradient of the interpolation is its adjoint,
 evaluated as a gather too: input dim ``i`` collects ``coef(j, i) * dL/dz_j`` from the contiguous range of
 output dims ``j`` whose taps touch it, recomputing ``z_j`` (cheap, the row is cache-resident) instead of
 storing ``dL/dz``. Nothing of size tokens x d_teacher is materialised.

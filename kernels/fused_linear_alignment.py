@@ -56,7 +56,7 @@ _GEMM_CONFIGS = [
 ]
 # The Triton CPU interpreter cannot autotune (and is slow): one small tile shape that exercises partial tiles.
 _INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
-_MIN_BLOCK_N = 16 if INTERPRETED else min(config.kwargs["BLOCK_N"] for config in _GEMM_CONFIGS)
+_MIN_BLOCK_N = _INTERPRETER_GEMM_CONFIG["BLOCK_N"] if INTERPRETED else min(config.kwargs["BLOCK_N"] for config in _GEMM_CONFIGS)
 
 
 @triton.jit

@@ -104,7 +104,7 @@ def problems(draw):
     }[mask_pattern]
     return dict(
         kind=draw(st.sampled_from(LOSS_KINDS)),
-        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
         shape=(batch, seq),
         d_target=draw(st.integers(1, 48)),
         d_teacher=draw(st.integers(1, 48)),
