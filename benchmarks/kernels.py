@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow-tf32", action="store_true", help="let float32 matmuls (eager/compile reference) use TF32")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for the roofline (default: by GPU name)")
     parser.add_argument("--peak-tbps", type=float, default=None, help="memory bandwidth for the roofline in TB/s (default: by GPU name)")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="time CUDA-graph replays (GPU time without Python launch overhead) where capturable"
+    )
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup in ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time in ms")
     parser.add_argument("--seed", type=int, default=0)
@@ -164,10 +167,20 @@ def build_providers(torch, case: Case, inputs: dict, names: list[str], notes: di
 
 
 def make_timer(torch, args):
+    """``timer(fn, leaves) -> median ms``; with --cuda-graphs, replays a captured graph (no launch overhead) when capturable."""
     if args.device.startswith("cuda"):
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
-        return lambda fn, leaves: do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=leaves, return_mode="median")
+        def cuda_median_ms(fn, leaves):
+            if args.cuda_graphs:
+                try:
+                    return do_bench_cudagraph(fn, rep=args.rep, grad_to_none=leaves, return_mode="median")
+                except Exception as error:  # e.g. a host sync inside fn: fall back to eager launches, say so
+                    print(f"  CUDA graph capture failed ({type(error).__name__}), timing eager launches", file=sys.stderr)
+                    torch.cuda.synchronize()
+            return do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=leaves, return_mode="median")
+
+        return cuda_median_ms
 
     def cpu_median_ms(fn, leaves):
         samples = []
@@ -315,8 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     peak_flops, peak_bandwidth, peak_source = gpu_peaks(torch, args)
     timer = make_timer(torch, args)
     notes = {
-        "timing": "median of triton.testing.do_bench; fused and liger compute gradients in the forward pass, so their "
-        "'fwd' includes the gradient work; bwd = (fwd+bwd) - fwd",
+        "timing": (
+            f"median of triton.testing.{'do_bench_cudagraph' if args.cuda_graphs else 'do_bench'}"
+            if args.device.startswith("cuda")
+            else "CPU wall-clock median: a smoke test of the code paths, not a performance number"
+        )
+        + "; fused and liger compute gradients in the forward pass, so their 'fwd' includes the gradient work; "
+        "bwd = (fwd+bwd) - fwd",
         "memory": "peak allocated above the pre-call baseline during one fwd+bwd, gradients (dh, dW) included",
         "roofline": f"max(GEMM FLOPs / {peak_flops / 1e12:.0f} TFLOP/s, minimal bytes / {peak_bandwidth / 1e12:.2f} TB/s) "
         f"({peak_source}); fraction = roofline time / measured fwd+bwd",
