@@ -24,7 +24,6 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 # Constants of the reference (letkit.losses), as compile-time values for the kernels.
 COSINE = tl.constexpr(LOSS_CODES["cosine"])
 SMOOTH_L1 = tl.constexpr(LOSS_CODES["smooth_l1"])
-MSE = tl.constexpr(LOSS_CODES["mse"])
 COS_EPS = tl.constexpr(COSINE_EPS)
 LN_EPS = tl.constexpr(LAYER_NORM_EPS)
 SL1_BETA = tl.constexpr(SMOOTH_L1_BETA)

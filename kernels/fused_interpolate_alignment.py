@@ -26,7 +26,6 @@ from letkit.kernels.alignment_common import (
     COSINE,
     LN_EPS,
     LOSS_CODES,
-    MSE,
     SL1_BETA,
     SMOOTH_L1,
     FusedAlignmentFunction,
@@ -50,7 +49,7 @@ def _elementwise_grad(z, t, KIND: tl.constexpr, c0, c1, c2, c3, c4, c5):
         diff = a - (t - c2) * c3
         q = tl.where(tl.abs(diff) < SL1_BETA, diff / SL1_BETA, tl.where(diff > 0, 1.0, -1.0))
         grad = q - c4 - a * c5
-    else:
+    else:  # mse
         grad = z - t
     return grad
 
@@ -187,7 +186,7 @@ def _row_alignment_kernel(
         c4 = tl.sum(acc_q, axis=1) / d_out
         c5 = tl.sum(acc_qa, axis=1) / d_out
         grad_scale = scale * c1 / d_out
-    else:
+    else:  # mse
         acc_loss = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
         for start in range(0, d_out, BLOCK_OUT):
             dims = start + out_range

@@ -198,11 +198,12 @@ def _project_with_torch(h: Tensor, weight: Tensor, bias: Tensor | None, out: Ten
 
 
 def _chunk_rows(n_tokens: int, d_out: int) -> int:
+    # Balanced chunks of at most ~CHUNK_ELEMENTS / d_out rows, in whole 128-row GEMM tiles when that large.
     cap = max(1, CHUNK_ELEMENTS // d_out)
     if cap >= 128:
         cap -= cap % 128
-    n_chunks = max(1, triton.cdiv(n_tokens, cap))
-    return max(1, triton.cdiv(n_tokens, n_chunks))
+    rows = triton.cdiv(n_tokens, max(1, triton.cdiv(n_tokens, cap)))
+    return min(triton.cdiv(rows, 128) * 128, cap) if rows > 128 else max(1, rows)
 
 
 def linear_alignment_forward(
