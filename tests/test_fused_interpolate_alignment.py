@@ -251,3 +251,20 @@ def test_bad_inputs_raise_errors_naming_the_argument():
         fused_alignment_loss(target, teacher, "kl")
     with pytest.raises(ValueError, match="same tokens"):
         fused_alignment_loss(target, teacher[:2], "cosine")
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused_clearly():
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from letkit.kernels import fused_alignment_loss\n"
+        "try:\n"
+        "    fused_alignment_loss(torch.randn(2, 4), torch.randn(2, 4), 'cosine')\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    assert "run on CUDA devices" in result.stdout and "got tensors on cpu" in result.stdout, result.stderr[-2000:]
