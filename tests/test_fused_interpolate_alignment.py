@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from letkit.kernels import alignment_common, fused_alignment_loss
@@ -54,13 +54,34 @@ def relative_error(actual, expected):
     return ((actual.double() - expected).norm() / scale).item()
 
 
-def check_against_reference(target, teacher, kind, projection, mask=None, grad_scale=1.0):
-    """Fused vs float64 torch loss and target gradient, within the dtype's tolerance.
+def assert_gradient_close(actual, expected, tolerance):
+    """Norm-wise relative error ``|actual - expected| / |expected| <= tolerance``."""
+    expected = expected.double()
+    error = (actual.double() - expected).norm().item()
+    allowed = tolerance * expected.norm().item()
+    assert error <= allowed, f"gradient error {error:.3e} > allowed {allowed:.3e} (|expected| = {expected.norm().item():.3e})"
 
-    Where the float64 gradient is itself a cancellation (e.g. cosine of 1-D features is scale invariant, so
-    its gradient is exactly 0), no float32 implementation is relatively accurate; the bound then becomes
-    ten times the error of letkit's own torch path run in the input dtype.
+
+def ill_conditioned(kind, projection, d_target, d_teacher, has_bias=False):
+    """Whether the exact target gradient is a pure cancellation (0, or O(layer-norm eps)) for some inputs.
+
+    Cosine sees only the direction of the projection, layer norm only its standardised shape: a 1-dim teacher
+    space, an interpolated single feature (a constant vector) or two features (a ramp), or a bias-free linear
+    map of a single feature leave them (nearly) nothing to change; layer norm of two features is +-1 up to
+    O(eps / difference^2). Any float32 implementation returns cancellation noise there, which no relative
+    bound accepts; those cases are checked with absolute bounds in ``test_flat_losses_have_near_zero_gradients``.
     """
+    if kind == "mse":
+        return False
+    if d_teacher == 1 or kind == "smooth_l1" and d_teacher == 2:
+        return True
+    if projection == "interpolate":
+        return d_target == 1 or kind == "smooth_l1" and d_target == 2
+    return projection == "linear" and d_target == 1 and not has_bias
+
+
+def check_against_reference(target, teacher, kind, projection, mask=None, grad_scale=1.0):
+    """Fused vs float64 torch loss and target gradient, within the dtype's tolerance."""
     target = target.detach().requires_grad_()
     with poisoned_allocations():
         loss = fused_alignment_loss(target, teacher, kind, projection=projection, mask=mask)
@@ -68,16 +89,12 @@ def check_against_reference(target, teacher, kind, projection, mask=None, grad_s
     reference_target = target.detach().double().requires_grad_()
     reference = alignment_loss(reference_target, teacher.double(), kind, projection=projection, mask=mask, backend="torch")
     (reference * grad_scale).backward()
-    same_dtype_target = target.detach().requires_grad_()
-    same_dtype = alignment_loss(same_dtype_target, teacher, kind, projection=projection, mask=mask, backend="torch")
-    (same_dtype * grad_scale).backward()
 
     tolerance = TOLERANCE[target.dtype]
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert abs(loss.item() - reference.item()) <= tolerance * max(abs(reference.item()), 1e-6)
     assert target.grad.dtype == target.dtype and target.grad.shape == target.shape
-    bound = max(tolerance, 10 * relative_error(same_dtype_target.grad, reference_target.grad))
-    assert relative_error(target.grad, reference_target.grad) <= bound
+    assert_gradient_close(target.grad, reference_target.grad, tolerance)
 
 
 def random_mask(draw, tokens):
@@ -113,6 +130,7 @@ def problems(draw):
 @settings(max_examples=20, deadline=None)
 @given(problems())
 def test_matches_float64_reference(problem):
+    assume(not ill_conditioned(problem["kind"], problem["projection"], problem["d_target"], problem["d_teacher"]))
     generator = torch.Generator(device=DEVICE).manual_seed(problem["seed"])
     dtype, shape = problem["dtype"], problem["shape"]
     target = torch.randn(*shape, problem["d_target"], generator=generator, device=DEVICE).to(dtype)
@@ -125,7 +143,7 @@ def test_matches_float64_reference(problem):
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
-@pytest.mark.parametrize("d_target,d_teacher", [(40, 24), (24, 40), (1, 9), (9, 1), (37, 37)])
+@pytest.mark.parametrize("d_target,d_teacher", [(40, 24), (24, 40), (3, 9), (9, 3), (37, 37)])
 def test_interpolation_both_directions_with_scaled_grad(kind, d_target, d_teacher):
     generator = torch.Generator(device=DEVICE).manual_seed(d_target * 100 + d_teacher)
     target = torch.randn(5, d_target, generator=generator, device=DEVICE)
@@ -146,6 +164,39 @@ def test_adjoint_ranges_cover_exactly_the_taps(d_in, d_out):
         expected = torch.arange(int(first[i]), int(first[i] + count[i]))
         assert torch.equal(touching, expected), (i, touching, expected)
     assert max_count == int(count.max())
+
+
+@pytest.mark.parametrize(
+    "kind,projection,d_target,d_teacher",
+    [("cosine", "identity", 1, 1), ("cosine", "interpolate", 1, 7), ("smooth_l1", "identity", 1, 1), ("smooth_l1", "interpolate", 1, 7)],
+)
+def test_flat_losses_have_near_zero_gradients(kind, projection, d_target, d_teacher):
+    """The ``ill_conditioned`` cases whose exact gradient is 0: float32 noise only (genuine gradients here are ~1e-2)."""
+    generator = torch.Generator(device=DEVICE).manual_seed(d_teacher)
+    target = torch.randn(6, d_target, generator=generator, device=DEVICE, requires_grad=True)
+    teacher = torch.randn(6, d_teacher, generator=generator, device=DEVICE)
+    loss = fused_alignment_loss(target, teacher, kind, projection=projection)
+    loss.backward()
+    expected = alignment_loss(target.detach().double(), teacher.double(), kind, projection=projection, backend="torch")
+    assert abs(loss.item() - expected.item()) <= 1e-5 * max(abs(expected.item()), 1e-6)
+    assert target.grad.abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("projection,d_target,d_teacher", [("identity", 2, 2), ("interpolate", 2, 9)])
+def test_two_feature_layer_norm_is_as_accurate_as_torch_in_float32(projection, d_target, d_teacher):
+    """Layer norm of two features is +-1 up to O(eps / difference^2): its gradient is a cancellation of O(1) terms,
+    so float32 gets it only to ~1e-3; the fused kernel must be within 10x of letkit's torch path in float32."""
+    generator = torch.Generator(device=DEVICE).manual_seed(d_teacher)
+    target = torch.randn(6, d_target, generator=generator, device=DEVICE)
+    teacher = torch.randn(6, d_teacher, generator=generator, device=DEVICE)
+    grads = {}
+    for name, dtype, backend in [("fused", torch.float32, "triton"), ("torch", torch.float32, "torch"), ("exact", torch.float64, "torch")]:
+        leaf = target.detach().to(dtype).requires_grad_()
+        alignment_loss(leaf, teacher.to(dtype), "smooth_l1", projection=projection, backend=backend).backward()
+        grads[name] = leaf.grad.double()
+    fused_error = (grads["fused"] - grads["exact"]).norm().item()
+    torch_error = (grads["torch"] - grads["exact"]).norm().item()
+    assert fused_error <= 10 * torch_error + 1e-12
 
 
 def test_single_token_and_all_masked_batch():
