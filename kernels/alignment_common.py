@@ -1,0 +1,110 @@
+"""Pieces shared by the fused alignment ops: loss codes, token weights, gradient scaling, autograd glue.
+
+Both fused ops follow the fused-linear-loss recipe: the loss is a scalar leaf of the graph, so the
+forward pass computes the gradients of the loss with respect to its inputs while the intermediates are
+still on chip, and backward only multiplies them by the incoming scalar gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from letkit.losses import COSINE_EPS, LAYER_NORM_EPS, SMOOTH_L1_BETA
+
+LOSS_CODES = {"cosine": 0, "smooth_l1": 1, "mse": 2}
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# Constants of the reference (letkit.losses), as compile-time values for the kernels.
+COSINE = tl.constexpr(LOSS_CODES["cosine"])
+SMOOTH_L1 = tl.constexpr(LOSS_CODES["smooth_l1"])
+COS_EPS = tl.constexpr(COSINE_EPS)
+LN_EPS = tl.constexpr(LAYER_NORM_EPS)
+SL1_BETA = tl.constexpr(SMOOTH_L1_BETA)
+
+_SCALE_BLOCK = 4096
+
+
+@triton.jit
+def _scale_inplace_kernel(x_ptr, factor_ptr, n_elements, BLOCK: tl.constexpr):
+    # Reads the factor on the device, so a backward with grad_output == 1 (the usual case: the
+    # alignment term is summed into the training loss) costs no memory traffic and no host sync.
+    factor = tl.load(factor_ptr).to(tl.float32)
+    if factor != 1.0:
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_bounds = offsets < n_elements
+        x = tl.load(x_ptr + offsets, mask=in_bounds).to(tl.float32)
+        tl.store(x_ptr + offsets, (x * factor).to(x_ptr.dtype.element_ty), mask=in_bounds)
+
+
+INTERPRETED: bool = isinstance(_scale_inplace_kernel, InterpretedFunction)
+"""Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+
+
+def scale_(grad: Tensor, factor: Tensor) -> Tensor:
+    """Multiply the contiguous ``grad`` in place by the 0-dim device tensor ``factor``; returns ``grad``."""
+    n = grad.numel()
+    if n:
+        factor = factor.reshape(1).to(device=grad.device, dtype=torch.float32)
+        _scale_inplace_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, factor, n, BLOCK=_SCALE_BLOCK)
+    return grad
+
+
+def token_weights(mask: Tensor | None, n_tokens: int, device: torch.device) -> tuple[Tensor | None, Tensor]:
+    """Per-token float32 weights (``None`` without a mask) and the 1-element denominator ``max(1, sum w)``.
+
+    The denominator stays on the device (no host sync), so the ops are capture- and compile-friendly.
+    """
+    if mask is None:
+        return None, torch.full((1,), float(max(1, n_tokens)), dtype=torch.float32, device=device)
+    weights = mask.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
+    return weights, weights.sum().clamp_min(1.0).reshape(1)
+
+
+class FusedAlignmentFunction(torch.autograd.Function):
+    """Autograd node for a loss whose gradients were computed together with it in the forward pass.
+
+    ``compute(*tensors)`` returns ``(loss, grads)`` with ``grads`` aligned with ``tensors`` (``None`` where
+    no gradient is wanted). Backward scales the stored gradients in place by ``grad_output`` and hands
+    them over, so they are released with the graph; a second backward through the same graph
+    (``retain_graph=True``) therefore raises instead of returning stale gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, compute: Callable[..., tuple[Tensor, tuple[Tensor | None, ...]]], *tensors: Tensor | None) -> Tensor:
+        loss, grads = compute(*tensors)
+        ctx.grads = grads
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "the fused alignment loss computes its gradients in the forward pass and hands them over on the first "
+                "backward; backpropagating through the same graph twice (retain_graph=True) is not supported. "
+                "Recompute the loss, or use backend='torch'."
+            )
+        ctx.grads = None
+        return (None, *(None if grad is None else scale_(grad, grad_loss) for grad in grads))
+
+
+def accumulate_weight_grad(grad_weight: Tensor, grad_projected: Tensor, features: Tensor) -> None:
+    """``grad_weight += grad_projected.T @ features`` with float32 accumulation into the float32 ``grad_weight``."""
+    if grad_projected.dtype == torch.float32:
+        grad_weight.addmm_(grad_projected.t(), features.to(torch.float32))
+    elif grad_projected.is_cuda and _ADDMM_HAS_OUT_DTYPE:
+        # bf16/fp16 tensor-core GEMM accumulating straight into the fp32 buffer (no fp32 temporaries).
+        torch.addmm(grad_weight, grad_projected.t(), features.to(grad_projected.dtype), out_dtype=torch.float32, out=grad_weight)
+    else:
+        grad_weight.addmm_(grad_projected.t().to(torch.float32), features.to(torch.float32))
+
+
+_ADDMM_HAS_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()

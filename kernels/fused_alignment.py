@@ -1,0 +1,66 @@
+"""Entry point of the fused alignment kernels: validation, flattening of leading dims, dispatch by projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from letkit.kernels.alignment_common import INTERPRETED, KERNEL_DTYPES
+from letkit.kernels.fused_interpolate_alignment import fused_interpolate_alignment
+from letkit.kernels.fused_linear_alignment import fused_linear_alignment
+from letkit.losses import _check_inputs
+
+
+def _check_kernel_support(target: Tensor, teacher: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None) -> None:
+    named = {"target": target, "teacher": teacher, "weight": weight, "bias": bias}
+    for name, tensor in named.items():
+        if tensor is not None and tensor.dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype}; the fused alignment kernels support {', '.join(map(str, KERNEL_DTYPES))} "
+                "(use backend='torch' for other dtypes)"
+            )
+    if mask is not None and mask.is_complex():
+        raise TypeError(f"mask must be a bool, integer or floating tensor, got dtype {mask.dtype}")
+    named["mask"] = mask
+    devices = {name: tensor.device for name, tensor in named.items() if tensor is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {', '.join(f'{n} on {d}' for n, d in devices.items())}")
+    if target.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"the fused alignment kernels run on CUDA devices (or any device under TRITON_INTERPRET=1 set before "
+            f"importing letkit.kernels), got tensors on {target.device}"
+        )
+    if target.shape[-1] == 0 or teacher.shape[-1] == 0:
+        raise ValueError(f"feature dims must be positive, got target {tuple(target.shape)} and teacher {tuple(teacher.shape)}")
+
+
+def _as_rows(x: Tensor, width: int) -> Tensor:
+    rows = x.reshape(-1, width)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def fused_alignment_loss(
+    target: Tensor,
+    teacher: Tensor,
+    kind: str = "cosine",
+    *,
+    projection: str = "identity",
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Fused-kernel version of :func:`letkit.losses.alignment_loss` (same arguments and semantics).
+
+    ``target`` ``(..., d_target)`` and ``teacher`` ``(..., d_teacher)`` are float32/bfloat16/float16 (mixed
+    is fine); any leading dims are flattened into tokens. The result is a float32 scalar, differentiable in
+    ``target``, ``weight`` and ``bias`` (the teacher is a constant). One deliberate difference from the torch
+    reference: masked tokens are skipped, so non-finite values in them do not reach the loss.
+    """
+    _check_inputs(target, teacher, kind, projection, weight, bias, mask, check_finite=False)
+    _check_kernel_support(target, teacher, weight, bias, mask)
+    target_rows = _as_rows(target, target.shape[-1])
+    teacher_rows = _as_rows(teacher.detach(), teacher.shape[-1])
+    token_mask = None if mask is None else mask.reshape(-1)
+    if projection == "linear":
+        return fused_linear_alignment(target_rows, teacher_rows, weight, bias, token_mask, kind)
+    return fused_interpolate_alignment(target_rows, teacher_rows, token_mask, kind, interpolate=projection == "interpolate")

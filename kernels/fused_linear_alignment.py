@@ -1,0 +1,378 @@
+"""Fused alignment loss with the learned linear projector ``z = h @ weight.T + bias``.
+
+Tokens are processed in chunks, so the extra memory is O(chunk x d_teacher), never O(tokens x d_teacher):
+
+1. ``_linear_projection_kernel`` (Triton, ``tl.dot`` tiles with float32 accumulation -- tensor cores for
+   bf16/fp16) computes the chunk's ``z`` tile by tile and adds the bias. For ``mse``, whose gradient is
+   elementwise, its epilogue also reads the teacher tile and writes the loss and ``dL/dz`` directly, so
+   ``z`` is never stored. For ``cosine``/``smooth_l1``, which need whole-row statistics, ``z`` goes to a
+   float32 chunk buffer (cache-resident at the default chunk size) and
+2. the row kernel of :mod:`letkit.kernels.fused_interpolate_alignment` turns it into per-token losses and
+   ``dL/dz`` (in the GEMM dtype, so the next GEMMs run on tensor cores).
+3. ``dL/dh = dL/dz @ weight`` and ``dL/dW += dL/dz.T @ h`` (float32 accumulator), ``dL/db += sum dL/dz`` with
+   cuBLAS on the chunk.
+
+Gradients are produced in the forward pass; backward only scales them (see
+:class:`letkit.kernels.alignment_common.FusedAlignmentFunction`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from letkit.kernels.alignment_common import (
+    INTERPRETED,
+    TL_DTYPES,
+    FusedAlignmentFunction,
+    accumulate_weight_grad,
+    token_weights,
+)
+from letkit.kernels.fused_interpolate_alignment import launch_row_alignment
+
+CHUNK_ELEMENTS = 1 << 22
+"""Target size (rows x d_teacher) of one token chunk: 16 MiB of float32 projections plus ``dL/dz``."""
+
+PROJECTION_GEMM = "triton"
+"""Who computes ``z = h @ W.T + b``: ``"triton"`` (the kernel below; for ``mse`` with the loss fused into its
+epilogue) or ``"torch"`` (cuBLAS with float32 output, then the row kernel for every loss). Both are exact
+to float32 accumulation; which is faster depends on the GPU and shapes -- ``benchmarks/kernels.py`` measures both."""
+
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 5),
+    ]
+]
+# The Triton CPU interpreter cannot autotune (and is slow): one small tile shape that exercises partial tiles.
+_INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+_MIN_BLOCK_N = _INTERPRETER_GEMM_CONFIG["BLOCK_N"] if INTERPRETED else min(config.kwargs["BLOCK_N"] for config in _GEMM_CONFIGS)
+
+
+@triton.jit
+def _linear_projection_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    teacher_ptr,
+    token_weight_ptr,
+    denom_ptr,
+    loss_part_ptr,
+    n_rows,
+    d_in,
+    d_out,
+    stride_h,
+    stride_w,
+    stride_out,
+    stride_teacher,
+    stride_loss_part,
+    HAS_BIAS: tl.constexpr,
+    FUSE_MSE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(n_rows, BLOCK_M)
+    tiles_n = tl.cdiv(d_out, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    col_ok = cols < d_out
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + ks[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_w + ks[:, None]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, d_in, BLOCK_K):
+        k_ok = (k + ks) < d_in
+        h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if FUSE_MSE:
+        t = tl.load(
+            teacher_ptr + rows.to(tl.int64)[:, None] * stride_teacher + cols[None, :], mask=tile_ok, other=0.0
+        ).to(tl.float32)
+        diff = tl.where(tile_ok, acc - t, 0.0)
+        if HAS_MASK:
+            weight = tl.load(token_weight_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            weight = tl.where(row_ok, 1.0, 0.0)
+        scale = weight / tl.load(denom_ptr)
+        keep = weight != 0.0
+        partial_loss = tl.sum(diff * diff, axis=1) * (scale / d_out)
+        tl.store(loss_part_ptr + rows.to(tl.int64) * stride_loss_part + pid_n, tl.where(keep, partial_loss, 0.0), mask=row_ok)
+        if COMPUTE_GRAD:
+            grad = tl.where(keep[:, None], diff * (scale * (2.0 / d_out))[:, None], 0.0)
+            out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+            tl.store(out_ptrs, grad.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+_linear_projection_tuned = triton.autotune(
+    configs=_GEMM_CONFIGS, key=["n_rows", "d_in", "d_out", "HAS_BIAS", "FUSE_MSE", "COMPUTE_GRAD"]
+)(_linear_projection_kernel)
+
+
+def _launch_projection(h, weight, bias, out, *, teacher=None, weights=None, denom=None, loss_part=None, compute_grad=False):
+    n_rows, d_in = h.shape
+    d_out = weight.shape[0]
+    fuse_mse = teacher is not None
+    gemm_dtype = weight.dtype
+    if INTERPRETED:
+        # The interpreter multiplies bf16 dot operands as raw bits (triton-lang/triton#11584); bf16 x bf16
+        # products are exact in fp32, so upcasting changes nothing but the speed.
+        dot_dtype, kernel, meta = tl.float32, _linear_projection_kernel, dict(_INTERPRETER_GEMM_CONFIG)
+    else:
+        dot_dtype, kernel, meta = TL_DTYPES[gemm_dtype], _linear_projection_tuned, {}
+    tf32 = gemm_dtype == torch.float32 and h.is_cuda and torch.backends.cuda.matmul.allow_tf32
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_out, meta["BLOCK_N"]),)
+
+    kernel[grid](
+        h,
+        weight,
+        bias,
+        out,
+        teacher,
+        weights,
+        denom,
+        loss_part,
+        n_rows,
+        d_in,
+        d_out,
+        h.stride(0),
+        weight.stride(0),
+        out.stride(0) if out is not None else 0,
+        teacher.stride(0) if fuse_mse else 0,
+        loss_part.stride(0) if fuse_mse else 0,
+        HAS_BIAS=bias is not None,
+        FUSE_MSE=fuse_mse,
+        HAS_MASK=weights is not None,
+        COMPUTE_GRAD=compute_grad,
+        DOT_DTYPE=dot_dtype,
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
+        **meta,
+    )
+
+
+def _project_with_torch(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    if h.is_cuda and weight.dtype != torch.float32:
+        torch.mm(h, weight.t(), out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(h.to(torch.float32), weight.t().to(torch.float32), out=out)
+    if bias is not None:
+        out += bias
+
+
+def _chunk_rows(n_tokens: int, d_out: int) -> int:
+    # Balanced chunks of at most ~CHUNK_ELEMENTS / d_out rows, in whole 128-row GEMM tiles when that large.
+    cap = max(1, CHUNK_ELEMENTS // d_out)
+    if cap >= 128:
+        cap -= cap % 128
+    rows = triton.cdiv(n_tokens, max(1, triton.cdiv(n_tokens, cap)))
+    return min(triton.cdiv(rows, 128) * 128, cap) if rows > 128 else max(1, rows)
+
+
+def linear_alignment_forward(
+    target: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    kind: str,
+    need_target_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Loss and the requested gradients ``(loss, d_target, d_weight, d_bias)`` for ``(tokens, d)`` inputs.
+
+    The projection GEMMs run in the inputs' dtype when ``target`` and ``weight`` share it (bf16/fp16 on tensor
+    cores, float32 accumulation) and in float32 otherwise; losses and ``dL/dz`` are computed in float32.
+    """
+    n_tokens, d_in = target.shape
+    d_out = weight.shape[0]
+    device = target.device
+    gemm_dtype = target.dtype if target.dtype == weight.dtype else torch.float32
+    weight_g = weight.to(gemm_dtype).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    need_bias_grad = need_bias_grad and bias is not None
+    compute_grad = need_target_grad or need_weight_grad or need_bias_grad
+    weights, denom = token_weights(mask, n_tokens, device)
+    if PROJECTION_GEMM not in ("triton", "torch"):
+        raise ValueError(f"PROJECTION_GEMM must be 'triton' or 'torch', got {PROJECTION_GEMM!r}")
+    fuse_mse = kind == "mse" and PROJECTION_GEMM == "triton"
+
+    grad_target = torch.empty_like(target) if need_target_grad else None
+    grad_weight = torch.zeros(d_out, d_in, dtype=torch.float32, device=device) if need_weight_grad else None
+    grad_bias = torch.zeros(d_out, dtype=torch.float32, device=device) if need_bias_grad else None
+    if fuse_mse:
+        # One partial sum per (token, column tile); tiles the chosen config does not have stay 0.
+        losses = torch.zeros(n_tokens, triton.cdiv(d_out, _MIN_BLOCK_N), dtype=torch.float32, device=device)
+    else:
+        losses = torch.empty(n_tokens, dtype=torch.float32, device=device)
+
+    chunk = min(_chunk_rows(n_tokens, d_out), n_tokens)
+    projected = None if fuse_mse else torch.empty(chunk, d_out, dtype=torch.float32, device=device)
+    grad_projected = torch.empty(chunk, d_out, dtype=gemm_dtype, device=device) if compute_grad else None
+    for start in range(0, n_tokens, max(chunk, 1)):
+        stop = min(start + chunk, n_tokens)
+        h = target[start:stop]
+        g = None if grad_projected is None else grad_projected[: stop - start]
+        chunk_weights = None if weights is None else weights[start:stop]
+        if fuse_mse:
+            _launch_projection(
+                h, weight_g, bias, g, teacher=teacher[start:stop], weights=chunk_weights, denom=denom,
+                loss_part=losses[start:stop], compute_grad=compute_grad,
+            )
+        else:
+            z = projected[: stop - start]
+            if PROJECTION_GEMM == "triton":
+                _launch_projection(h, weight_g, bias, z)
+            else:
+                _project_with_torch(h, weight_g, bias, z)
+            launch_row_alignment(
+                z, teacher[start:stop], kind, interpolate=False, weights=chunk_weights, denom=denom,
+                loss_out=losses[start:stop], grad_out=g,
+            )
+        if grad_target is not None:
+            if gemm_dtype == target.dtype:
+                torch.mm(g, weight_g, out=grad_target[start:stop])
+            else:
+                grad_target[start:stop] = torch.mm(g, weight_g)
+        if grad_weight is not None:
+            accumulate_weight_grad(grad_weight, g, h)
+        if grad_bias is not None:
+            grad_bias += g.sum(0, dtype=torch.float32)
+
+    return (
+        losses.sum(),
+        grad_target,
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
+
+
+def _compute(target, teacher, weight, bias, mask, *, kind, need_target_grad, need_weight_grad, need_bias_grad):
+    loss, grad_target, grad_weight, grad_bias = linear_alignment_forward(
+        target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad
+    )
+    return loss, (grad_target, None, grad_weight, grad_bias, None)
+
+
+def fused_linear_alignment(
+    target: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, kind: str
+) -> Tensor:
+    """Alignment loss of ``target @ weight.T + bias`` vs ``teacher`` for ``(tokens, d)`` inputs.
+
+    Differentiable in ``target``, ``weight`` and ``bias``. Eager calls go through
+    :class:`FusedAlignmentFunction`; inside ``torch.compile`` the registered ``letkit::fused_linear_alignment``
+    custom op is used, so the graph does not break.
+    """
+    grad_enabled = torch.is_grad_enabled()
+    need_target_grad = grad_enabled and target.requires_grad
+    need_weight_grad = grad_enabled and weight.requires_grad
+    need_bias_grad = grad_enabled and bias is not None and bias.requires_grad
+    if torch.compiler.is_compiling():
+        return torch.ops.letkit.fused_linear_alignment(
+            target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad
+        )[0]
+    compute = functools.partial(
+        _compute,
+        kind=kind,
+        need_target_grad=need_target_grad,
+        need_weight_grad=need_weight_grad,
+        need_bias_grad=need_bias_grad,
+    )
+    return FusedAlignmentFunction.apply(compute, target, teacher, weight, bias, mask)
+
+
+@torch.library.custom_op("letkit::fused_linear_alignment", mutates_args=())
+def _linear_alignment_op(
+    target: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    kind: str,
+    need_target_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    loss, grad_target, grad_weight, grad_bias = linear_alignment_forward(
+        target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad
+    )
+    empty = target.new_empty(0)
+    return (
+        loss,
+        empty if grad_target is None else grad_target,
+        weight.new_empty(0) if grad_weight is None else grad_weight,
+        target.new_empty(0) if grad_bias is None else grad_bias,
+    )
+
+
+@_linear_alignment_op.register_fake
+def _(target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad):
+    return (
+        target.new_empty((), dtype=torch.float32),
+        torch.empty_like(target) if need_target_grad else target.new_empty(0),
+        torch.empty_like(weight) if need_weight_grad else weight.new_empty(0),
+        torch.empty_like(bias) if bias is not None and need_bias_grad else target.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.needs = inputs[-3:]
+    ctx.has_bias = inputs[3] is not None
+    ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_grads_of_grads):
+    grad_target, grad_weight, grad_bias = ctx.saved_tensors
+    need_target_grad, need_weight_grad, need_bias_grad = ctx.needs
+    return (
+        grad_target * grad_loss if need_target_grad else None,
+        None,
+        grad_weight * grad_loss if need_weight_grad else None,
+        grad_bias * grad_loss if need_bias_grad and ctx.has_bias else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_linear_alignment_op.register_autograd(_backward, setup_context=_setup_context)
