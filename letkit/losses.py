@@ -99,7 +99,11 @@ def _torch_alignment_loss(
         h = F.linear(h, weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
     elif projection == "interpolate":
         h = interpolate_features(h, teacher.shape[-1])
-    losses = per_token_loss(h, teacher.to(compute_dtype), kind)
+    teacher = teacher.to(compute_dtype)
+    if mask is not None:  # masked tokens (e.g. padding) must not reach the loss, not even as NaN
+        dropped = (mask == 0).unsqueeze(-1)
+        h, teacher = h.masked_fill(dropped, 0), teacher.masked_fill(dropped, 0)
+    losses = per_token_loss(h, teacher, kind)
     if mask is None:
         return losses.mean() if losses.numel() else losses.sum()
     keep = mask.to(compute_dtype)

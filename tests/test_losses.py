@@ -109,8 +109,12 @@ def test_masked_tokens_do_not_matter():
     target, teacher = torch.randn(4, 8), torch.randn(4, 8)
     mask = torch.tensor([True, False, True, False])
     poisoned = target.clone()
-    poisoned[~mask] = 1e6
-    assert torch.equal(alignment_loss(target, teacher, "mse", mask=mask), alignment_loss(poisoned, teacher, "mse", mask=mask))
+    poisoned[~mask] = float("nan")
+    poisoned.requires_grad_(True)
+    loss = alignment_loss(poisoned, teacher, "mse", mask=mask)
+    assert torch.equal(loss, alignment_loss(target, teacher, "mse", mask=mask))
+    loss.backward()
+    assert torch.isfinite(poisoned.grad).all() and torch.count_nonzero(poisoned.grad[~mask]) == 0
 
 
 def test_interpolation_identity_and_exact_on_linear_signals():
