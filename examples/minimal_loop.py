@@ -4,7 +4,7 @@ Runs on CPU in well under a minute: bytes of the Python standard library's sourc
 Llama-style teacher is pretrained first (in real use it already exists), then a 4x wider target (30x the teacher's non-embedding parameters) trains
 with LET and, for comparison, without it, from the same initialisation and data order.
 
-    python examples/minimal_loop.py [--steps 300]
+    python examples/minimal_loop.py [--steps 120]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def pretrain_teacher(train: torch.Tensor, steps: int) -> torch.nn.Module:
     return teacher
 
 
-def train_target(target, train, val, steps, teacher=None, lambda0=1.0, stop_step=75):
+def train_target(target, train, val, steps, teacher=None, lambda0=1.0, stop_step=60):
     """One training run; with a teacher, LET assembled by hand from letkit's blocks."""
     opt_params = list(target.parameters())
     if teacher is not None:
@@ -95,8 +95,8 @@ def train_target(target, train, val, steps, teacher=None, lambda0=1.0, stop_step
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150, help="target training steps (default 150)")
-    parser.add_argument("--teacher-steps", type=int, default=150, help="teacher pretraining steps (default 150)")
+    parser.add_argument("--steps", type=int, default=120, help="target training steps (default 120)")
+    parser.add_argument("--teacher-steps", type=int, default=120, help="teacher pretraining steps (default 120)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     train, val = load_corpus()
