@@ -6,7 +6,7 @@ import difflib
 
 from torch import nn
 
-FINAL_NORM_NAMES = ("final_norm", "norm", "ln_f", "final_layer_norm")
+FINAL_NORM_NAMES = ("final_norm", "norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
@@ -25,6 +25,9 @@ def find_block_list(model: nn.Module, path: str | None = None) -> tuple[str, nn.
     ``nn.ModuleList`` whose entries all share one type: ``blocks`` in letkit's models, ``model.layers``
     in transformers' Llama, ``gpt_neox.layers``, ``model.decoder.layers``, ``transformer.h``, ...
     """
+    interface_blocks = getattr(model, "blocks", None)  # letkit's model interface (may alias a nested list)
+    if path is None and isinstance(interface_blocks, nn.ModuleList):
+        path = next((name for name, module in model.named_modules() if module is interface_blocks), None)
     if path is not None:
         blocks = get_submodule(model, path)
         if not isinstance(blocks, nn.ModuleList):
@@ -43,17 +46,22 @@ def find_block_list(model: nn.Module, path: str | None = None) -> tuple[str, nn.
     return max(candidates, key=lambda c: len(c[1]))
 
 
-def find_final_norm(model: nn.Module, block_list_path: str) -> str | None:
-    """Path of the model's final normalisation (applied after the last block), or None if it has none.
+def find_final_norm(model: nn.Module, block_list_path: str) -> list[str]:
+    """Candidate paths of the model's final normalisation (applied after the last block).
 
-    Looks for a module named like ``final_norm``/``norm``/``ln_f``/``final_layer_norm`` outside the
-    block list; with none or several candidates returns None. ``nn.Identity`` counts as none.
+    letkit's model interface names it ``final_norm`` (``nn.Identity`` when the architecture has none:
+    then there is no candidate). Otherwise: the modules named like ``norm``/``ln_f``/``final_layer_norm``/
+    ``final_layernorm``/``norm_f`` outside the block list. An empty list means the model has none.
     """
-    found = [
+    final_norm = getattr(model, "final_norm", None)
+    if isinstance(final_norm, nn.Module):
+        if isinstance(final_norm, nn.Identity):
+            return []
+        return [name for name, module in model.named_modules() if module is final_norm][:1]
+    return [
         name
         for name, module in model.named_modules()
         if name.rsplit(".", 1)[-1] in FINAL_NORM_NAMES
         and not name.startswith(block_list_path + ".")
         and not isinstance(module, nn.Identity)
     ]
-    return found[0] if len(found) == 1 else None

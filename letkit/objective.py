@@ -63,7 +63,11 @@ class LETObjective(nn.Module):
         out.loss.backward()
 
     Projector parameters (for learned projectors) are this module's parameters: give
-    ``objective.parameters()`` to the optimizer alongside the model's.
+    ``objective.parameters()`` to the optimizer alongside the model's. Under data parallelism a learned
+    projector needs its gradients synchronised like the model's: shard it with ``fully_shard`` and
+    ``register_fsdp_forward_method(projector, "loss")`` as examples/pretrain_fsdp.py does (DDP's reducer is
+    bypassed because the fused loss calls ``projector.loss``). The lambda schedule's state is not part of
+    this module's ``state_dict()``: checkpoint ``objective.schedule.state_dict()`` or pass ``step=``.
     """
 
     def __init__(
@@ -90,14 +94,17 @@ class LETObjective(nn.Module):
         self.target_layers = [s for _, s in self.pairs]
         self._captured: dict[int, Tensor] = {}
         self._hooks = [
-            target_blocks[k].register_forward_hook(self._capture_hook(k)) for k in sorted(set(self.target_layers))
+            target_blocks[k].register_forward_hook(self._capture_hook(k, target_blocks[k]))
+            for k in sorted(set(self.target_layers))
         ]
         if isinstance(projector, str):
             projector = self._build_projector(target, projector)
         self.projector = projector
 
-    def _capture_hook(self, layer: int):
+    def _capture_hook(self, layer: int, block: nn.Module):
         def capture(module: nn.Module, args: Any, output: Any) -> None:
+            if module is not block:  # a deep copy of the target (EMA, eval copy) carries this hook along
+                return
             self._captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
 
         return capture
@@ -106,8 +113,12 @@ class LETObjective(nn.Module):
         parameter = next(target.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
         probe = torch.zeros(1, 2, dtype=torch.long, device=device)
-        with torch.no_grad():
+        was_training = target.training
+        # eager and in eval mode: the probe must neither mark a compiled target's shapes dynamic nor run dropout
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            target.eval()
             target(probe)
+        target.train(was_training)
         target_dims = [self._captured[k].shape[-1] for k in self.target_layers]
         self._captured.clear()
         teacher_dims = self.teacher.feature_dims(probe.to(_device_of(self.teacher.model, device)))

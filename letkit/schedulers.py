@@ -39,8 +39,8 @@ class LambdaSchedule:
         self.hold_steps = hold_steps
         self.current_step = 0
 
-    def decay(self, progress: float) -> float:
-        """Decay factor at ``progress`` in [0, 1): 1 at 0, approaching 0 at 1."""
+    def decay(self, elapsed: int, length: int) -> float:
+        """Decay factor ``elapsed`` steps into a decay phase of ``length`` steps: 1 at 0, approaching 0 at ``length``."""
         raise NotImplementedError
 
     def __call__(self, step: int | None = None) -> float:
@@ -55,7 +55,7 @@ class LambdaSchedule:
         decay_start = self.warmup_steps + self.hold_steps
         if step < decay_start:
             return self.lambda0
-        return self.lambda0 * self.decay((step - decay_start) / (self.stop_step - decay_start))
+        return self.lambda0 * self.decay(step - decay_start, self.stop_step - decay_start)
 
     def step(self) -> None:
         """Advance the internal step counter by one."""
@@ -70,10 +70,17 @@ class LambdaSchedule:
         return dict(vars(self))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the step counter. The hyperparameters must equal this schedule's: a resumed run whose
+        config changed S_stop or lambda0 gets an error, not a silently different schedule (to change them on
+        purpose, build the new schedule and set ``current_step``)."""
         unknown = set(state_dict) - set(vars(self))
         if unknown:
             raise ValueError(f"state_dict has keys this {type(self).__name__} does not know: {sorted(unknown)}")
-        self.__dict__.update(state_dict)
+        changed = {k: (v, getattr(self, k)) for k, v in state_dict.items() if k != "current_step" and v != getattr(self, k)}
+        if changed:
+            described = ", ".join(f"{k}: saved {saved!r} vs {now!r}" for k, (saved, now) in changed.items())
+            raise ValueError(f"the saved {type(self).__name__} has different hyperparameters ({described})")
+        self.current_step = state_dict["current_step"]
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -83,15 +90,15 @@ class LambdaSchedule:
 class LinearDecay(LambdaSchedule):
     """Linear decay to 0 at ``stop_step`` (the paper's schedule)."""
 
-    def decay(self, progress: float) -> float:
-        return 1.0 - progress
+    def decay(self, elapsed: int, length: int) -> float:
+        return 1.0 - elapsed / length
 
 
 class CosineDecay(LambdaSchedule):
     """Half-cosine decay to 0 at ``stop_step``: gentle at the start and at the end."""
 
-    def decay(self, progress: float) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    def decay(self, elapsed: int, length: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * elapsed / length))
 
 
 class StepDecay(LambdaSchedule):
@@ -115,9 +122,8 @@ class StepDecay(LambdaSchedule):
         self.step_size = step_size
         self.gamma = float(gamma)
 
-    def decay(self, progress: float) -> float:
-        decay_steps = self.stop_step - self.warmup_steps - self.hold_steps
-        return self.gamma ** int(progress * decay_steps // self.step_size)
+    def decay(self, elapsed: int, length: int) -> float:
+        return self.gamma ** (elapsed // self.step_size)
 
 
 class ExponentialDecay(LambdaSchedule):
@@ -137,8 +143,8 @@ class ExponentialDecay(LambdaSchedule):
             raise ValueError(f"final_ratio must be in (0, 1), got {final_ratio}")
         self.final_ratio = float(final_ratio)
 
-    def decay(self, progress: float) -> float:
-        return self.final_ratio**progress
+    def decay(self, elapsed: int, length: int) -> float:
+        return self.final_ratio ** (elapsed / length)
 
 
 SCHEDULES: dict[str, type[LambdaSchedule]] = {

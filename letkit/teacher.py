@@ -63,7 +63,7 @@ class TeacherFeatureExtractor:
             model.to(device=device, dtype=dtype)
         self._model: nn.Module | None = model
         self.block_list_path, self._blocks = find_block_list(model, block_list)
-        self._final_norm_path = find_final_norm(model, self.block_list_path)
+        self._final_norm_paths = find_final_norm(model, self.block_list_path)
         self.stop_early = stop_early
         self.tokenizer = tokenizer
         self.select_layers(layers)
@@ -77,8 +77,10 @@ class TeacherFeatureExtractor:
         changed_last = probe.clone()
         changed_last[0, -1] = 1
         for layer, before, after in zip(self.layers, self(probe), self(changed_last)):
-            drift = (before[:, :-1].float() - after[:, :-1].float()).abs().max().item()
-            if drift > 1e-3 * max(before.float().abs().max().item(), 1e-6):
+            before, after = before[:, :-1].float(), after[:, :-1].float()
+            # relative to each position's own norm, so a few huge activations cannot hide a leak elsewhere
+            drift = ((before - after).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-6)).max().item()
+            if drift > 1e-3:
                 raise ValueError(
                     f"the teacher {type(self.model).__name__} is not causal: its layer-{layer} features at earlier "
                     f"positions change (by up to {drift:.3g}) when only the last token changes. A bidirectional "
@@ -140,8 +142,13 @@ class TeacherFeatureExtractor:
                     f"teacher layer index {layer} does not exist: the block list {self.block_list_path!r} has {n} blocks "
                     f"(valid indices {-n} .. {n - 1}), or pass a module path"
                 )
-            if layer % n == n - 1 and self._final_norm_path is not None:
-                modules.append(self.model.get_submodule(self._final_norm_path))
+            if layer % n == n - 1 and len(self._final_norm_paths) > 1:
+                raise ValueError(
+                    f"teacher layer {layer} means the final hidden state, but {type(self.model).__name__} has several "
+                    f"final-norm candidates {self._final_norm_paths}: pass the module path of the one to use"
+                )
+            if layer % n == n - 1 and self._final_norm_paths:
+                modules.append(self.model.get_submodule(self._final_norm_paths[0]))
             else:
                 modules.append(self._blocks[layer])
         self.layers = list(layers)

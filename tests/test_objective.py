@@ -146,3 +146,17 @@ def test_cross_tokenizer_alignment(tiny_lm):
     target(ids)
     with pytest.raises(ValueError, match="needs both teacher_input_ids and token_alignment"):
         objective(ids, step=0, teacher_input_ids=teacher_ids)
+
+
+def test_a_deep_copy_of_the_target_does_not_steal_the_captured_features(tiny_lm):
+    import copy
+
+    target = tiny_lm(layers=4)
+    objective = LETObjective(target, tiny_lm(dim=8, seed=1), schedule=LinearDecay(1.0, stop_step=4))
+    ema = copy.deepcopy(target)  # carries the capture hook along
+    ids = torch.randint(0, 50, (2, 6))
+    target(ids)
+    ema(torch.randint(0, 50, (2, 6)))
+    objective(ids, step=0).loss.backward()
+    assert target.blocks[0].mix.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ema.parameters())

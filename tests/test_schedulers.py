@@ -62,7 +62,7 @@ def test_state_dict_round_trip_mid_run(name):
     s = make(name, warmup_steps=3)
     for _ in range(37):
         s.step()
-    restored = make(name, lambda0=9.0, stop_step=999)
+    restored = make(name, warmup_steps=3)
     restored.load_state_dict(s.state_dict())
     future = []
     for _ in range(80):
@@ -73,9 +73,21 @@ def test_state_dict_round_trip_mid_run(name):
     assert restored.current_step == 117 and future[0][0] == make(name, warmup_steps=3)(37)
 
 
-def test_load_state_dict_rejects_unknown_keys():
+def test_load_state_dict_rejects_unknown_keys_and_changed_hyperparameters():
     with pytest.raises(ValueError, match="does not know.*'gamma'"):
         LinearDecay(1.0, 10).load_state_dict({"gamma": 0.5})
+    saved = LinearDecay(1.0, 10).state_dict()
+    with pytest.raises(ValueError, match="different hyperparameters \\(stop_step: saved 10 vs 20\\)"):
+        LinearDecay(1.0, 20).load_state_dict(saved)
+
+
+@settings(max_examples=200, deadline=None)
+@given(stop=st.integers(2, 400), step_size=st.integers(1, 400), hold=st.integers(0, 50), data=st.data())
+def test_step_decay_drops_exactly_every_step_size_steps(stop, step_size, hold, data):
+    hold = min(hold, stop - 1)
+    step = data.draw(st.integers(hold, stop - 1))
+    s = StepDecay(1.0, stop, step_size=step_size, gamma=0.5, hold_steps=hold)
+    assert s(step) == 0.5 ** ((step - hold) // step_size)
 
 
 @pytest.mark.parametrize(

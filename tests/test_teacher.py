@@ -89,3 +89,23 @@ def test_bert_encoder_from_transformers_is_refused(tmp_path):
     transformers.BertModel(config).save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(ValueError, match="BERT-family encoder"):
         TeacherFeatureExtractor.from_pretrained(tmp_path)
+
+
+def test_ambiguous_final_norm_is_an_error_not_a_silent_choice():
+    class TwoNorms(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+            self.norm = torch.nn.LayerNorm(4)
+            self.ln_f = torch.nn.LayerNorm(4)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for layer in self.layers:
+                x = layer(x)
+            return self.ln_f(self.norm(x))
+
+    with pytest.raises(ValueError, match=r"several final-norm candidates \['norm', 'ln_f'\]"):
+        TeacherFeatureExtractor(TwoNorms(), layers=[-1])
+    assert TeacherFeatureExtractor(TwoNorms(), layers=["ln_f"]).layers == ["ln_f"]

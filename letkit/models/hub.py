@@ -365,8 +365,9 @@ def _load_with_transformers(
             f"{directory / CONFIG_NAME} has model_type {model_type!r}; without transformers installed letkit loads "
             f"only {sorted(FAMILIES)}"
         ) from None
+    # dtype at load time (not .to(dtype) afterwards), so transformers keeps buffers such as rotary inv_freq in fp32
     try:
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=dtype)
     except ValueError:  # no causal-LM class for this model type: take the bare model
-        hf_model = transformers.AutoModel.from_pretrained(directory, use_safetensors=True)
-    return TransformersModel(hf_model.to(device=device, dtype=dtype))
+        hf_model = transformers.AutoModel.from_pretrained(directory, use_safetensors=True, dtype=dtype)
+    return TransformersModel(hf_model.to(device=device))
