@@ -6,10 +6,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import letkit.data as data
-from letkit.data import ShardedTokenLoader, load_index, token_dtype, tokenize_corpus
+from letkit.data import ShardedTokenLoader, WindowPermutation, load_index, token_dtype, tokenize_corpus
 
 WORDS = [f"w{i}" for i in range(60)]
 
@@ -256,3 +258,53 @@ def test_cli(corpus, tmp_path):
     data.main([str(src), "--tokenizer", str(tok), "--output", str(tmp_path / "cli"), "--workers", "1", "--shard-tokens", "80"])
     stream, _ = read_stream(tmp_path / "cli")
     np.testing.assert_array_equal(stream, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3000), seed=st.integers(0, 2**32))
+def test_window_permutation_is_a_bijection(n, seed):
+    permutation = WindowPermutation(n, [seed, 0])
+    images = permutation(np.arange(n))
+    np.testing.assert_array_equal(np.sort(images), np.arange(n))
+    np.testing.assert_array_equal(permutation(np.arange(n)[::-1][:7]), images[::-1][:7])  # per index, any order
+    if n > 50:  # not the identity, and another seed gives another order
+        assert not np.array_equal(images, np.arange(n))
+        assert not np.array_equal(images, WindowPermutation(n, [seed, 1])(np.arange(n)))
+
+
+def test_window_permutation_errors():
+    with pytest.raises(ValueError, match="n must be a positive int, got 0"):
+        WindowPermutation(0, 1)
+    with pytest.raises(ValueError, match=r"indices must be in \[0, n=10\), got values in \[3, 10\]"):
+        WindowPermutation(10, 1)([3, 10])
+
+
+def test_batches_mix_windows_of_all_shards(shards):
+    """A global shuffle: consecutive batches are not runs of one shard (the order within a shard was not enough)."""
+    out, _ = shards
+    loader = ShardedTokenLoader(out, seq_len=3, batch_size=8, seed=0)
+    n_shards = len(loader.windows_per_shard)
+    assert np.median(loader.windows_per_shard) > 16 and n_shards > 10  # a shard could fill whole batches
+    per_batch = []
+    for b in range(loader.num_windows // 8):
+        shard, window = loader.locate(np.arange(8 * b, 8 * b + 8))
+        assert (window < loader.windows_per_shard[shard]).all()
+        per_batch.append(len(set(shard.tolist())))
+    assert np.mean(per_batch) > 5, per_batch  # 8 windows drawn from > 10 shards: ~6.5 distinct expected
+    shard, window = loader.locate(np.arange(loader.num_windows))  # a permutation of all (shard, window) pairs
+    assert len(set(zip(shard.tolist(), window.tolist()))) == loader.num_windows
+    in_order = ShardedTokenLoader(out, seq_len=3, batch_size=8, shuffle=False)
+    shard, window = in_order.locate(np.arange(in_order.num_windows))
+    np.testing.assert_array_equal(shard, np.repeat(np.arange(n_shards), in_order.windows_per_shard))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts memory maps in /proc/self/maps")
+def test_open_shards_are_bounded(shards):
+    out, _ = shards
+    loader = ShardedTokenLoader(out, seq_len=3, batch_size=8, seed=0)
+    for _ in range(2 * loader.num_windows // 8):  # two epochs, touching every shard
+        next(loader)
+    with open("/proc/self/maps") as f:
+        mapped = {line.split()[-1] for line in f if str(out) in line}
+    assert len(loader.windows_per_shard) > ShardedTokenLoader.MAX_OPEN_SHARDS
+    assert 0 < len(mapped) <= ShardedTokenLoader.MAX_OPEN_SHARDS, mapped
