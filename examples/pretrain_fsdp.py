@@ -13,7 +13,8 @@ Needs PyTorch >= 2.6 (FSDP2's public ``torch.distributed.fsdp.fully_shard``). Wh
 * Teacher: a frozen, replicated bf16 copy on every rank (``TeacherFeatureExtractor.from_pretrained``, or
   ``random:<shape>`` for a randomly initialised one), pulled into ``LETObjective`` with an L2E layer map; it is
   freed at S_stop (``--teacher.stop_step``) and never even loaded by a run resumed after S_stop.
-* Loop: gradient accumulation, clipping of the sharded gradients, AdamW with warmup + cosine LR, the lambda
+* Loop: gradient accumulation (gradients reduce-scattered once per optimizer step, in the last micro-step's
+  backward), clipping of the sharded gradients, AdamW with warmup + cosine LR, the lambda
   schedule; rank 0 prints a progress line and appends metrics to ``<run_dir>/metrics.jsonl``.
 * Checkpoints (``<run_dir>/checkpoints/step_XXXXXXX``): model, optimizer and projector through
   ``torch.distributed.checkpoint`` (DCP); LR and lambda schedules, data position and RNG states in
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -53,7 +55,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 try:
@@ -259,16 +261,48 @@ def build_target(cfg: Config, vocab_size: int, mesh: DeviceMesh, device: torch.d
     return model
 
 
-def build_teacher(spec: str, vocab_size: int, device: torch.device, seed: int) -> TeacherFeatureExtractor:
-    """The frozen teacher, replicated on this rank in bf16 (float32 on CPU)."""
+def check_teacher_data(spec: str, teacher_config: dict[str, Any], tokenizer_file: Path | None, data_vocab: int,
+                       data_tokenizer_sha256: str | None, seq_len: int) -> None:
+    """ValueError unless the teacher can read the data: the same tokenizer (when both sides record one), a
+    vocabulary covering the data's ids, and a context of at least ``seq_len`` tokens (when its config says).
+
+    Args:
+        spec: teacher.path, for messages.
+        teacher_config: the teacher's config (config.json, or the random teacher's shape).
+        tokenizer_file: the teacher's tokenizer.json, or None if it has none.
+        data_vocab: vocabulary size of the data (not of the target, whose vocabulary may be padded).
+        data_tokenizer_sha256: SHA-256 of the tokenizer.json the data was made with (its index.json), if known.
+        seq_len: data.seq_len.
+    """
+    if data_tokenizer_sha256 and tokenizer_file is not None:
+        teacher_sha256 = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+        if teacher_sha256 != data_tokenizer_sha256:
+            raise ValueError(
+                f"the data was tokenized with a tokenizer.json of SHA-256 {data_tokenizer_sha256}, but teacher {spec!r} "
+                f"has {str(tokenizer_file)!r} with SHA-256 {teacher_sha256}: LET feeds the target's token ids to the "
+                "teacher, so the data must be tokenized with the teacher's tokenizer")
+    teacher_vocab = teacher_config.get("vocab_size")
+    if teacher_vocab is not None and teacher_vocab < data_vocab:
+        raise ValueError(f"teacher {spec!r} has vocab_size {teacher_vocab} < the data's {data_vocab}: the data must "
+                         "be tokenized with the teacher's tokenizer")
+    max_positions = teacher_config.get("max_position_embeddings")
+    if max_positions is not None and seq_len > max_positions:
+        raise ValueError(f"data.seq_len={seq_len} is longer than teacher {spec!r}'s max_position_embeddings="
+                         f"{max_positions}: use data.seq_len <= {max_positions} or a teacher with a longer context")
+
+
+def build_teacher(spec: str, data_vocab: int, device: torch.device, seed: int, *, seq_len: int,
+                  data_tokenizer_sha256: str | None = None) -> TeacherFeatureExtractor:
+    """The frozen teacher, replicated on this rank in bf16 (float32 on CPU), after :func:`check_teacher_data`
+    (read from config.json and tokenizer.json, before any weights are loaded)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not spec.startswith("random:"):
-        teacher = TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
-        teacher_vocab = getattr(getattr(teacher.model, "config", None), "vocab_size", vocab_size)
-        if teacher_vocab < vocab_size:
-            raise ValueError(f"teacher {spec!r} has vocab_size {teacher_vocab} < the data's {vocab_size}: the data "
-                             "must be tokenized with the teacher's tokenizer")
-        return teacher
+        directory = Path(spec)
+        config_file, tokenizer_file = directory / "config.json", directory / "tokenizer.json"
+        teacher_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        check_teacher_data(spec, teacher_config, tokenizer_file if tokenizer_file.is_file() else None, data_vocab,
+                           data_tokenizer_sha256, seq_len)
+        return TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
     name, *assignments = spec.removeprefix("random:").split(",")
     shapes = {**PRESETS, **TEACHER_SHAPES}
     if name not in shapes:
@@ -277,10 +311,12 @@ def build_teacher(spec: str, vocab_size: int, device: torch.device, seed: int) -
     for item in assignments:
         key, _, value = item.partition("=")
         shape[key.strip()] = json.loads(value)
+    config = LlamaConfig(**{**shape, "vocab_size": data_vocab})
+    check_teacher_data(spec, dataclasses.asdict(config), None, data_vocab, data_tokenizer_sha256, seq_len)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + 1)  # the same teacher on every rank, whenever it is built
         with torch.device(device):
-            model = Llama(LlamaConfig(**{**shape, "vocab_size": vocab_size}))
+            model = Llama(config)
     return TeacherFeatureExtractor(model, dtype=dtype)
 
 
@@ -506,6 +542,39 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return factor
 
 
+def set_gradient_sync(trainable: nn.Module, enabled: bool) -> None:
+    """Turn the reduce-scatter of gradients in backward on or off for every FSDP module (target and projector)."""
+    for module in trainable.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(enabled, recurse=False)
+
+
+def accumulate_gradients(model: nn.Module, objective: LETObjective | None, trainable: nn.Module, loader, grad_accum: int,
+                         step: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """Forward and backward of ``grad_accum`` micro-batches; returns the summed (loss, lm loss, align loss) and
+    whether an alignment loss was computed.
+
+    Gradients are reduce-scattered only in the last micro-step's backward: the earlier ones accumulate this
+    rank's unsharded gradients locally, so there is one reduction per optimizer step, not one per micro-step.
+    """
+    sums = torch.zeros(3, device=device)
+    has_align = False
+    for micro in range(grad_accum):
+        set_gradient_sync(trainable, micro == grad_accum - 1)
+        batch = next(loader).to(device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs)
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss, align = lm_loss, None
+        if objective is not None:
+            out = objective(inputs, lm_loss=lm_loss, step=step)
+            loss, align = out.loss, out.align_loss
+        (loss / grad_accum).backward()
+        sums += torch.stack([loss.detach(), lm_loss.detach(), align.detach() if align is not None else loss.new_zeros(())])
+        has_align |= align is not None
+    return sums, has_align
+
+
 def setup_distributed() -> torch.device:
     if "RANK" not in os.environ:  # plain `python pretrain_fsdp.py`: a world of one
         with socket.socket() as s:
@@ -545,12 +614,12 @@ def train(cfg: Config) -> None:
     start_step = trainer_state.get("step", 0)
 
     if d.path.startswith("random:"):
-        data_vocab = int(d.path.removeprefix("random:"))
+        data_vocab, data_tokenizer_sha256 = int(d.path.removeprefix("random:")), None
         loader = RandomTokens(data_vocab, d.seq_len, d.micro_batch_size, rank, d.seed)
     else:
         loader = ShardedTokenLoader(d.path, seq_len=d.seq_len, batch_size=d.micro_batch_size, rank=rank,
                                     world_size=world, seed=d.seed)
-        data_vocab = loader.vocab_size
+        data_vocab, data_tokenizer_sha256 = loader.vocab_size, loader.index.get("tokenizer_sha256")
     vocab_size = cfg.model.vocab_size or data_vocab
     if vocab_size < data_vocab:
         raise ValueError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data_vocab})")
@@ -563,7 +632,8 @@ def train(cfg: Config) -> None:
         if schedule.is_done(start_step):
             metrics.info("step %d >= S_stop = %d: LET is over, the teacher is not loaded", start_step, schedule.stop_step)
         else:
-            teacher = build_teacher(cfg.teacher.path, vocab_size, device, c.seed)
+            teacher = build_teacher(cfg.teacher.path, data_vocab, device, c.seed, seq_len=d.seq_len,
+                                    data_tokenizer_sha256=data_tokenizer_sha256)
             objective = build_objective(cfg, model, teacher, schedule, mesh, device)
             del teacher  # the objective holds the only reference, so releasing it frees the memory
             if any(True for _ in objective.parameters()):
@@ -609,20 +679,7 @@ def train(cfg: Config) -> None:
                          memory_gib(device)[0])
             metrics.record(event="teacher_released", step=step, memory_before_gib=before, memory_after_gib=memory_gib(device)[0])
 
-        sums = torch.zeros(3, device=device)  # loss, lm loss, align loss over micro-steps
-        has_align = False
-        for _ in range(d.grad_accum):
-            batch = next(loader).to(device)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            logits = model(inputs)
-            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            loss, align = lm_loss, None
-            if objective is not None:
-                out = objective(inputs, lm_loss=lm_loss, step=step)
-                loss, align = out.loss, out.align_loss
-            (loss / d.grad_accum).backward()
-            sums += torch.stack([loss.detach(), lm_loss.detach(), align.detach() if align is not None else loss.new_zeros(())])
-            has_align |= align is not None
+        sums, has_align = accumulate_gradients(model, objective, trainable, loader, d.grad_accum, step, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -231,3 +231,51 @@ def test_config_overrides_help_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         example.load_config(["--config", "tiny", "--train.compile", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """An in-process gloo process group of one rank."""
+    import torch.distributed as dist
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    dist.init_process_group("gloo")
+    yield
+    dist.destroy_process_group()
+
+
+def test_gradients_are_reduced_once_per_optimizer_step(world_of_one, monkeypatch):
+    """With grad accumulation, reduce-scatter runs in the last micro-step only (target and sharded projector)."""
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    example = load_example()
+    cfg = example.load_config(["--config", "tiny", "--teacher.projector", "linear"])
+    mesh, device = init_device_mesh("cpu", (1,)), torch.device("cpu")
+    model = example.build_target(cfg, 64, mesh, device)
+    teacher = example.build_teacher(cfg.teacher.path, 64, device, 0, seq_len=8)
+    schedule = example.SCHEDULES["linear"](0.5, 6)
+    objective = example.build_objective(cfg, model, teacher, schedule, mesh, device)
+    trainable = torch.nn.ModuleDict({"model": model, "projector": objective.projector})
+    groups = {name: m for name, m in trainable.named_modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_groups}
+    assert len(groups) == 4 and "projector.projectors.0" in groups  # 2 blocks, the root (embeddings, head), the projector
+    reductions = []
+    original = param_group.foreach_reduce
+
+    def counting(*args, **kwargs):
+        reductions.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(param_group, "foreach_reduce", counting)
+    loader = example.RandomTokens(64, 8, 2, 0, 0)
+    sums, has_align = example.accumulate_gradients(model, objective, trainable, loader, 3, 0, device)
+    assert has_align and torch.isfinite(sums).all()
+    assert len(reductions) == len(groups)  # one per FSDP parameter group, not one per micro-step
+    assert all(p.grad is not None for p in trainable.parameters() if p.requires_grad)
