@@ -57,6 +57,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
+from tokenizers import Tokenizer
 
 try:
     import tomllib
@@ -66,6 +67,7 @@ except ModuleNotFoundError:  # Python 3.10: pip install tomli
 from letkit import SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
 from letkit.data import ShardedTokenLoader
 from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, save_pretrained
+from letkit.tokenization import same_tokenizer
 
 log = logging.getLogger("pretrain")
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -262,7 +264,7 @@ def build_target(cfg: Config, vocab_size: int, mesh: DeviceMesh, device: torch.d
 
 
 def check_teacher_data(spec: str, teacher_config: dict[str, Any], tokenizer_file: Path | None, data_vocab: int,
-                       data_tokenizer_sha256: str | None, seq_len: int) -> None:
+                       data_tokenizer_sha256: str | None, seq_len: int, data_tokenizer_file: Path | None = None) -> None:
     """ValueError unless the teacher can read the data: the same tokenizer (when both sides record one), a
     vocabulary covering the data's ids, and a context of at least ``seq_len`` tokens (when its config says).
 
@@ -273,14 +275,18 @@ def check_teacher_data(spec: str, teacher_config: dict[str, Any], tokenizer_file
         data_vocab: vocabulary size of the data (not of the target, whose vocabulary may be padded).
         data_tokenizer_sha256: SHA-256 of the tokenizer.json the data was made with (its index.json), if known.
         seq_len: data.seq_len.
+        data_tokenizer_file: the data's tokenizer.json, if at hand: files that differ in bytes (formatting,
+            decoder settings) are accepted when they tokenize alike (``letkit.tokenization.same_tokenizer``).
     """
     if data_tokenizer_sha256 and tokenizer_file is not None:
         teacher_sha256 = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
-        if teacher_sha256 != data_tokenizer_sha256:
+        if teacher_sha256 != data_tokenizer_sha256 and not (
+                data_tokenizer_file is not None and same_tokenizer(Tokenizer.from_file(str(tokenizer_file)),
+                                                                    Tokenizer.from_file(str(data_tokenizer_file)))):
             raise ValueError(
                 f"the data was tokenized with a tokenizer.json of SHA-256 {data_tokenizer_sha256}, but teacher {spec!r} "
-                f"has {str(tokenizer_file)!r} with SHA-256 {teacher_sha256}: LET feeds the target's token ids to the "
-                "teacher, so the data must be tokenized with the teacher's tokenizer")
+                f"has {str(tokenizer_file)!r} with SHA-256 {teacher_sha256}, which tokenizes differently: LET feeds "
+                "the target's token ids to the teacher, so the data must be tokenized with the teacher's tokenizer")
     teacher_vocab = teacher_config.get("vocab_size")
     if teacher_vocab is not None and teacher_vocab < data_vocab:
         raise ValueError(f"teacher {spec!r} has vocab_size {teacher_vocab} < the data's {data_vocab}: the data must "
@@ -292,7 +298,8 @@ def check_teacher_data(spec: str, teacher_config: dict[str, Any], tokenizer_file
 
 
 def build_teacher(spec: str, data_vocab: int, device: torch.device, seed: int, *, seq_len: int,
-                  data_tokenizer_sha256: str | None = None) -> TeacherFeatureExtractor:
+                  data_tokenizer_sha256: str | None = None, data_tokenizer_file: Path | None = None
+                  ) -> TeacherFeatureExtractor:
     """The frozen teacher, replicated on this rank in bf16 (float32 on CPU), after :func:`check_teacher_data`
     (read from config.json and tokenizer.json, before any weights are loaded)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -301,7 +308,7 @@ def build_teacher(spec: str, data_vocab: int, device: torch.device, seed: int, *
         config_file, tokenizer_file = directory / "config.json", directory / "tokenizer.json"
         teacher_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         check_teacher_data(spec, teacher_config, tokenizer_file if tokenizer_file.is_file() else None, data_vocab,
-                           data_tokenizer_sha256, seq_len)
+                           data_tokenizer_sha256, seq_len, data_tokenizer_file)
         return TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
     name, *assignments = spec.removeprefix("random:").split(",")
     shapes = {**PRESETS, **TEACHER_SHAPES}
@@ -614,12 +621,13 @@ def train(cfg: Config) -> None:
     start_step = trainer_state.get("step", 0)
 
     if d.path.startswith("random:"):
-        data_vocab, data_tokenizer_sha256 = int(d.path.removeprefix("random:")), None
+        data_vocab, data_tokenizer_sha256, data_tokenizer_file = int(d.path.removeprefix("random:")), None, None
         loader = RandomTokens(data_vocab, d.seq_len, d.micro_batch_size, rank, d.seed)
     else:
         loader = ShardedTokenLoader(d.path, seq_len=d.seq_len, batch_size=d.micro_batch_size, rank=rank,
                                     world_size=world, seed=d.seed)
         data_vocab, data_tokenizer_sha256 = loader.vocab_size, loader.index.get("tokenizer_sha256")
+        data_tokenizer_file = loader.tokenizer_file
     vocab_size = cfg.model.vocab_size or data_vocab
     if vocab_size < data_vocab:
         raise ValueError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data_vocab})")
@@ -633,7 +641,7 @@ def train(cfg: Config) -> None:
             metrics.info("step %d >= S_stop = %d: LET is over, the teacher is not loaded", start_step, schedule.stop_step)
         else:
             teacher = build_teacher(cfg.teacher.path, data_vocab, device, c.seed, seq_len=d.seq_len,
-                                    data_tokenizer_sha256=data_tokenizer_sha256)
+                                    data_tokenizer_sha256=data_tokenizer_sha256, data_tokenizer_file=data_tokenizer_file)
             objective = build_objective(cfg, model, teacher, schedule, mesh, device)
             del teacher  # the objective holds the only reference, so releasing it frees the memory
             if any(True for _ in objective.parameters()):

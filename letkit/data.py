@@ -18,6 +18,7 @@ Tokenizing (:func:`tokenize_corpus`, or ``python -m letkit.data``)::
 Layout of the output directory::
 
     tokenize.json              settings; a rerun with different settings is refused
+    tokenizer.json             a copy of the tokenizer (its SHA-256 is in index.json)
     parts/00003.json           manifest of source file 3: its shards, the byte offset each ends at, complete?
     parts/00003-00000.npy      shard 0 of source file 3 (a 1-D .npy array, read with numpy.memmap)
     index.json                 all shards in order, token counts, dtype, vocab size, eos id
@@ -262,6 +263,8 @@ def tokenize_corpus(
             )
     else:
         _write_json(settings_path, settings)
+    tokenizer_bytes = tokenizer_path.read_bytes()
+    _write_atomic(out / "tokenizer.json", lambda f: f.write(tokenizer_bytes))  # for checks against a teacher's
     (out / "index.json").unlink(missing_ok=True)  # stale until every source is done again
 
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(sources)))
@@ -431,6 +434,14 @@ class ShardedTokenLoader:
     def vocab_size(self) -> int:
         """Vocabulary size of the tokenizer the data was made with."""
         return self.index["vocab_size"]
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        """The copy of the data's ``tokenizer.json`` in ``data_dir``, if present and the one index.json names."""
+        path = self.data_dir / "tokenizer.json"
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == self.index["tokenizer_sha256"]:
+            return path
+        return None
 
     def _shard(self, k: int) -> np.ndarray:
         if k in self._shards:

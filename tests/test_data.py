@@ -178,6 +178,10 @@ def test_loader_windows_are_slices_of_the_shards(shards):
     for i in range(4):  # consecutive windows overlap by the one target token
         np.testing.assert_array_equal(batch[i].numpy(), first[7 * i : 7 * i + 8])
     assert loader.vocab_size == 62
+    assert loader.tokenizer_file == out / "tokenizer.json"  # a copy, for checking a teacher's tokenizer against
+    assert (out / "tokenizer.json").read_bytes() == (out.parent / "tokenizer.json").read_bytes()
+    (out / "tokenizer.json").write_text("{}")
+    assert loader.tokenizer_file is None  # not the tokenizer index.json names
 
 
 def test_ranks_read_disjoint_slices_of_the_global_batch(shards):

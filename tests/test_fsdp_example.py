@@ -279,3 +279,48 @@ def test_gradients_are_reduced_once_per_optimizer_step(world_of_one, monkeypatch
     assert has_align and torch.isfinite(sums).all()
     assert len(reductions) == len(groups)  # one per FSDP parameter group, not one per micro-step
     assert all(p.grad is not None for p in trainable.parameters() if p.requires_grad)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_teacher_must_match_the_data(shards, tmp_path):
+    """Tokenizer identity (index.json's SHA-256, or same_tokenizer on the data's copy), the DATA's vocabulary (not
+    the padded model's), and seq_len <= the teacher's max_position_embeddings, all before the weights load."""
+    from letkit.models import save_pretrained
+
+    example = load_example()
+    data_tokenizer = Tokenizer.from_file(str(shards / "tokenizer.json"))
+    sha = json.loads((shards / "index.json").read_text())["tokenizer_sha256"]
+    vocab = data_tokenizer.get_vocab_size()
+
+    def teacher_dir(name, vocab_size, tokenizer, max_positions=64):
+        with torch.device("meta"):
+            model = from_preset("tiny", vocab_size=vocab_size, max_position_embeddings=max_positions)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        return save_pretrained(model, tmp_path / name, tokenizer=tokenizer)
+
+    def build(path, seq_len=32, data_file=shards / "tokenizer.json", data_vocab=vocab):
+        return example.build_teacher(str(path), data_vocab, torch.device("cpu"), 0, seq_len=seq_len,
+                                     data_tokenizer_sha256=sha, data_tokenizer_file=data_file)
+
+    # the same tokenizer, saved compactly (other bytes than the data's file): accepted via same_tokenizer
+    same = teacher_dir("same", vocab, data_tokenizer)
+    assert (same / "tokenizer.json").read_bytes() != (shards / "tokenizer.json").read_bytes()
+    assert build(same).num_layers == 2
+    with pytest.raises(ValueError, match=f"SHA-256 {sha}, but teacher .*same.* has .* which tokenizes differently"):
+        build(same, data_file=None)  # only the SHA-256 to go by
+
+    other = Tokenizer(models.WordLevel({"<unk>": 0, "<|endoftext|>": 1, **{f"x{i}": i + 2 for i in range(40)}}, "<unk>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="which tokenizes differently: LET feeds the target's token ids to the teacher"):
+        build(teacher_dir("other", vocab, other))
+
+    no_tokenizer = teacher_dir("small", vocab - 1, None)
+    with pytest.raises(ValueError, match=f"has vocab_size {vocab - 1} < the data's {vocab}"):
+        build(no_tokenizer)
+    # the check uses the data's vocabulary: a target padded to 64 does not make a 42-token teacher fail
+    assert build(teacher_dir("exact", vocab, None)).num_layers == 2
+    with pytest.raises(ValueError, match=r"data.seq_len=65 is longer than teacher .*max_position_embeddings=64"):
+        build(teacher_dir("short", vocab, None), seq_len=65)
+    with pytest.raises(ValueError, match=r"data.seq_len=40 is longer than teacher 'random:tiny,max_position_embeddings=39'"):
+        example.build_teacher("random:tiny,max_position_embeddings=39", vocab, torch.device("cpu"), 0, seq_len=40)
