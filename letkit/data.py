@@ -263,8 +263,9 @@ def tokenize_corpus(
             )
     else:
         _write_json(settings_path, settings)
-    tokenizer_bytes = tokenizer_path.read_bytes()
-    _write_atomic(out / "tokenizer.json", lambda f: f.write(tokenizer_bytes))  # for checks against a teacher's
+    tokenizer_bytes, tokenizer_copy = tokenizer_path.read_bytes(), out / "tokenizer.json"
+    if not tokenizer_copy.is_file() or tokenizer_copy.read_bytes() != tokenizer_bytes:  # for checks against a teacher's
+        _write_atomic(tokenizer_copy, lambda f: f.write(tokenizer_bytes))
     (out / "index.json").unlink(missing_ok=True)  # stale until every source is done again
 
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(sources)))
