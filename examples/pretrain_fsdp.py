@@ -327,6 +327,32 @@ def build_teacher(spec: str, data_vocab: int, device: torch.device, seed: int, *
     return TeacherFeatureExtractor(model, dtype=dtype)
 
 
+def restore_lambda_schedule(schedule, teacher_cfg: TeacherConfig, trainer_state: dict[str, Any], checkpoint: Path) -> None:
+    """Set ``schedule`` to the checkpoint's step; ValueError naming the fields if the config changed the schedule.
+
+    A checkpoint of a run without a teacher has no schedule state: the schedule starts at the checkpoint's step.
+    """
+    saved_state, step = trainer_state.get("lambda_schedule"), trainer_state["step"]
+    if not saved_state:
+        schedule.current_step = step
+        return
+    saved_cfg = trainer_state.get("config", {}).get("teacher", {})
+    changed = [f"teacher.{key}: checkpoint {saved_cfg[key]!r}, config {getattr(teacher_cfg, key)!r}"
+               for key in ("schedule", "lambda0", "stop_step") if key in saved_cfg and saved_cfg[key] != getattr(teacher_cfg, key)]
+    if not changed:
+        try:
+            schedule.load_state_dict(saved_state)
+        except ValueError as e:
+            changed = [str(e)]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: this run's lambda schedule differs from the one it was trained with "
+            f"({'; '.join(changed)}). Resume with the checkpoint's values, or start a new train.run_dir "
+            "(or --checkpoint.resume false) to train with another schedule")
+    if schedule.current_step != step:
+        raise ValueError(f"{checkpoint}: trainer_state.json has step {step} but lambda schedule step {schedule.current_step}")
+
+
 def build_objective(cfg: Config, target: nn.Module, teacher: TeacherFeatureExtractor, schedule, mesh: DeviceMesh,
                     device: torch.device) -> LETObjective:
     """LETObjective; a learned projector is sharded like the target (its grads are reduced like the target's)."""
@@ -637,8 +663,11 @@ def train(cfg: Config) -> None:
     objective, schedule = None, None
     if cfg.teacher.path != "none":
         schedule = SCHEDULES[cfg.teacher.schedule](cfg.teacher.lambda0, cfg.teacher.stop_step)
-        if schedule.is_done(start_step):
-            metrics.info("step %d >= S_stop = %d: LET is over, the teacher is not loaded", start_step, schedule.stop_step)
+        if resume_from:  # before the teacher is loaded: a changed schedule fails fast, and S_stop is judged on it
+            restore_lambda_schedule(schedule, cfg.teacher, trainer_state, resume_from)
+        if schedule.is_done():
+            metrics.info("step %d >= S_stop = %d: LET is over, the teacher is not loaded", schedule.current_step,
+                         schedule.stop_step)
         else:
             teacher = build_teacher(cfg.teacher.path, data_vocab, device, c.seed, seq_len=d.seq_len,
                                     data_tokenizer_sha256=data_tokenizer_sha256, data_tokenizer_file=data_tokenizer_file)
@@ -661,8 +690,6 @@ def train(cfg: Config) -> None:
         trainer_state = load_checkpoint(resume_from, trainable, optimizer)
         lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
         loader.load_state_dict(trainer_state["data"])
-        if schedule is not None and trainer_state.get("lambda_schedule"):
-            schedule.load_state_dict(trainer_state["lambda_schedule"])
         metrics.info("resumed from %s (step %d)", resume_from, start_step)
         metrics.record(event="resume", step=start_step, checkpoint=str(resume_from))
 

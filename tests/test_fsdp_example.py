@@ -1,5 +1,6 @@
 """examples/pretrain_fsdp.py under torchrun: 2 CPU ranks (gloo), the tiny config, a few steps."""
 
+import dataclasses
 import importlib.util
 import json
 import random
@@ -324,3 +325,41 @@ def test_teacher_must_match_the_data(shards, tmp_path):
         build(teacher_dir("short", vocab, None), seq_len=65)
     with pytest.raises(ValueError, match=r"data.seq_len=40 is longer than teacher 'random:tiny,max_position_embeddings=39'"):
         example.build_teacher("random:tiny,max_position_embeddings=39", vocab, torch.device("cpu"), 0, seq_len=40)
+
+
+def test_restore_lambda_schedule_rules(tmp_path):
+    example = load_example()
+    cfg = example.load_config(["--config", "tiny"])  # linear, lambda0 0.5, S_stop 6
+    saved = example.SCHEDULES["linear"](0.5, 6)
+    for _ in range(4):
+        saved.step()
+    state = {"step": 4, "lambda_schedule": saved.state_dict(), "config": {"teacher": dataclasses.asdict(cfg.teacher)}}
+    schedule = example.SCHEDULES["linear"](0.5, 6)
+    example.restore_lambda_schedule(schedule, cfg.teacher, state, tmp_path)
+    assert schedule.current_step == 4 and not schedule.is_done()
+    baseline = {"step": 9, "lambda_schedule": None, "config": {}}  # a checkpoint of a run without a teacher
+    example.restore_lambda_schedule(schedule, cfg.teacher, baseline, tmp_path)
+    assert schedule.current_step == 9 and schedule.is_done()
+
+    changed = example.load_config(["--config", "tiny", "--teacher.stop_step", "8", "--teacher.schedule", "cosine"])
+    with pytest.raises(ValueError, match=r"cannot resume from .*: this run's lambda schedule differs .*teacher.schedule: "
+                                         r"checkpoint 'linear', config 'cosine'; teacher.stop_step: checkpoint 6, config 8\)"):
+        example.restore_lambda_schedule(example.SCHEDULES["cosine"](0.5, 8), changed.teacher, state, tmp_path)
+    no_config = {**state, "config": {}}  # the schedule's own check (letkit's LambdaSchedule.load_state_dict)
+    with pytest.raises(ValueError, match="cannot resume from .*stop_step: saved 6 vs 8"):
+        example.restore_lambda_schedule(example.SCHEDULES["linear"](0.5, 8), changed.teacher, no_config, tmp_path)
+    with pytest.raises(ValueError, match="trainer_state.json has step 5 but lambda schedule step 4"):
+        example.restore_lambda_schedule(example.SCHEDULES["linear"](0.5, 6), cfg.teacher, {**state, "step": 5}, tmp_path)
+
+
+def test_resume_with_a_changed_lambda_schedule_fails_before_loading_the_teacher(full_run, shards, tmp_path):
+    full_dir, _ = full_run
+    shutil.copytree(full_dir / "checkpoints" / "step_0000008", tmp_path / "checkpoints" / "step_0000008")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
+               "--config", "tiny", "--data.path", str(shards), "--train.run_dir", str(tmp_path),
+               "--teacher.stop_step", "10"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "teacher.stop_step: checkpoint 6, config 10" in output
+    assert "layers, pairs (teacher, target)" not in output  # the teacher was not loaded
