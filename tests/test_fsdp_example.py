@@ -363,3 +363,27 @@ def test_resume_with_a_changed_lambda_schedule_fails_before_loading_the_teacher(
     output = result.stdout + result.stderr
     assert "teacher.stop_step: checkpoint 6, config 10" in output
     assert "layers, pairs (teacher, target)" not in output  # the teacher was not loaded
+
+
+@pytest.mark.parametrize("projector, compile", [("linear", "true")])
+def test_sharded_projector_and_compile_train_and_resume_exactly(shards, tmp_path, projector, compile):
+    """The learned projector is fully_shard-ed like the target: it trains, is checkpointed, and a run resumed
+    from step 4 (before S_stop, so the projector is still in use) repeats the uninterrupted run exactly."""
+    options = ["--teacher.projector", projector, "--train.compile", compile, "--checkpoint.export", "false"]
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    output = torchrun(full_dir, shards, *options)
+    assert f"projector {projector}" in output
+    want, _ = metrics(full_dir)
+    lm = [want[s]["lm_loss"] for s in range(1, STEPS + 1)]
+    assert sum(lm[-3:]) / 3 < sum(lm[:3]) / 3 - 0.3, lm
+    assert all(want[s]["align_loss"] is not None for s in range(1, S_STOP + 1))
+    metadata = dcp.FileSystemReader(str(full_dir / "checkpoints" / "step_0000004")).read_metadata()
+    assert any(key.startswith("model.projector.") for key in metadata.state_dict_metadata)
+    shutil.copytree(full_dir / "checkpoints" / "step_0000004", resumed_dir / "checkpoints" / "step_0000004")
+    output = torchrun(resumed_dir, shards, *options)
+    assert "resumed from" in output
+    got, _ = metrics(resumed_dir)
+    assert sorted(got) == list(range(5, STEPS + 1))
+    for s in got:
+        for key in ("loss", "lm_loss", "align_loss", "grad_norm"):
+            assert got[s][key] == want[s][key], (s, key)
