@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import letkit.data as data
-from letkit.data import ShardedTokenLoader, WindowPermutation, load_index, token_dtype, tokenize_corpus
+from letkit.data import ShardedTokenLoader, TeacherTokenizedLoader, WindowPermutation, decode_with_offsets, load_index, token_dtype, tokenize_corpus
 
 WORDS = [f"w{i}" for i in range(60)]
 
@@ -312,3 +312,62 @@ def test_open_shards_are_bounded(shards):
         mapped = {line.split()[-1] for line in f if str(out) in line}
     assert len(loader.windows_per_shard) > ShardedTokenLoader.MAX_OPEN_SHARDS
     assert 0 < len(mapped) <= ShardedTokenLoader.MAX_OPEN_SHARDS, mapped
+
+
+def teacher_tokenizer():
+    """Another tokenizer for the same text: 'w12' -> 'w', '1', '2'; knows <|endoftext|> as a special token."""
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "w": 2, **{str(d): d + 3 for d in range(10)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    return tokenizer
+
+
+def test_decode_with_offsets_spans_tile_the_text():
+    tokenizer = make_tokenizer_object()
+    ids = [2, 3, 1, 40, 5]
+    text, offsets = decode_with_offsets(ids, tokenizer)
+    assert text == "w0 w1 <|endoftext|> w38 w3"
+    assert [text[a:b] for a, b in offsets] == ["w0", " w1", " <|endoftext|>", " w38", " w3"]
+
+
+def make_tokenizer_object():
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    return tokenizer
+
+
+def test_teacher_tokenized_loader_aligns_and_resumes_exactly(shards):
+    out, _ = shards
+    target, teacher = make_tokenizer_object(), teacher_tokenizer()
+    kwargs = dict(seq_len=6, batch_size=3, rank=1, world_size=2, seed=4)
+    plain = ShardedTokenLoader(out, **kwargs)
+    loader = TeacherTokenizedLoader(ShardedTokenLoader(out, **kwargs), target, teacher, mode="last", teacher_max_length=14)
+    for _ in range(5):
+        batch, teacher_ids, alignment = next(loader)
+        assert torch.equal(batch, next(plain))  # the target batches are untouched
+        assert loader.state_dict() == plain.state_dict()  # prefetching does not move the saved position
+        assert teacher_ids.shape[1] <= 14 and alignment.mask.shape == (3, 6)
+        for row in range(3):
+            words = [target.id_to_token(i) for i in batch[row, :-1].tolist()]
+            pieces = [teacher.id_to_token(i) for i in teacher_ids[row].tolist()]
+            lengths = [1 if w == "<|endoftext|>" else len(w) for w in words]  # teacher tokens: 'w12' -> w, 1, 2
+            first_teacher_token = np.cumsum([0] + lengths[:-1])
+            for t, word in enumerate(words):
+                if first_teacher_token[t] >= 14:  # cut from the teacher's input (teacher_max_length)
+                    assert not alignment.mask[row, t]
+                elif first_teacher_token[t] + lengths[t] <= 14:  # "last": the teacher token ending where t ends
+                    assert alignment.mask[row, t]
+                    assert pieces[alignment.hi[row, t]] == (word if word == "<|endoftext|>" else word[-1]), (words, pieces, t)
+    state = loader.state_dict()
+    resumed = TeacherTokenizedLoader(ShardedTokenLoader(out, **kwargs), target, teacher, mode="mean")
+    resumed.load_state_dict(state)
+    sixth = next(plain)
+    assert torch.equal(next(resumed)[0], sixth)
+    unwrapped = loader.close()  # the plain loader again, at the position after the last batch returned
+    assert torch.equal(next(unwrapped), sixth)
+    resumed.close()
+    with pytest.raises(ValueError, match="mode must be one of \\('last', 'mean'\\), got 'first'"):
+        TeacherTokenizedLoader(plain, target, teacher, mode="first")
