@@ -12,7 +12,9 @@ Needs PyTorch >= 2.6 (FSDP2's public ``torch.distributed.fsdp.fully_shard``). Wh
   the root; ``to_empty`` + ``init_weights`` materialise only this rank's shards.
 * Teacher: a frozen, replicated bf16 copy on every rank (``TeacherFeatureExtractor.from_pretrained``, or
   ``random:<shape>`` for a randomly initialised one), pulled into ``LETObjective`` with an L2E layer map; it is
-  freed at S_stop (``--teacher.stop_step``) and never even loaded by a run resumed after S_stop.
+  freed at S_stop (``--teacher.stop_step``) and never even loaded by a run resumed after S_stop. Its tokenizer
+  must be the data's, unless ``--teacher.alignment last|mean`` (cross-tokenizer LET): then a background thread
+  decodes each window to text, re-tokenizes it for the teacher and aligns the two (``TeacherTokenizedLoader``).
 * Loop: gradient accumulation (gradients reduce-scattered once per optimizer step, in the last micro-step's
   backward), clipping of the sharded gradients, AdamW with warmup + cosine LR, the lambda
   schedule; rank 0 prints a progress line and appends metrics to ``<run_dir>/metrics.jsonl``.
@@ -65,7 +67,7 @@ except ModuleNotFoundError:  # Python 3.10: pip install tomli
     import tomli as tomllib
 
 from letkit import SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
-from letkit.data import ShardedTokenLoader
+from letkit.data import ShardedTokenLoader, TeacherTokenizedLoader
 from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, save_pretrained
 from letkit.tokenization import same_tokenizer
 
@@ -90,6 +92,9 @@ class TeacherConfig:
     layer_map: str = field(default="L2E", metadata={"help": "comma-separated LayerMap specs (L2E, L2M, 0.25, ...)"})
     projector: str = field(default="interpolate", metadata={"help": "interpolate (paper), linear or mlp"})
     loss: str = field(default="cosine", metadata={"help": "cosine (paper), smooth_l1 or mse"})
+    alignment: str = field(default="same", metadata={
+        "help": "same: the data is tokenized with the teacher's tokenizer; last or mean: cross-tokenizer LET, the "
+                "teacher re-tokenizes the text of each window (needs a teacher checkpoint with a tokenizer.json)"})
     schedule: str = field(default="linear", metadata={"help": "lambda schedule: linear (paper) or cosine"})
     lambda0: float = field(default=0.1, metadata={"help": "alignment weight at step 0"})
     stop_step: int = field(default=10_000, metadata={"help": "S_stop: lambda reaches 0 and the teacher is freed"})
@@ -209,7 +214,8 @@ def load_config(argv: list[str] | None = None) -> Config:
 def check_config(cfg: Config) -> None:
     """ValueError naming the first field with an invalid value."""
     choices = {"train.mixed_precision": ("bf16", "fp32"), "teacher.schedule": ("linear", "cosine"),
-               "teacher.projector": ("interpolate", "linear", "mlp"), "teacher.loss": ("cosine", "smooth_l1", "mse")}
+               "teacher.projector": ("interpolate", "linear", "mlp"), "teacher.loss": ("cosine", "smooth_l1", "mse"),
+               "teacher.alignment": ("same", "last", "mean")}
     positive = ("train.steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "teacher.stop_step",
                 "log.every", "optim.lr", "optim.grad_clip")
     non_negative = ("train.stop_at", "train.shard_group", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep", "teacher.lambda0")
@@ -298,11 +304,20 @@ def check_teacher_data(spec: str, teacher_config: dict[str, Any], tokenizer_file
 
 
 def build_teacher(spec: str, data_vocab: int, device: torch.device, seed: int, *, seq_len: int,
-                  data_tokenizer_sha256: str | None = None, data_tokenizer_file: Path | None = None
-                  ) -> TeacherFeatureExtractor:
+                  data_tokenizer_sha256: str | None = None, data_tokenizer_file: Path | None = None,
+                  cross_tokenizer: bool = False) -> TeacherFeatureExtractor:
     """The frozen teacher, replicated on this rank in bf16 (float32 on CPU), after :func:`check_teacher_data`
-    (read from config.json and tokenizer.json, before any weights are loaded)."""
+    (read from config.json and tokenizer.json, before any weights are loaded). With ``cross_tokenizer`` the teacher
+    reads its own tokenization of the text: it needs a tokenizer.json, and the data's tokenizer must be at hand."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if cross_tokenizer:
+        if spec.startswith("random:") or not (Path(spec) / "tokenizer.json").is_file():
+            raise ValueError(f"teacher.alignment (cross-tokenizer LET) needs a teacher checkpoint directory with a "
+                             f"tokenizer.json, got teacher.path {spec!r}")
+        if data_tokenizer_file is None:
+            raise ValueError("teacher.alignment (cross-tokenizer LET) needs the data's tokenizer: token shards from "
+                             "python -m letkit.data, which keep a copy of it as <data.path>/tokenizer.json")
+        return TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
     if not spec.startswith("random:"):
         directory = Path(spec)
         config_file, tokenizer_file = directory / "config.json", directory / "tokenizer.json"
@@ -594,13 +609,17 @@ def accumulate_gradients(model: nn.Module, objective: LETObjective | None, train
     has_align = False
     for micro in range(grad_accum):
         set_gradient_sync(trainable, micro == grad_accum - 1)
-        batch = next(loader).to(device)
+        batch, teacher_inputs = next(loader), {}
+        if isinstance(batch, tuple):  # cross-tokenizer LET: the teacher's own tokens and the alignment
+            batch, teacher_ids, alignment = batch
+            teacher_inputs = dict(teacher_input_ids=teacher_ids.to(device), token_alignment=alignment.to(device))
+        batch = batch.to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = model(inputs)
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss, align = lm_loss, None
         if objective is not None:
-            out = objective(inputs, lm_loss=lm_loss, step=step)
+            out = objective(inputs, lm_loss=lm_loss, step=step, **teacher_inputs)
             loss, align = out.loss, out.align_loss
         (loss / grad_accum).backward()
         sums += torch.stack([loss.detach(), lm_loss.detach(), align.detach() if align is not None else loss.new_zeros(())])
@@ -670,11 +689,17 @@ def train(cfg: Config) -> None:
                          schedule.stop_step)
         else:
             teacher = build_teacher(cfg.teacher.path, data_vocab, device, c.seed, seq_len=d.seq_len,
-                                    data_tokenizer_sha256=data_tokenizer_sha256, data_tokenizer_file=data_tokenizer_file)
+                                    data_tokenizer_sha256=data_tokenizer_sha256, data_tokenizer_file=data_tokenizer_file,
+                                    cross_tokenizer=cfg.teacher.alignment != "same")
             objective = build_objective(cfg, model, teacher, schedule, mesh, device)
             del teacher  # the objective holds the only reference, so releasing it frees the memory
             if any(True for _ in objective.parameters()):
                 trainable["projector"] = objective.projector
+            if cfg.teacher.alignment != "same":
+                max_positions = getattr(getattr(objective.teacher.model, "config", None), "max_position_embeddings", None)
+                loader = TeacherTokenizedLoader(loader, Tokenizer.from_file(str(data_tokenizer_file)),
+                                                objective.teacher.tokenizer, mode=cfg.teacher.alignment,
+                                                teacher_max_length=max_positions)
             metrics.info("teacher %s: %d layers, pairs (teacher, target) %s, projector %s, memory %.2f GiB",
                          cfg.teacher.path, objective.teacher.num_layers, objective.pairs, cfg.teacher.projector,
                          memory_gib(device)[0])
@@ -710,6 +735,8 @@ def train(cfg: Config) -> None:
             before = memory_gib(device)[0]
             objective.finish()
             objective = None
+            if isinstance(loader, TeacherTokenizedLoader):
+                loader = loader.close()
             metrics.info("S_stop = %d steps done: teacher released, memory %.2f -> %.2f GiB", step, before,
                          memory_gib(device)[0])
             metrics.record(event="teacher_released", step=step, memory_before_gib=before, memory_after_gib=memory_gib(device)[0])
@@ -758,6 +785,8 @@ def train(cfg: Config) -> None:
             path = save_checkpoint(ckpt_dir, done, trainable, optimizer, state, cfg.checkpoint.keep)
             metrics.info("saved %s in %.1fs", path, time.perf_counter() - started)
             metrics.record(event="checkpoint", step=done, path=str(path))
+    if isinstance(loader, TeacherTokenizedLoader):
+        loader.close()
     final = run_dir / "final_model"
     if cfg.checkpoint.export and min(stop_at, c.steps) == c.steps and not final.exists():
         export_model(model, final)

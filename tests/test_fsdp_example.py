@@ -387,3 +387,33 @@ def test_sharded_projector_and_compile_train_and_resume_exactly(shards, tmp_path
     for s in got:
         for key in ("loss", "lm_loss", "align_loss", "grad_norm"):
             assert got[s][key] == want[s][key], (s, key)
+
+
+def test_cross_tokenizer_let_with_a_teacher_of_another_tokenizer(shards, tmp_path):
+    """--teacher.alignment last: a teacher whose tokenizer splits 'w12' into 'w', '1', '2' reads its own tokens of
+    each window's text; training aligns until S_stop, then drops the teacher (and the re-tokenizing thread)."""
+    from letkit.models import save_pretrained
+
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "w": 2, **{str(d): d + 3 for d in range(10)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    with torch.device("meta"):
+        teacher = from_preset("tiny", vocab_size=len(vocab), max_position_embeddings=64)
+    teacher.to_empty(device="cpu")
+    teacher.init_weights()
+    save_pretrained(teacher, tmp_path / "teacher", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="tokenizes differently"):  # without teacher.alignment it is refused
+        load_example().build_teacher(str(tmp_path / "teacher"), 42, torch.device("cpu"), 0, seq_len=32,
+                                     data_tokenizer_sha256="0" * 64)
+    run_dir = tmp_path / "run"
+    torchrun(run_dir, shards, "--teacher.path", str(tmp_path / "teacher"), "--teacher.alignment", "last",
+             "--checkpoint.export", "false", "--checkpoint.every", "0")
+    steps, events = metrics(run_dir)
+    lm = [steps[s]["lm_loss"] for s in range(1, STEPS + 1)]
+    assert sum(lm[-3:]) / 3 < sum(lm[:3]) / 3 - 0.3, lm
+    for s in range(1, STEPS + 1):
+        assert (steps[s]["align_loss"] is not None) == (s <= S_STOP)
+    align = [steps[s]["align_loss"] for s in range(1, S_STOP + 1)]
+    assert all(0 < a < 2 for a in align) and align[-1] < align[0], align
+    assert [e["step"] for e in events if e["event"] == "teacher_released"] == [S_STOP]
