@@ -791,6 +791,7 @@ def train(cfg: Config) -> None:
     if cfg.checkpoint.export and min(stop_at, c.steps) == c.steps and not final.exists():
         export_model(model, final)
         metrics.info("exported the model to %s", final)
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
