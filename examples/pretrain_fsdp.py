@@ -292,7 +292,8 @@ def check_teacher_data(spec: str, teacher_config: dict[str, Any], tokenizer_file
             raise ValueError(
                 f"the data was tokenized with a tokenizer.json of SHA-256 {data_tokenizer_sha256}, but teacher {spec!r} "
                 f"has {str(tokenizer_file)!r} with SHA-256 {teacher_sha256}, which tokenizes differently: LET feeds "
-                "the target's token ids to the teacher, so the data must be tokenized with the teacher's tokenizer")
+                "the target's token ids to the teacher, so the data must be tokenized with the teacher's tokenizer (or "
+                "use cross-tokenizer LET: --teacher.alignment last or mean)")
     teacher_vocab = teacher_config.get("vocab_size")
     if teacher_vocab is not None and teacher_vocab < data_vocab:
         raise ValueError(f"teacher {spec!r} has vocab_size {teacher_vocab} < the data's {data_vocab}: the data must "

@@ -27,6 +27,10 @@ Loading (:class:`ShardedTokenLoader`): fixed-length windows of ``seq_len + 1`` t
 (inputs and next-token targets), shuffled per epoch across all shards by a seeded bijection of the window
 indices. Every rank reads its own slice of each global batch. The position is a count of global samples consumed, so it is the same on every
 rank, is saved with ``state_dict()``, and resumes exactly (even with another world size).
+
+Cross-tokenizer LET (:class:`TeacherTokenizedLoader`): wraps the loader and adds, per batch, the teacher's own
+tokenization of the windows' text (decoded with :func:`decode_with_offsets`) and the causal alignment of the two,
+prepared in a background thread.
 """
 
 from __future__ import annotations

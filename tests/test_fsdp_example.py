@@ -229,6 +229,8 @@ def test_config_overrides_help_and_errors(tmp_path, capsys):
         example.load_config(["--config", "tiny", "--train.mixed_precision", "fp16"])
     with pytest.raises(ValueError, match="data.grad_accum must be positive, got 0"):
         example.load_config(["--config", "tiny", "--data.grad_accum", "0"])
+    with pytest.raises(ValueError, match="teacher.alignment must be one of \\('same', 'last', 'mean'\\), got 'first'"):
+        example.load_config(["--config", "tiny", "--teacher.alignment", "first"])
     with pytest.raises(SystemExit):
         example.load_config(["--config", "tiny", "--train.compile", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
