@@ -12,8 +12,11 @@ Needs PyTorch >= 2.6 (FSDP2's public ``torch.distributed.fsdp.fully_shard``). Wh
   the root; ``to_empty`` + ``init_weights`` materialise only this rank's shards.
 * Teacher: a frozen, replicated bf16 copy on every rank (``TeacherFeatureExtractor.from_pretrained``, or
   ``random:<shape>`` for a randomly initialised one), pulled into ``LETObjective`` with an L2E layer map; it is
-  freed at S_stop (``--teacher.stop_step``) and never even loaded by a run resumed after S_stop.
-* Loop: gradient accumulation, clipping of the sharded gradients, AdamW with warmup + cosine LR, the lambda
+  freed at S_stop (``--teacher.stop_step``) and never even loaded by a run resumed after S_stop. Its tokenizer
+  must be the data's, unless ``--teacher.alignment last|mean`` (cross-tokenizer LET): then a background thread
+  decodes each window to text, re-tokenizes it for the teacher and aligns the two (``TeacherTokenizedLoader``).
+* Loop: gradient accumulation (gradients reduce-scattered once per optimizer step, in the last micro-step's
+  backward), clipping of the sharded gradients, AdamW with warmup + cosine LR, the lambda
   schedule; rank 0 prints a progress line and appends metrics to ``<run_dir>/metrics.jsonl``.
 * Checkpoints (``<run_dir>/checkpoints/step_XXXXXXX``): model, optimizer and projector through
   ``torch.distributed.checkpoint`` (DCP); LR and lambda schedules, data position and RNG states in
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -53,8 +57,9 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
+from tokenizers import Tokenizer
 
 try:
     import tomllib
@@ -62,8 +67,9 @@ except ModuleNotFoundError:  # Python 3.10: pip install tomli
     import tomli as tomllib
 
 from letkit import SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
-from letkit.data import ShardedTokenLoader
+from letkit.data import ShardedTokenLoader, TeacherTokenizedLoader
 from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, save_pretrained
+from letkit.tokenization import same_tokenizer
 
 log = logging.getLogger("pretrain")
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -86,6 +92,9 @@ class TeacherConfig:
     layer_map: str = field(default="L2E", metadata={"help": "comma-separated LayerMap specs (L2E, L2M, 0.25, ...)"})
     projector: str = field(default="interpolate", metadata={"help": "interpolate (paper), linear or mlp"})
     loss: str = field(default="cosine", metadata={"help": "cosine (paper), smooth_l1 or mse"})
+    alignment: str = field(default="same", metadata={
+        "help": "same: the data is tokenized with the teacher's tokenizer; last or mean: cross-tokenizer LET, the "
+                "teacher re-tokenizes the text of each window (needs a teacher checkpoint with a tokenizer.json)"})
     schedule: str = field(default="linear", metadata={"help": "lambda schedule: linear (paper) or cosine"})
     lambda0: float = field(default=0.1, metadata={"help": "alignment weight at step 0"})
     stop_step: int = field(default=10_000, metadata={"help": "S_stop: lambda reaches 0 and the teacher is freed"})
@@ -205,7 +214,8 @@ def load_config(argv: list[str] | None = None) -> Config:
 def check_config(cfg: Config) -> None:
     """ValueError naming the first field with an invalid value."""
     choices = {"train.mixed_precision": ("bf16", "fp32"), "teacher.schedule": ("linear", "cosine"),
-               "teacher.projector": ("interpolate", "linear", "mlp"), "teacher.loss": ("cosine", "smooth_l1", "mse")}
+               "teacher.projector": ("interpolate", "linear", "mlp"), "teacher.loss": ("cosine", "smooth_l1", "mse"),
+               "teacher.alignment": ("same", "last", "mean")}
     positive = ("train.steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "teacher.stop_step",
                 "log.every", "optim.lr", "optim.grad_clip")
     non_negative = ("train.stop_at", "train.shard_group", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep", "teacher.lambda0")
@@ -259,16 +269,63 @@ def build_target(cfg: Config, vocab_size: int, mesh: DeviceMesh, device: torch.d
     return model
 
 
-def build_teacher(spec: str, vocab_size: int, device: torch.device, seed: int) -> TeacherFeatureExtractor:
-    """The frozen teacher, replicated on this rank in bf16 (float32 on CPU)."""
+def check_teacher_data(spec: str, teacher_config: dict[str, Any], tokenizer_file: Path | None, data_vocab: int,
+                       data_tokenizer_sha256: str | None, seq_len: int, data_tokenizer_file: Path | None = None) -> None:
+    """ValueError unless the teacher can read the data: the same tokenizer (when both sides record one), a
+    vocabulary covering the data's ids, and a context of at least ``seq_len`` tokens (when its config says).
+
+    Args:
+        spec: teacher.path, for messages.
+        teacher_config: the teacher's config (config.json, or the random teacher's shape).
+        tokenizer_file: the teacher's tokenizer.json, or None if it has none.
+        data_vocab: vocabulary size of the data (not of the target, whose vocabulary may be padded).
+        data_tokenizer_sha256: SHA-256 of the tokenizer.json the data was made with (its index.json), if known.
+        seq_len: data.seq_len.
+        data_tokenizer_file: the data's tokenizer.json, if at hand: files that differ in bytes (formatting,
+            decoder settings) are accepted when they tokenize alike (``letkit.tokenization.same_tokenizer``).
+    """
+    if data_tokenizer_sha256 and tokenizer_file is not None:
+        teacher_sha256 = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+        if teacher_sha256 != data_tokenizer_sha256 and not (
+                data_tokenizer_file is not None and same_tokenizer(Tokenizer.from_file(str(tokenizer_file)),
+                                                                    Tokenizer.from_file(str(data_tokenizer_file)))):
+            raise ValueError(
+                f"the data was tokenized with a tokenizer.json of SHA-256 {data_tokenizer_sha256}, but teacher {spec!r} "
+                f"has {str(tokenizer_file)!r} with SHA-256 {teacher_sha256}, which tokenizes differently: LET feeds "
+                "the target's token ids to the teacher, so the data must be tokenized with the teacher's tokenizer (or "
+                "use cross-tokenizer LET: --teacher.alignment last or mean)")
+    teacher_vocab = teacher_config.get("vocab_size")
+    if teacher_vocab is not None and teacher_vocab < data_vocab:
+        raise ValueError(f"teacher {spec!r} has vocab_size {teacher_vocab} < the data's {data_vocab}: the data must "
+                         "be tokenized with the teacher's tokenizer")
+    max_positions = teacher_config.get("max_position_embeddings")
+    if max_positions is not None and seq_len > max_positions:
+        raise ValueError(f"data.seq_len={seq_len} is longer than teacher {spec!r}'s max_position_embeddings="
+                         f"{max_positions}: use data.seq_len <= {max_positions} or a teacher with a longer context")
+
+
+def build_teacher(spec: str, data_vocab: int, device: torch.device, seed: int, *, seq_len: int,
+                  data_tokenizer_sha256: str | None = None, data_tokenizer_file: Path | None = None,
+                  cross_tokenizer: bool = False) -> TeacherFeatureExtractor:
+    """The frozen teacher, replicated on this rank in bf16 (float32 on CPU), after :func:`check_teacher_data`
+    (read from config.json and tokenizer.json, before any weights are loaded). With ``cross_tokenizer`` the teacher
+    reads its own tokenization of the text: it needs a tokenizer.json, and the data's tokenizer must be at hand."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if cross_tokenizer:
+        if spec.startswith("random:") or not (Path(spec) / "tokenizer.json").is_file():
+            raise ValueError(f"teacher.alignment (cross-tokenizer LET) needs a teacher checkpoint directory with a "
+                             f"tokenizer.json, got teacher.path {spec!r}")
+        if data_tokenizer_file is None:
+            raise ValueError("teacher.alignment (cross-tokenizer LET) needs the data's tokenizer: token shards from "
+                             "python -m letkit.data, which keep a copy of it as <data.path>/tokenizer.json")
+        return TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
     if not spec.startswith("random:"):
-        teacher = TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
-        teacher_vocab = getattr(getattr(teacher.model, "config", None), "vocab_size", vocab_size)
-        if teacher_vocab < vocab_size:
-            raise ValueError(f"teacher {spec!r} has vocab_size {teacher_vocab} < the data's {vocab_size}: the data "
-                             "must be tokenized with the teacher's tokenizer")
-        return teacher
+        directory = Path(spec)
+        config_file, tokenizer_file = directory / "config.json", directory / "tokenizer.json"
+        teacher_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        check_teacher_data(spec, teacher_config, tokenizer_file if tokenizer_file.is_file() else None, data_vocab,
+                           data_tokenizer_sha256, seq_len, data_tokenizer_file)
+        return TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
     name, *assignments = spec.removeprefix("random:").split(",")
     shapes = {**PRESETS, **TEACHER_SHAPES}
     if name not in shapes:
@@ -277,11 +334,39 @@ def build_teacher(spec: str, vocab_size: int, device: torch.device, seed: int) -
     for item in assignments:
         key, _, value = item.partition("=")
         shape[key.strip()] = json.loads(value)
+    config = LlamaConfig(**{**shape, "vocab_size": data_vocab})
+    check_teacher_data(spec, dataclasses.asdict(config), None, data_vocab, data_tokenizer_sha256, seq_len)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + 1)  # the same teacher on every rank, whenever it is built
         with torch.device(device):
-            model = Llama(LlamaConfig(**{**shape, "vocab_size": vocab_size}))
+            model = Llama(config)
     return TeacherFeatureExtractor(model, dtype=dtype)
+
+
+def restore_lambda_schedule(schedule, teacher_cfg: TeacherConfig, trainer_state: dict[str, Any], checkpoint: Path) -> None:
+    """Set ``schedule`` to the checkpoint's step; ValueError naming the fields if the config changed the schedule.
+
+    A checkpoint of a run without a teacher has no schedule state: the schedule starts at the checkpoint's step.
+    """
+    saved_state, step = trainer_state.get("lambda_schedule"), trainer_state["step"]
+    if not saved_state:
+        schedule.current_step = step
+        return
+    saved_cfg = trainer_state.get("config", {}).get("teacher", {})
+    changed = [f"teacher.{key}: checkpoint {saved_cfg[key]!r}, config {getattr(teacher_cfg, key)!r}"
+               for key in ("schedule", "lambda0", "stop_step") if key in saved_cfg and saved_cfg[key] != getattr(teacher_cfg, key)]
+    if not changed:
+        try:
+            schedule.load_state_dict(saved_state)
+        except ValueError as e:
+            changed = [str(e)]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: this run's lambda schedule differs from the one it was trained with "
+            f"({'; '.join(changed)}). Resume with the checkpoint's values, or start a new train.run_dir "
+            "(or --checkpoint.resume false) to train with another schedule")
+    if schedule.current_step != step:
+        raise ValueError(f"{checkpoint}: trainer_state.json has step {step} but lambda schedule step {schedule.current_step}")
 
 
 def build_objective(cfg: Config, target: nn.Module, teacher: TeacherFeatureExtractor, schedule, mesh: DeviceMesh,
@@ -506,6 +591,43 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return factor
 
 
+def set_gradient_sync(trainable: nn.Module, enabled: bool) -> None:
+    """Turn the reduce-scatter of gradients in backward on or off for every FSDP module (target and projector)."""
+    for module in trainable.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(enabled, recurse=False)
+
+
+def accumulate_gradients(model: nn.Module, objective: LETObjective | None, trainable: nn.Module, loader, grad_accum: int,
+                         step: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """Forward and backward of ``grad_accum`` micro-batches; returns the summed (loss, lm loss, align loss) and
+    whether an alignment loss was computed.
+
+    Gradients are reduce-scattered only in the last micro-step's backward: the earlier ones accumulate this
+    rank's unsharded gradients locally, so there is one reduction per optimizer step, not one per micro-step.
+    """
+    sums = torch.zeros(3, device=device)
+    has_align = False
+    for micro in range(grad_accum):
+        set_gradient_sync(trainable, micro == grad_accum - 1)
+        batch, teacher_inputs = next(loader), {}
+        if isinstance(batch, tuple):  # cross-tokenizer LET: the teacher's own tokens and the alignment
+            batch, teacher_ids, alignment = batch
+            teacher_inputs = dict(teacher_input_ids=teacher_ids.to(device), token_alignment=alignment.to(device))
+        batch = batch.to(device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs)
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss, align = lm_loss, None
+        if objective is not None:
+            out = objective(inputs, lm_loss=lm_loss, step=step, **teacher_inputs)
+            loss, align = out.loss, out.align_loss
+        (loss / grad_accum).backward()
+        sums += torch.stack([loss.detach(), lm_loss.detach(), align.detach() if align is not None else loss.new_zeros(())])
+        has_align |= align is not None
+    return sums, has_align
+
+
 def setup_distributed() -> torch.device:
     if "RANK" not in os.environ:  # plain `python pretrain_fsdp.py`: a world of one
         with socket.socket() as s:
@@ -545,12 +667,13 @@ def train(cfg: Config) -> None:
     start_step = trainer_state.get("step", 0)
 
     if d.path.startswith("random:"):
-        data_vocab = int(d.path.removeprefix("random:"))
+        data_vocab, data_tokenizer_sha256, data_tokenizer_file = int(d.path.removeprefix("random:")), None, None
         loader = RandomTokens(data_vocab, d.seq_len, d.micro_batch_size, rank, d.seed)
     else:
         loader = ShardedTokenLoader(d.path, seq_len=d.seq_len, batch_size=d.micro_batch_size, rank=rank,
                                     world_size=world, seed=d.seed)
-        data_vocab = loader.vocab_size
+        data_vocab, data_tokenizer_sha256 = loader.vocab_size, loader.index.get("tokenizer_sha256")
+        data_tokenizer_file = loader.tokenizer_file
     vocab_size = cfg.model.vocab_size or data_vocab
     if vocab_size < data_vocab:
         raise ValueError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data_vocab})")
@@ -560,14 +683,24 @@ def train(cfg: Config) -> None:
     objective, schedule = None, None
     if cfg.teacher.path != "none":
         schedule = SCHEDULES[cfg.teacher.schedule](cfg.teacher.lambda0, cfg.teacher.stop_step)
-        if schedule.is_done(start_step):
-            metrics.info("step %d >= S_stop = %d: LET is over, the teacher is not loaded", start_step, schedule.stop_step)
+        if resume_from:  # before the teacher is loaded: a changed schedule fails fast, and S_stop is judged on it
+            restore_lambda_schedule(schedule, cfg.teacher, trainer_state, resume_from)
+        if schedule.is_done():
+            metrics.info("step %d >= S_stop = %d: LET is over, the teacher is not loaded", schedule.current_step,
+                         schedule.stop_step)
         else:
-            teacher = build_teacher(cfg.teacher.path, vocab_size, device, c.seed)
+            teacher = build_teacher(cfg.teacher.path, data_vocab, device, c.seed, seq_len=d.seq_len,
+                                    data_tokenizer_sha256=data_tokenizer_sha256, data_tokenizer_file=data_tokenizer_file,
+                                    cross_tokenizer=cfg.teacher.alignment != "same")
             objective = build_objective(cfg, model, teacher, schedule, mesh, device)
             del teacher  # the objective holds the only reference, so releasing it frees the memory
             if any(True for _ in objective.parameters()):
                 trainable["projector"] = objective.projector
+            if cfg.teacher.alignment != "same":
+                max_positions = getattr(getattr(objective.teacher.model, "config", None), "max_position_embeddings", None)
+                loader = TeacherTokenizedLoader(loader, Tokenizer.from_file(str(data_tokenizer_file)),
+                                                objective.teacher.tokenizer, mode=cfg.teacher.alignment,
+                                                teacher_max_length=max_positions)
             metrics.info("teacher %s: %d layers, pairs (teacher, target) %s, projector %s, memory %.2f GiB",
                          cfg.teacher.path, objective.teacher.num_layers, objective.pairs, cfg.teacher.projector,
                          memory_gib(device)[0])
@@ -583,8 +716,6 @@ def train(cfg: Config) -> None:
         trainer_state = load_checkpoint(resume_from, trainable, optimizer)
         lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
         loader.load_state_dict(trainer_state["data"])
-        if schedule is not None and trainer_state.get("lambda_schedule"):
-            schedule.load_state_dict(trainer_state["lambda_schedule"])
         metrics.info("resumed from %s (step %d)", resume_from, start_step)
         metrics.record(event="resume", step=start_step, checkpoint=str(resume_from))
 
@@ -605,24 +736,13 @@ def train(cfg: Config) -> None:
             before = memory_gib(device)[0]
             objective.finish()
             objective = None
+            if isinstance(loader, TeacherTokenizedLoader):
+                loader = loader.close()
             metrics.info("S_stop = %d steps done: teacher released, memory %.2f -> %.2f GiB", step, before,
                          memory_gib(device)[0])
             metrics.record(event="teacher_released", step=step, memory_before_gib=before, memory_after_gib=memory_gib(device)[0])
 
-        sums = torch.zeros(3, device=device)  # loss, lm loss, align loss over micro-steps
-        has_align = False
-        for _ in range(d.grad_accum):
-            batch = next(loader).to(device)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            logits = model(inputs)
-            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            loss, align = lm_loss, None
-            if objective is not None:
-                out = objective(inputs, lm_loss=lm_loss, step=step)
-                loss, align = out.loss, out.align_loss
-            (loss / d.grad_accum).backward()
-            sums += torch.stack([loss.detach(), lm_loss.detach(), align.detach() if align is not None else loss.new_zeros(())])
-            has_align |= align is not None
+        sums, has_align = accumulate_gradients(model, objective, trainable, loader, d.grad_accum, step, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -666,10 +786,13 @@ def train(cfg: Config) -> None:
             path = save_checkpoint(ckpt_dir, done, trainable, optimizer, state, cfg.checkpoint.keep)
             metrics.info("saved %s in %.1fs", path, time.perf_counter() - started)
             metrics.record(event="checkpoint", step=done, path=str(path))
+    if isinstance(loader, TeacherTokenizedLoader):
+        loader.close()
     final = run_dir / "final_model"
     if cfg.checkpoint.export and min(stop_at, c.steps) == c.steps and not final.exists():
         export_model(model, final)
         metrics.info("exported the model to %s", final)
+    dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 

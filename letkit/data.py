@@ -18,14 +18,19 @@ Tokenizing (:func:`tokenize_corpus`, or ``python -m letkit.data``)::
 Layout of the output directory::
 
     tokenize.json              settings; a rerun with different settings is refused
+    tokenizer.json             a copy of the tokenizer (its SHA-256 is in index.json)
     parts/00003.json           manifest of source file 3: its shards, the byte offset each ends at, complete?
     parts/00003-00000.npy      shard 0 of source file 3 (a 1-D .npy array, read with numpy.memmap)
     index.json                 all shards in order, token counts, dtype, vocab size, eos id
 
 Loading (:class:`ShardedTokenLoader`): fixed-length windows of ``seq_len + 1`` tokens cut from each shard
-(inputs and next-token targets), shuffled per epoch with a seeded generator. Every rank reads its own
-slice of each global batch. The position is a count of global samples consumed, so it is the same on every
+(inputs and next-token targets), shuffled per epoch across all shards by a seeded bijection of the window
+indices. Every rank reads its own slice of each global batch. The position is a count of global samples consumed, so it is the same on every
 rank, is saved with ``state_dict()``, and resumes exactly (even with another world size).
+
+Cross-tokenizer LET (:class:`TeacherTokenizedLoader`): wraps the loader and adds, per batch, the teacher's own
+tokenization of the windows' text (decoded with :func:`decode_with_offsets`) and the causal alignment of the two,
+prepared in a background thread.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -261,6 +267,9 @@ def tokenize_corpus(
             )
     else:
         _write_json(settings_path, settings)
+    tokenizer_bytes, tokenizer_copy = tokenizer_path.read_bytes(), out / "tokenizer.json"
+    if not tokenizer_copy.is_file() or tokenizer_copy.read_bytes() != tokenizer_bytes:  # for checks against a teacher's
+        _write_atomic(tokenizer_copy, lambda f: f.write(tokenizer_bytes))
     (out / "index.json").unlink(missing_ok=True)  # stale until every source is done again
 
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(sources)))
@@ -316,15 +325,67 @@ def load_index(data_dir: str | os.PathLike) -> dict[str, Any]:
     return index
 
 
+class WindowPermutation:
+    """A seeded bijection of ``[0, n)``, evaluated per index in O(1) memory (nothing of size ``n`` is stored).
+
+    A balanced Feistel network on the smallest even number of bits covering ``n`` (``rounds`` rounds, each a
+    splitmix64-style hash of one half keyed by a 64-bit round key drawn from ``numpy.random.default_rng(seed)``),
+    with cycle walking: an image ``>= n`` is permuted again until it falls in ``[0, n)``. The domain is less
+    than ``4 n``, so fewer than 4 walks are needed on average.
+
+    Args:
+        n: size of the permuted range.
+        seed: anything ``numpy.random.default_rng`` accepts (e.g. ``[seed, epoch]``).
+        rounds: Feistel rounds.
+    """
+
+    MIX1, MIX2, GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+    def __init__(self, n: int, seed: Any, rounds: int = 6) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        self.n = n
+        self.half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
+        self.mask = np.uint64((1 << self.half_bits) - 1)
+        self.keys = np.random.default_rng(seed).integers(0, 2**63, size=rounds, dtype=np.uint64)
+
+    def _round(self, x: np.ndarray, key: np.uint64) -> np.ndarray:
+        z = (x ^ key) * self.GOLDEN  # uint64 arrays wrap around on overflow, as the hash wants
+        z = (z ^ (z >> np.uint64(30))) * self.MIX1
+        z = (z ^ (z >> np.uint64(27))) * self.MIX2
+        return (z ^ (z >> np.uint64(31))) & self.mask
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        shift = np.uint64(self.half_bits)
+        left, right = x >> shift, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << shift) | right
+
+    def __call__(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        """The images of ``indices`` (ints in ``[0, n)``) as an int64 array."""
+        x = np.asarray(indices, dtype=np.int64)
+        if x.size and (x.min() < 0 or x.max() >= self.n):
+            raise ValueError(f"indices must be in [0, n={self.n}), got values in [{x.min()}, {x.max()}]")
+        out = self._feistel(x.astype(np.uint64))
+        outside = out >= self.n
+        while outside.any():
+            out[outside] = self._feistel(out[outside])
+            outside = out >= self.n
+        return out.astype(np.int64)
+
+
 class ShardedTokenLoader:
     """Batches ``[batch_size, seq_len + 1]`` (int64) of token windows for one rank, resumable and deterministic.
 
     Each shard is cut into non-overlapping windows of ``seq_len + 1`` tokens (a shard's tail shorter than a
-    window is not used); ``batch[:, :-1]`` are inputs and ``batch[:, 1:]`` their next-token targets. In epoch
-    ``e`` the shard order and the window order within each shard are permutations drawn from
-    ``numpy.random.default_rng([seed, e])`` and ``default_rng([seed, e, shard])``. The global batch of a step is
-    the next ``world_size * batch_size`` windows; rank ``r`` gets the ``r``-th block of ``batch_size`` of them.
-    Windows left over at the end of an epoch (fewer than a global batch) are skipped.
+    window is not used); ``batch[:, :-1]`` are inputs and ``batch[:, 1:]`` their next-token targets. The windows
+    of all shards are numbered in shard order, and epoch ``e`` reads them in the order of a
+    :class:`WindowPermutation` seeded with ``[seed, e]``: a global shuffle, so consecutive batches mix windows of
+    all shards (of all source files), at no memory cost per window. The global batch of a step is the next
+    ``world_size * batch_size`` windows; rank ``r`` gets the ``r``-th block of ``batch_size`` of them. Windows
+    left over at the end of an epoch (fewer than a global batch) are skipped. At most ``MAX_OPEN_SHARDS`` shards
+    are memory-mapped at a time (the least recently used is closed first).
 
     Args:
         data_dir: a directory written by :func:`tokenize_corpus`.
@@ -333,6 +394,8 @@ class ShardedTokenLoader:
         rank, world_size: this rank and the number of ranks sharing the data.
         seed: shuffling seed; ``shuffle=False`` reads shards and windows in order.
     """
+
+    MAX_OPEN_SHARDS = 8
 
     def __init__(
         self,
@@ -355,7 +418,8 @@ class ShardedTokenLoader:
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.windows_per_shard = np.array([max(0, (s["tokens"] - 1) // seq_len) for s in self.index["shards"]])
-        self.num_windows = int(self.windows_per_shard.sum())
+        self.window_ends = np.cumsum(self.windows_per_shard)
+        self.num_windows = int(self.window_ends[-1]) if len(self.window_ends) else 0
         self.global_batch = world_size * batch_size
         if self.num_windows < self.global_batch:
             raise ValueError(
@@ -367,42 +431,44 @@ class ShardedTokenLoader:
         self.fingerprint = hashlib.sha256(f"{self.index['tokenizer_sha256']}:{shard_sizes}".encode()).hexdigest()[:16]
         self.epoch = 0
         self.position = 0  # global windows consumed in this epoch
-        self._shards: dict[int, np.ndarray] = {}
-        self._order_epoch = -1
+        self._shards: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._permutation: WindowPermutation | None = None
+        self._permutation_epoch = -1
 
     @property
     def vocab_size(self) -> int:
         """Vocabulary size of the tokenizer the data was made with."""
         return self.index["vocab_size"]
 
+    @property
+    def tokenizer_file(self) -> Path | None:
+        """The copy of the data's ``tokenizer.json`` in ``data_dir``, if present and the one index.json names."""
+        path = self.data_dir / "tokenizer.json"
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == self.index["tokenizer_sha256"]:
+            return path
+        return None
+
     def _shard(self, k: int) -> np.ndarray:
-        if k not in self._shards:
+        if k in self._shards:
+            self._shards.move_to_end(k)
+        else:
+            if len(self._shards) >= self.MAX_OPEN_SHARDS:
+                self._shards.popitem(last=False)  # dropping the last reference unmaps the file
             path = self.data_dir / self.index["shards"][k]["path"]
             self._shards[k] = np.load(path, mmap_mode="r", allow_pickle=False)
         return self._shards[k]
 
-    def _prepare_epoch(self) -> None:
-        if self._order_epoch == self.epoch:
-            return
-        n = len(self.windows_per_shard)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-        self._shard_order = order
-        self._window_ends = np.cumsum(self.windows_per_shard[order])
-        self._window_orders: dict[int, np.ndarray] = {}
-        self._order_epoch = self.epoch
-
-    def _window(self, g: int) -> np.ndarray:
-        """Tokens of the ``g``-th window of the current epoch."""
-        slot = int(np.searchsorted(self._window_ends, g, side="right"))
-        k = int(self._shard_order[slot])
-        local = g - (int(self._window_ends[slot - 1]) if slot else 0)
+    def locate(self, positions: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(shard, window within the shard)`` read at ``positions`` (indices into the current epoch's order)."""
+        g = np.asarray(positions, dtype=np.int64)
         if self.shuffle:
-            if k not in self._window_orders:
-                rng = np.random.default_rng([self.seed, self.epoch, k])
-                self._window_orders[k] = rng.permutation(int(self.windows_per_shard[k]))
-            local = int(self._window_orders[k][local])
-        start = local * self.seq_len
-        return self._shard(k)[start : start + self.seq_len + 1]
+            if self._permutation is None or self._permutation_epoch != self.epoch:
+                self._permutation = WindowPermutation(self.num_windows, [self.seed, self.epoch])
+                self._permutation_epoch = self.epoch
+            g = self._permutation(g)
+        shard = np.searchsorted(self.window_ends, g, side="right")
+        first = np.concatenate([[0], self.window_ends])[shard]
+        return shard, g - first
 
     def __iter__(self) -> ShardedTokenLoader:
         return self
@@ -411,9 +477,9 @@ class ShardedTokenLoader:
         if self.position + self.global_batch > self.num_windows:
             self.epoch += 1
             self.position = 0
-        self._prepare_epoch()
         first = self.position + self.rank * self.batch_size
-        rows = [self._window(g) for g in range(first, first + self.batch_size)]
+        shards, windows = self.locate(np.arange(first, first + self.batch_size))
+        rows = [self._shard(int(k))[int(w) * self.seq_len : (int(w) + 1) * self.seq_len + 1] for k, w in zip(shards, windows)]
         self.position += self.global_batch
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
@@ -433,6 +499,130 @@ class ShardedTokenLoader:
         if not 0 <= state["position"] <= self.num_windows:
             raise ValueError(f"loader state position {state['position']} is outside [0, {self.num_windows}]")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def decode_with_offsets(ids: Sequence[int] | np.ndarray, tokenizer) -> tuple[str, np.ndarray]:
+    """The text of token ``ids`` (special tokens written out) and each token's character span ``[start, end)`` in it.
+
+    Decoded incrementally (``tokenizers.decoders.DecodeStream``), so the spans tile the text and follow the
+    tokenizer's decoder (leading spaces, byte-level pieces). A token that ends inside a multi-byte character has
+    no text of its own yet and gets the span ``(-1, -1)``; the token completing the character spans all of it.
+    """
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(skip_special_tokens=False)
+    offsets = np.full((len(ids), 2), -1, dtype=np.int64)
+    pieces, length = [], 0
+    for t, token in enumerate(ids):
+        piece = stream.step(tokenizer, int(token))
+        if piece:
+            pieces.append(piece)
+            offsets[t] = (length, length + len(piece))
+            length += len(piece)
+    return "".join(pieces), offsets
+
+
+class TeacherTokenizedLoader:
+    """Cross-tokenizer LET data: wraps a :class:`ShardedTokenLoader` and adds, to each target batch, the teacher's
+    tokenization of the same text and the causal alignment between the two (``letkit.tokenization.align_tokens``).
+
+    Each input row (``batch[:, :-1]``) is decoded back to text with the target tokenizer
+    (:func:`decode_with_offsets`), the texts are encoded with the teacher tokenizer (its special tokens, e.g. a
+    BOS, included but never aligned; a literal ``<|endoftext|>`` written by the target's decoder is read by the
+    teacher as whatever its tokenizer makes of that text), cut to ``teacher_max_length`` tokens and right-padded
+    with id 0. This runs ``prefetch`` batches ahead in a background thread. ``__next__`` returns
+    ``(batch, teacher_ids, alignment)``.
+
+    The state is the wrapped loader's, at the last batch returned (not the prefetched ones), so checkpoints of a
+    run with and without the wrapper are interchangeable and resume exactly.
+
+    Args:
+        loader: the target-token loader.
+        target_tokenizer, teacher_tokenizer: ``tokenizers.Tokenizer`` of the data and of the teacher.
+        mode: ``"last"`` or ``"mean"`` (see :func:`letkit.tokenization.align_tokens`).
+        teacher_max_length: most teacher tokens per row (e.g. its max_position_embeddings); None: no limit.
+        prefetch: batches prepared ahead.
+    """
+
+    def __init__(self, loader: ShardedTokenLoader, target_tokenizer, teacher_tokenizer, *, mode: str = "last",
+                 teacher_max_length: int | None = None, prefetch: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from typing import get_args
+
+        from letkit.tokenization import AlignMode
+
+        if mode not in get_args(AlignMode):
+            raise ValueError(f"mode must be one of {get_args(AlignMode)}, got {mode!r}")
+        if teacher_max_length is not None and (isinstance(teacher_max_length, bool) or teacher_max_length < 1):
+            raise ValueError(f"teacher_max_length must be a positive int or None, got {teacher_max_length!r}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be a positive int, got {prefetch!r}")
+        self.loader, self.target_tokenizer, self.teacher_tokenizer = loader, target_tokenizer, teacher_tokenizer
+        self.mode, self.teacher_max_length, self.prefetch = mode, teacher_max_length, prefetch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-tokenize")
+        self._pending: list[tuple[dict[str, Any], torch.Tensor, Any]] = []  # (loader state after it, batch, future)
+        self._state = loader.state_dict()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loader.vocab_size
+
+    def tokenize_for_teacher(self, batch: torch.Tensor):
+        """``(teacher_ids [B, S], alignment)`` for the inputs ``batch[:, :-1]`` of a target batch."""
+        from letkit.tokenization import align_tokens
+
+        decoded = [decode_with_offsets(row, self.target_tokenizer) for row in batch[:, :-1].tolist()]
+        encodings = self.teacher_tokenizer.encode_batch([text for text, _ in decoded])
+        ids, offsets = [], []
+        for encoding in encodings:
+            real = np.asarray(encoding.attention_mask, dtype=bool)  # the tokenizer's own padding, if any, is dropped
+            row_offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)[real]
+            row_offsets[np.asarray(encoding.special_tokens_mask, dtype=bool)[real]] = -1
+            ids.append(np.asarray(encoding.ids, dtype=np.int64)[real][: self.teacher_max_length])
+            offsets.append(row_offsets[: self.teacher_max_length])
+        width = max(1, max(len(row) for row in ids))
+        teacher_ids = np.zeros((len(ids), width), dtype=np.int64)
+        teacher_offsets = np.full((len(ids), width, 2), -1, dtype=np.int64)
+        for i, (row_ids, row_offsets) in enumerate(zip(ids, offsets)):
+            teacher_ids[i, : len(row_ids)] = row_ids
+            teacher_offsets[i, : len(row_ids)] = row_offsets
+        target_offsets = np.stack([row_offsets for _, row_offsets in decoded])
+        alignment = align_tokens(torch.from_numpy(target_offsets), torch.from_numpy(teacher_offsets), mode=self.mode)
+        return torch.from_numpy(teacher_ids), alignment
+
+    def __iter__(self) -> TeacherTokenizedLoader:
+        return self
+
+    def __next__(self):
+        while len(self._pending) < self.prefetch:
+            batch = next(self.loader)
+            self._pending.append((self.loader.state_dict(), batch, self._executor.submit(self.tokenize_for_teacher, batch)))
+        state, batch, future = self._pending.pop(0)
+        teacher_ids, alignment = future.result()
+        self._state = state
+        return batch, teacher_ids, alignment
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped loader's state after the last batch returned."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._drop_pending()
+        self.loader.load_state_dict(state)
+        self._state = self.loader.state_dict()
+
+    def _drop_pending(self) -> None:
+        for _, _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+
+    def close(self) -> ShardedTokenLoader:
+        """Stop the thread; returns the wrapped loader, positioned after the last batch returned."""
+        self._drop_pending()
+        self._executor.shutdown(wait=True)
+        self.loader.load_state_dict(self._state)
+        return self.loader
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m letkit.data") -> None:

@@ -6,10 +6,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import letkit.data as data
-from letkit.data import ShardedTokenLoader, load_index, token_dtype, tokenize_corpus
+from letkit.data import ShardedTokenLoader, TeacherTokenizedLoader, WindowPermutation, decode_with_offsets, load_index, token_dtype, tokenize_corpus
 
 WORDS = [f"w{i}" for i in range(60)]
 
@@ -176,6 +178,10 @@ def test_loader_windows_are_slices_of_the_shards(shards):
     for i in range(4):  # consecutive windows overlap by the one target token
         np.testing.assert_array_equal(batch[i].numpy(), first[7 * i : 7 * i + 8])
     assert loader.vocab_size == 62
+    assert loader.tokenizer_file == out / "tokenizer.json"  # a copy, for checking a teacher's tokenizer against
+    assert (out / "tokenizer.json").read_bytes() == (out.parent / "tokenizer.json").read_bytes()
+    (out / "tokenizer.json").write_text("{}")
+    assert loader.tokenizer_file is None  # not the tokenizer index.json names
 
 
 def test_ranks_read_disjoint_slices_of_the_global_batch(shards):
@@ -256,3 +262,112 @@ def test_cli(corpus, tmp_path):
     data.main([str(src), "--tokenizer", str(tok), "--output", str(tmp_path / "cli"), "--workers", "1", "--shard-tokens", "80"])
     stream, _ = read_stream(tmp_path / "cli")
     np.testing.assert_array_equal(stream, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3000), seed=st.integers(0, 2**32))
+def test_window_permutation_is_a_bijection(n, seed):
+    permutation = WindowPermutation(n, [seed, 0])
+    images = permutation(np.arange(n))
+    np.testing.assert_array_equal(np.sort(images), np.arange(n))
+    np.testing.assert_array_equal(permutation(np.arange(n)[::-1][:7]), images[::-1][:7])  # per index, any order
+    if n > 50:  # not the identity, and another seed gives another order
+        assert not np.array_equal(images, np.arange(n))
+        assert not np.array_equal(images, WindowPermutation(n, [seed, 1])(np.arange(n)))
+
+
+def test_window_permutation_errors():
+    with pytest.raises(ValueError, match="n must be a positive int, got 0"):
+        WindowPermutation(0, 1)
+    with pytest.raises(ValueError, match=r"indices must be in \[0, n=10\), got values in \[3, 10\]"):
+        WindowPermutation(10, 1)([3, 10])
+
+
+def test_batches_mix_windows_of_all_shards(shards):
+    """A global shuffle: consecutive batches are not runs of one shard (the order within a shard was not enough)."""
+    out, _ = shards
+    loader = ShardedTokenLoader(out, seq_len=3, batch_size=8, seed=0)
+    n_shards = len(loader.windows_per_shard)
+    assert np.median(loader.windows_per_shard) > 16 and n_shards > 10  # a shard could fill whole batches
+    per_batch = []
+    for b in range(loader.num_windows // 8):
+        shard, window = loader.locate(np.arange(8 * b, 8 * b + 8))
+        assert (window < loader.windows_per_shard[shard]).all()
+        per_batch.append(len(set(shard.tolist())))
+    assert np.mean(per_batch) > 5, per_batch  # 8 windows drawn from > 10 shards: ~6.5 distinct expected
+    shard, window = loader.locate(np.arange(loader.num_windows))  # a permutation of all (shard, window) pairs
+    assert len(set(zip(shard.tolist(), window.tolist()))) == loader.num_windows
+    in_order = ShardedTokenLoader(out, seq_len=3, batch_size=8, shuffle=False)
+    shard, window = in_order.locate(np.arange(in_order.num_windows))
+    np.testing.assert_array_equal(shard, np.repeat(np.arange(n_shards), in_order.windows_per_shard))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts memory maps in /proc/self/maps")
+def test_open_shards_are_bounded(shards):
+    out, _ = shards
+    loader = ShardedTokenLoader(out, seq_len=3, batch_size=8, seed=0)
+    for _ in range(2 * loader.num_windows // 8):  # two epochs, touching every shard
+        next(loader)
+    with open("/proc/self/maps") as f:
+        mapped = {line.split()[-1] for line in f if str(out) in line}
+    assert len(loader.windows_per_shard) > ShardedTokenLoader.MAX_OPEN_SHARDS
+    assert 0 < len(mapped) <= ShardedTokenLoader.MAX_OPEN_SHARDS, mapped
+
+
+def teacher_tokenizer():
+    """Another tokenizer for the same text: 'w12' -> 'w', '1', '2'; knows <|endoftext|> as a special token."""
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "w": 2, **{str(d): d + 3 for d in range(10)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    return tokenizer
+
+
+def test_decode_with_offsets_spans_tile_the_text():
+    tokenizer = make_tokenizer_object()
+    ids = [2, 3, 1, 40, 5]
+    text, offsets = decode_with_offsets(ids, tokenizer)
+    assert text == "w0 w1 <|endoftext|> w38 w3"
+    assert [text[a:b] for a, b in offsets] == ["w0", " w1", " <|endoftext|>", " w38", " w3"]
+
+
+def make_tokenizer_object():
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    return tokenizer
+
+
+def test_teacher_tokenized_loader_aligns_and_resumes_exactly(shards):
+    out, _ = shards
+    target, teacher = make_tokenizer_object(), teacher_tokenizer()
+    kwargs = dict(seq_len=6, batch_size=3, rank=1, world_size=2, seed=4)
+    plain = ShardedTokenLoader(out, **kwargs)
+    loader = TeacherTokenizedLoader(ShardedTokenLoader(out, **kwargs), target, teacher, mode="last", teacher_max_length=14)
+    for _ in range(5):
+        batch, teacher_ids, alignment = next(loader)
+        assert torch.equal(batch, next(plain))  # the target batches are untouched
+        assert loader.state_dict() == plain.state_dict()  # prefetching does not move the saved position
+        assert teacher_ids.shape[1] <= 14 and alignment.mask.shape == (3, 6)
+        for row in range(3):
+            words = [target.id_to_token(i) for i in batch[row, :-1].tolist()]
+            pieces = [teacher.id_to_token(i) for i in teacher_ids[row].tolist()]
+            lengths = [1 if w == "<|endoftext|>" else len(w) for w in words]  # teacher tokens: 'w12' -> w, 1, 2
+            first_teacher_token = np.cumsum([0] + lengths[:-1])
+            for t, word in enumerate(words):
+                if first_teacher_token[t] >= 14:  # cut from the teacher's input (teacher_max_length)
+                    assert not alignment.mask[row, t]
+                elif first_teacher_token[t] + lengths[t] <= 14:  # "last": the teacher token ending where t ends
+                    assert alignment.mask[row, t]
+                    assert pieces[alignment.hi[row, t]] == (word if word == "<|endoftext|>" else word[-1]), (words, pieces, t)
+    state = loader.state_dict()
+    resumed = TeacherTokenizedLoader(ShardedTokenLoader(out, **kwargs), target, teacher, mode="mean")
+    resumed.load_state_dict(state)
+    sixth = next(plain)
+    assert torch.equal(next(resumed)[0], sixth)
+    unwrapped = loader.close()  # the plain loader again, at the position after the last batch returned
+    assert torch.equal(next(unwrapped), sixth)
+    resumed.close()
+    with pytest.raises(ValueError, match="mode must be one of \\('last', 'mean'\\), got 'first'"):
+        TeacherTokenizedLoader(plain, target, teacher, mode="first")

@@ -1,5 +1,6 @@
 """examples/pretrain_fsdp.py under torchrun: 2 CPU ranks (gloo), the tiny config, a few steps."""
 
+import dataclasses
 import importlib.util
 import json
 import random
@@ -228,6 +229,193 @@ def test_config_overrides_help_and_errors(tmp_path, capsys):
         example.load_config(["--config", "tiny", "--train.mixed_precision", "fp16"])
     with pytest.raises(ValueError, match="data.grad_accum must be positive, got 0"):
         example.load_config(["--config", "tiny", "--data.grad_accum", "0"])
+    with pytest.raises(ValueError, match="teacher.alignment must be one of \\('same', 'last', 'mean'\\), got 'first'"):
+        example.load_config(["--config", "tiny", "--teacher.alignment", "first"])
     with pytest.raises(SystemExit):
         example.load_config(["--config", "tiny", "--train.compile", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """An in-process gloo process group of one rank."""
+    import torch.distributed as dist
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    dist.init_process_group("gloo")
+    yield
+    dist.destroy_process_group()
+
+
+def test_gradients_are_reduced_once_per_optimizer_step(world_of_one, monkeypatch):
+    """With grad accumulation, reduce-scatter runs in the last micro-step only (target and sharded projector)."""
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    example = load_example()
+    cfg = example.load_config(["--config", "tiny", "--teacher.projector", "linear"])
+    mesh, device = init_device_mesh("cpu", (1,)), torch.device("cpu")
+    model = example.build_target(cfg, 64, mesh, device)
+    teacher = example.build_teacher(cfg.teacher.path, 64, device, 0, seq_len=8)
+    schedule = example.SCHEDULES["linear"](0.5, 6)
+    objective = example.build_objective(cfg, model, teacher, schedule, mesh, device)
+    trainable = torch.nn.ModuleDict({"model": model, "projector": objective.projector})
+    groups = {name: m for name, m in trainable.named_modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_groups}
+    assert len(groups) == 4 and "projector.projectors.0" in groups  # 2 blocks, the root (embeddings, head), the projector
+    reductions = []
+    original = param_group.foreach_reduce
+
+    def counting(*args, **kwargs):
+        reductions.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(param_group, "foreach_reduce", counting)
+    loader = example.RandomTokens(64, 8, 2, 0, 0)
+    sums, has_align = example.accumulate_gradients(model, objective, trainable, loader, 3, 0, device)
+    assert has_align and torch.isfinite(sums).all()
+    assert len(reductions) == len(groups)  # one per FSDP parameter group, not one per micro-step
+    assert all(p.grad is not None for p in trainable.parameters() if p.requires_grad)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_teacher_must_match_the_data(shards, tmp_path):
+    """Tokenizer identity (index.json's SHA-256, or same_tokenizer on the data's copy), the DATA's vocabulary (not
+    the padded model's), and seq_len <= the teacher's max_position_embeddings, all before the weights load."""
+    from letkit.models import save_pretrained
+
+    example = load_example()
+    data_tokenizer = Tokenizer.from_file(str(shards / "tokenizer.json"))
+    sha = json.loads((shards / "index.json").read_text())["tokenizer_sha256"]
+    vocab = data_tokenizer.get_vocab_size()
+
+    def teacher_dir(name, vocab_size, tokenizer, max_positions=64):
+        with torch.device("meta"):
+            model = from_preset("tiny", vocab_size=vocab_size, max_position_embeddings=max_positions)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        return save_pretrained(model, tmp_path / name, tokenizer=tokenizer)
+
+    def build(path, seq_len=32, data_file=shards / "tokenizer.json", data_vocab=vocab):
+        return example.build_teacher(str(path), data_vocab, torch.device("cpu"), 0, seq_len=seq_len,
+                                     data_tokenizer_sha256=sha, data_tokenizer_file=data_file)
+
+    # the same tokenizer, saved compactly (other bytes than the data's file): accepted via same_tokenizer
+    same = teacher_dir("same", vocab, data_tokenizer)
+    assert (same / "tokenizer.json").read_bytes() != (shards / "tokenizer.json").read_bytes()
+    assert build(same).num_layers == 2
+    with pytest.raises(ValueError, match=f"SHA-256 {sha}, but teacher .*same.* has .* which tokenizes differently"):
+        build(same, data_file=None)  # only the SHA-256 to go by
+
+    other = Tokenizer(models.WordLevel({"<unk>": 0, "<|endoftext|>": 1, **{f"x{i}": i + 2 for i in range(40)}}, "<unk>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="which tokenizes differently: LET feeds the target's token ids to the teacher"):
+        build(teacher_dir("other", vocab, other))
+
+    no_tokenizer = teacher_dir("small", vocab - 1, None)
+    with pytest.raises(ValueError, match=f"has vocab_size {vocab - 1} < the data's {vocab}"):
+        build(no_tokenizer)
+    # the check uses the data's vocabulary: a target padded to 64 does not make a 42-token teacher fail
+    assert build(teacher_dir("exact", vocab, None)).num_layers == 2
+    with pytest.raises(ValueError, match=r"data.seq_len=65 is longer than teacher .*max_position_embeddings=64"):
+        build(teacher_dir("short", vocab, None), seq_len=65)
+    with pytest.raises(ValueError, match=r"data.seq_len=40 is longer than teacher 'random:tiny,max_position_embeddings=39'"):
+        example.build_teacher("random:tiny,max_position_embeddings=39", vocab, torch.device("cpu"), 0, seq_len=40)
+
+
+def test_restore_lambda_schedule_rules(tmp_path):
+    example = load_example()
+    cfg = example.load_config(["--config", "tiny"])  # linear, lambda0 0.5, S_stop 6
+    saved = example.SCHEDULES["linear"](0.5, 6)
+    for _ in range(4):
+        saved.step()
+    state = {"step": 4, "lambda_schedule": saved.state_dict(), "config": {"teacher": dataclasses.asdict(cfg.teacher)}}
+    schedule = example.SCHEDULES["linear"](0.5, 6)
+    example.restore_lambda_schedule(schedule, cfg.teacher, state, tmp_path)
+    assert schedule.current_step == 4 and not schedule.is_done()
+    baseline = {"step": 9, "lambda_schedule": None, "config": {}}  # a checkpoint of a run without a teacher
+    example.restore_lambda_schedule(schedule, cfg.teacher, baseline, tmp_path)
+    assert schedule.current_step == 9 and schedule.is_done()
+
+    changed = example.load_config(["--config", "tiny", "--teacher.stop_step", "8", "--teacher.schedule", "cosine"])
+    with pytest.raises(ValueError, match=r"cannot resume from .*: this run's lambda schedule differs .*teacher.schedule: "
+                                         r"checkpoint 'linear', config 'cosine'; teacher.stop_step: checkpoint 6, config 8\)"):
+        example.restore_lambda_schedule(example.SCHEDULES["cosine"](0.5, 8), changed.teacher, state, tmp_path)
+    no_config = {**state, "config": {}}  # the schedule's own check (letkit's LambdaSchedule.load_state_dict)
+    with pytest.raises(ValueError, match="cannot resume from .*stop_step: saved 6 vs 8"):
+        example.restore_lambda_schedule(example.SCHEDULES["linear"](0.5, 8), changed.teacher, no_config, tmp_path)
+    with pytest.raises(ValueError, match="trainer_state.json has step 5 but lambda schedule step 4"):
+        example.restore_lambda_schedule(example.SCHEDULES["linear"](0.5, 6), cfg.teacher, {**state, "step": 5}, tmp_path)
+
+
+def test_resume_with_a_changed_lambda_schedule_fails_before_loading_the_teacher(full_run, shards, tmp_path):
+    full_dir, _ = full_run
+    shutil.copytree(full_dir / "checkpoints" / "step_0000008", tmp_path / "checkpoints" / "step_0000008")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
+               "--config", "tiny", "--data.path", str(shards), "--train.run_dir", str(tmp_path),
+               "--teacher.stop_step", "10"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "teacher.stop_step: checkpoint 6, config 10" in output
+    assert "layers, pairs (teacher, target)" not in output  # the teacher was not loaded
+
+
+@pytest.mark.parametrize("projector, compile", [("linear", "true")])
+def test_sharded_projector_and_compile_train_and_resume_exactly(shards, tmp_path, projector, compile):
+    """The learned projector is fully_shard-ed like the target: it trains, is checkpointed, and a run resumed
+    from step 4 (before S_stop, so the projector is still in use) repeats the uninterrupted run exactly."""
+    options = ["--teacher.projector", projector, "--train.compile", compile, "--checkpoint.export", "false"]
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    output = torchrun(full_dir, shards, *options)
+    assert f"projector {projector}" in output
+    want, _ = metrics(full_dir)
+    lm = [want[s]["lm_loss"] for s in range(1, STEPS + 1)]
+    assert sum(lm[-3:]) / 3 < sum(lm[:3]) / 3 - 0.3, lm
+    assert all(want[s]["align_loss"] is not None for s in range(1, S_STOP + 1))
+    metadata = dcp.FileSystemReader(str(full_dir / "checkpoints" / "step_0000004")).read_metadata()
+    assert any(key.startswith("model.projector.") for key in metadata.state_dict_metadata)
+    shutil.copytree(full_dir / "checkpoints" / "step_0000004", resumed_dir / "checkpoints" / "step_0000004")
+    output = torchrun(resumed_dir, shards, *options)
+    assert "resumed from" in output
+    got, _ = metrics(resumed_dir)
+    assert sorted(got) == list(range(5, STEPS + 1))
+    for s in got:
+        for key in ("loss", "lm_loss", "align_loss", "grad_norm"):
+            assert got[s][key] == want[s][key], (s, key)
+
+
+def test_cross_tokenizer_let_with_a_teacher_of_another_tokenizer(shards, tmp_path):
+    """--teacher.alignment last: a teacher whose tokenizer splits 'w12' into 'w', '1', '2' reads its own tokens of
+    each window's text; training aligns until S_stop, then drops the teacher (and the re-tokenizing thread)."""
+    from letkit.models import save_pretrained
+
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "w": 2, **{str(d): d + 3 for d in range(10)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    with torch.device("meta"):
+        teacher = from_preset("tiny", vocab_size=len(vocab), max_position_embeddings=64)
+    teacher.to_empty(device="cpu")
+    teacher.init_weights()
+    save_pretrained(teacher, tmp_path / "teacher", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="tokenizes differently"):  # without teacher.alignment it is refused
+        load_example().build_teacher(str(tmp_path / "teacher"), 42, torch.device("cpu"), 0, seq_len=32,
+                                     data_tokenizer_sha256="0" * 64)
+    run_dir = tmp_path / "run"
+    torchrun(run_dir, shards, "--teacher.path", str(tmp_path / "teacher"), "--teacher.alignment", "last",
+             "--checkpoint.export", "false", "--checkpoint.every", "0")
+    steps, events = metrics(run_dir)
+    lm = [steps[s]["lm_loss"] for s in range(1, STEPS + 1)]
+    assert sum(lm[-3:]) / 3 < sum(lm[:3]) / 3 - 0.3, lm
+    for s in range(1, STEPS + 1):
+        assert (steps[s]["align_loss"] is not None) == (s <= S_STOP)
+    align = [steps[s]["align_loss"] for s in range(1, S_STOP + 1)]
+    assert all(0 < a < 2 for a in align) and align[-1] < align[0], align
+    assert [e["step"] for e in events if e["event"] == "teacher_released"] == [S_STOP]
