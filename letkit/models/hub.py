@@ -1,0 +1,359 @@
+"""Load Hugging Face checkpoints as letkit models (and save letkit models as such checkpoints), without
+``transformers`` and without ever unpickling a file.
+
+A checkpoint is a local directory with ``config.json`` and ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``), optionally ``tokenizer.json``. ``config.json``'s ``model_type`` picks the
+family: llama / mistral / qwen2 -> :mod:`letkit.models.llama`, gpt_neox -> :mod:`letkit.models.gpt_neox`,
+opt -> :mod:`letkit.models.opt`, gpt2 -> :mod:`letkit.models.gpt2`. Every other model_type is loaded with
+``transformers`` (if installed) and wrapped in :class:`TransformersModel`. Loading is all-or-nothing: a missing,
+unexpected or wrongly shaped tensor, or an unreadable file, raises :class:`CheckpointError` naming file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from letkit.models import gpt2, gpt_neox, llama, opt
+from letkit.models.base import ModelOutput, TensorMapping, materialize
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_NAME = "tokenizer.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded completely and safely."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture family is read from / written to Hugging Face checkpoints."""
+
+    name: str
+    config_cls: type
+    model_cls: type[nn.Module]
+    mapping: Callable[[Any], list[TensorMapping]]
+    base_prefix: str  # prefix of the base model's tensors in a *ForCausalLM checkpoint ("model." ...)
+    head: str  # the LM head tensor
+    ignored: str | None = None  # regex of checkpoint buffers that hold no weights (causal masks, rotary caches)
+
+
+_LLAMA = Family("llama", llama.LlamaConfig, llama.Llama, llama.hf_checkpoint_mapping, "model.", "lm_head.weight",
+                r"rotary_emb\.inv_freq$")
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gpt_neox": Family("gpt_neox", gpt_neox.GPTNeoXConfig, gpt_neox.GPTNeoX, gpt_neox.hf_checkpoint_mapping,
+                       "gpt_neox.", "embed_out.weight", r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)$"),
+    "opt": Family("opt", opt.OPTConfig, opt.OPT, opt.hf_checkpoint_mapping, "model.", "lm_head.weight"),
+    "gpt2": Family("gpt2", gpt2.GPT2Config, gpt2.GPT2, gpt2.hf_checkpoint_mapping, "transformer.", "lm_head.weight",
+                   r"attn\.(bias|masked_bias)$"),
+}
+"""Hugging Face ``model_type`` -> letkit family loaded without ``transformers``."""
+
+
+@dataclass
+class PretrainedModel:
+    """What :func:`load_pretrained` returns.
+
+    Attributes:
+        model: the model, in eval mode, with the interface of :mod:`letkit.models.base`.
+        tokenizer: ``tokenizers.Tokenizer`` from ``tokenizer.json``, or None if the directory has none.
+        config: the raw ``config.json`` dict.
+        family: the letkit family ("llama", "gpt_neox", "opt", "gpt2"), or "transformers" for the fallback.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    config: dict[str, Any]
+    family: str
+
+
+def load_pretrained(
+    path: str | os.PathLike[str], *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> PretrainedModel:
+    """Load the checkpoint in directory ``path`` (see the module docstring).
+
+    Args:
+        path: local checkpoint directory (download hub models first, e.g. ``huggingface-cli download NAME
+            --local-dir DIR``).
+        dtype: parameter dtype; None keeps float32 whatever the checkpoint stores.
+        device: where the parameters live; None means CPU. Tensors are copied one at a time, so peak host memory
+            stays near one tensor when loading onto a GPU.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory, or has no config.json or weights.
+        CheckpointError: only pickle weights (``*.bin``...), an unreadable or truncated safetensors file, a
+            missing / unexpected / mis-shaped tensor, or an unsupported config.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"load_pretrained expects a local checkpoint directory, got path={str(path)!r}; download hub models "
+            "first, e.g. `huggingface-cli download NAME --local-dir DIR`"
+        )
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    hf_config = json.loads(config_path.read_text())
+    dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    weight_files, weight_map = _find_weight_files(directory)
+    family = FAMILIES.get(hf_config.get("model_type"))
+    if family is None:
+        model = _load_with_transformers(directory, hf_config, dtype, device)
+    else:
+        model = _load_family(family, directory, hf_config, weight_files, weight_map, dtype, device)
+    return PretrainedModel(model.eval(), _load_tokenizer(directory), hf_config, family.name if family else "transformers")
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer: Any = None) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint directory: ``config.json`` (HF keys; model_type llama for the
+    target), ``model.safetensors`` (HF tensor names, tied LM head stored once) and, if given, ``tokenizer.json``.
+
+    The directory is written under a temporary name next to ``path`` and renamed into place, so ``path`` never
+    holds a half-written checkpoint. ``path`` must not exist yet (or be an empty directory).
+    Returns the checkpoint directory.
+    """
+    target = Path(path)
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise FileExistsError(f"save_pretrained path={str(target)!r} exists and is not an empty directory")
+    if tokenizer is not None and not hasattr(tokenizer, "to_str"):
+        raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        if isinstance(model, TransformersModel):
+            model.hf_model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            family = _family_of(model)
+            hf_config = {**model.config.to_hf(), "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+            tensors = {}
+            for m in family.mapping(model):
+                param = model.get_parameter(m.name).detach()
+                tensors.update((name, t.contiguous().cpu()) for name, t in zip(m.hf_names, m.split(param)))
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            (tmp / TOKENIZER_NAME).write_text(tokenizer.to_str())
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _family_of(model: nn.Module) -> Family:
+    for family in FAMILIES.values():
+        if type(model) is family.model_cls:
+            return family
+    raise TypeError(f"save_pretrained supports {sorted({f.model_cls.__name__ for f in FAMILIES.values()})} and "
+                    f"TransformersModel, got {type(model).__name__}")
+
+
+def _find_weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of the checkpoint and, if sharded, the index's tensor -> file map."""
+    index_path = directory / WEIGHTS_INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        return [directory / name for name in sorted(set(weight_map.values()))], weight_map
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME], None
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{directory} has only pickle weights ({', '.join(pickles)}) and letkit never unpickles files (loading "
+            "a pickle can run arbitrary code). Convert once, in an environment you trust: "
+            f"`transformers.AutoModelForCausalLM.from_pretrained({str(directory)!r}).save_pretrained(OUT_DIR, "
+            "safe_serialization=True)`, or `safetensors.torch.save_file(torch.load(FILE, weights_only=True), "
+            "'model.safetensors')`"
+        )
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}")
+
+
+class _SafetensorsReader:
+    """Lazy, read-only view of one checkpoint's tensors spread over one or more safetensors files."""
+
+    def __init__(self, files: list[Path], weight_map: dict[str, str] | None, index_path: Path) -> None:
+        self.handles: dict[str, Any] = {}  # tensor name -> open safe_open handle
+        self.files: dict[str, Path] = {}  # tensor name -> file
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index_path} lists shard {file.name}, which does not exist in {file.parent}")
+            try:
+                handle = safe_open(file, framework="pt")
+            except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
+                raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+            for name in handle.keys():
+                if name in self.files:
+                    raise CheckpointError(f"tensor {name} is stored twice, in {self.files[name]} and {file}")
+                self.handles[name], self.files[name] = handle, file
+        for name, file_name in (weight_map or {}).items():
+            if self.files.get(name, Path()).name != file_name:
+                raise CheckpointError(f"{index_path} maps tensor {name} to {file_name}, which does not contain it")
+
+    def rename(self, old: str, new: str) -> None:
+        self.handles[new], self.files[new] = self.handles.pop(old), self.files.pop(old)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handles[name].get_slice(name).get_shape())
+
+    def get(self, name: str) -> Tensor:
+        try:
+            return self.handles[name].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.files[name]}: {e}") from e
+
+
+def _load_family(
+    family: Family,
+    directory: Path,
+    hf_config: dict[str, Any],
+    weight_files: list[Path],
+    weight_map: dict[str, str] | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    try:
+        config = family.config_cls.from_hf(hf_config)
+    except KeyError as e:
+        raise CheckpointError(f"{directory / CONFIG_NAME} lacks key {e} needed for model_type {family.name}") from e
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
+    with torch.device("meta"):
+        model = family.model_cls(config).to(dtype)
+    mappings = family.mapping(model)
+    reader = _SafetensorsReader(weight_files, weight_map, directory / WEIGHTS_INDEX_NAME)
+    files = ", ".join(str(f) for f in weight_files)
+
+    # Checkpoints of the bare base model (GPT-2's original files, OPTModel...) lack the *ForCausalLM prefix.
+    if not any(name.startswith(family.base_prefix) for name in reader.files):
+        for name in [n for n in reader.files if n != family.head]:
+            reader.rename(name, family.base_prefix + name)
+
+    needed = {hf_name: m.name for m in mappings for hf_name in m.hf_names}
+    tied_head = family.head not in needed and family.head in reader.files
+    missing = [name for name in needed if name not in reader.files]
+    if missing:
+        raise CheckpointError(
+            f"{files}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all) "
+            f"needed for the {family.name} config in {directory / CONFIG_NAME}"
+        )
+    unexpected = [n for n in reader.files if n not in needed and not (tied_head and n == family.head)
+                  and not (family.ignored and re.search(family.ignored, n))]
+    if unexpected:
+        raise CheckpointError(
+            f"unexpected tensor(s) {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} in {files} "
+            f"({len(unexpected)} in all): the checkpoint does not match its {CONFIG_NAME} "
+            f"(model_type {hf_config.get('model_type')!r})"
+        )
+    for m in mappings:
+        for hf_name, expected in zip(m.hf_names, m.split(model.get_parameter(m.name))):
+            if reader.shape(hf_name) != tuple(expected.shape):
+                raise CheckpointError(
+                    f"tensor {hf_name} in {reader.files[hf_name]} has shape {list(reader.shape(hf_name))}, expected "
+                    f"{list(expected.shape)} from {directory / CONFIG_NAME}"
+                )
+
+    materialize(model, device)
+    with torch.no_grad():
+        for m in mappings:
+            model.get_parameter(m.name).copy_(m.join([reader.get(name) for name in m.hf_names]))
+    if tied_head:
+        embed_name = next(m.hf_names[0] for m in mappings if m.name == "embed.weight")
+        if not torch.equal(reader.get(family.head), reader.get(embed_name)):
+            raise CheckpointError(
+                f"{reader.files[family.head]} has a {family.head} that differs from {embed_name}, but "
+                f"{CONFIG_NAME} says tie_word_embeddings=true"
+            )
+    return model
+
+
+def _load_tokenizer(directory: Path) -> Any:
+    if not (directory / TOKENIZER_NAME).is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(directory / TOKENIZER_NAME))
+
+
+class TransformersModel(nn.Module):
+    """A ``transformers`` causal LM (for model types letkit has no file for) behind the letkit model interface.
+
+    ``blocks`` is the model's ModuleList of ``num_hidden_layers`` decoder layers; ``final_norm`` its final norm
+    (looked up under the usual names, ``nn.Identity()`` if none). Unlike letkit blocks, a ``transformers`` layer
+    may return a tuple whose first element is the hidden state.
+    """
+
+    _FINAL_NORM_NAMES = ("norm", "final_layer_norm", "final_layernorm", "ln_f", "norm_f", "decoder.final_layer_norm")
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf_model = hf_model
+        self.config = hf_model.config
+        num_layers = getattr(self.config, "num_hidden_layers", None)
+        block_lists = [m for m in hf_model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+        if not block_lists:
+            raise ValueError(
+                f"cannot find the {num_layers} transformer blocks (num_hidden_layers) of {type(hf_model).__name__}"
+            )
+        base = getattr(hf_model, "base_model", hf_model)
+        norms = [base.get_submodule(n) for n in self._FINAL_NORM_NAMES if _has_submodule(base, n)]
+        # Plain attributes, not submodules: they already live inside hf_model (no duplicate state_dict entries).
+        object.__setattr__(self, "blocks", block_lists[0])
+        object.__setattr__(self, "final_norm", norms[0] if norms else nn.Identity())
+
+    def forward(self, input_ids: Tensor, *, output_hidden_states: bool = False) -> Tensor | ModelOutput | None:
+        """Logits [B, T, V] (None for a model without LM head); a :class:`ModelOutput` if
+        ``output_hidden_states``."""
+        out = self.hf_model(input_ids=input_ids, output_hidden_states=output_hidden_states, use_cache=False)
+        logits = getattr(out, "logits", None)
+        if not output_hidden_states:
+            return logits
+        return ModelOutput(logits, tuple(out.hidden_states))
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        return module.get_submodule(name) is not None
+    except AttributeError:
+        return False
+
+
+def _load_with_transformers(
+    directory: Path, hf_config: dict[str, Any], dtype: torch.dtype, device: torch.device
+) -> TransformersModel:
+    model_type = hf_config.get("model_type")
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME} has model_type {model_type!r}; without transformers installed letkit loads "
+            f"only {sorted(FAMILIES)}"
+        ) from None
+    try:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True)
+    except ValueError:  # no causal-LM class for this model type: take the bare model
+        hf_model = transformers.AutoModel.from_pretrained(directory, use_safetensors=True)
+    return TransformersModel(hf_model.to(device=device, dtype=dtype))
