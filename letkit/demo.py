@@ -159,28 +159,33 @@ class DemoConfig:
             raise DemoError(f"LET needs lambda0 >= 0 and 0 < stop_fraction <= 1, got {self.let}")
 
 
+# Both presets share one teacher (same shape, data and schedule), so the second one reuses the cached teacher.
+_TEACHER_SHAPE = ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192)
+_TEACHER_SCHEDULE = TrainSchedule(steps=1000, batch_size=16, lr=3e-3, warmup_steps=50)
+_TARGET_SHAPE = ModelShape(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512)
+
 PRESETS: dict[str, DemoConfig] = {
-    # ~3 minutes on 2 CPU cores, teacher pretraining included.
+    # <= 3 minutes on 2 CPU cores, teacher pretraining included.
     "quick": DemoConfig(
-        teacher_shape=ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192),
-        teacher_schedule=TrainSchedule(steps=1000, batch_size=16, lr=3e-3, warmup_steps=50),
-        target_shape=ModelShape(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512),
-        target_schedule=TrainSchedule(steps=400, batch_size=8, lr=2e-3, warmup_steps=20),
+        teacher_shape=_TEACHER_SHAPE,
+        teacher_schedule=_TEACHER_SCHEDULE,
+        target_shape=_TARGET_SHAPE,
+        target_schedule=TrainSchedule(steps=300, batch_size=8, lr=2e-3, warmup_steps=15),
         let=LETSettings(lambda0=1.0, stop_fraction=0.5),
         seq_len=128,
-        eval_every=20,
+        eval_every=15,
         eval_sequences=48,
     ),
-    # ~15 minutes on 2 CPU cores, teacher pretraining included.
+    # Twice the target's training: ~5 minutes on 2 CPU cores, teacher pretraining included.
     "default": DemoConfig(
-        teacher_shape=ModelShape(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256),
-        teacher_schedule=TrainSchedule(steps=1500, batch_size=16, lr=3e-3, warmup_steps=50),
-        target_shape=ModelShape(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688),
-        target_schedule=TrainSchedule(steps=500, batch_size=8, lr=2e-3, warmup_steps=25),
+        teacher_shape=_TEACHER_SHAPE,
+        teacher_schedule=_TEACHER_SCHEDULE,
+        target_shape=_TARGET_SHAPE,
+        target_schedule=TrainSchedule(steps=600, batch_size=8, lr=2e-3, warmup_steps=30),
         let=LETSettings(lambda0=1.0, stop_fraction=0.5),
-        seq_len=256,
+        seq_len=128,
         eval_every=25,
-        eval_sequences=32,
+        eval_sequences=48,
     ),
 }
 
@@ -439,7 +444,7 @@ def _load_token_file(path: Path, val_fraction: float, bin_dtype: str) -> Corpus:
         raise DemoError(f"token file {str(path)!r} must hold a 1-D integer array, got {tokens.dtype} of shape {tokens.shape}")
     if tokens.size and tokens.min() < 0:
         raise DemoError(f"token file {str(path)!r} contains negative token ids (min {tokens.min()})")
-    tokens = np.asarray(tokens, dtype=np.int64)
+    tokens = np.array(tokens, dtype=np.int64)
     cut = math.floor(len(tokens) * (1 - val_fraction))
     key = _sha256(CACHE_FORMAT, "tokens", str(val_fraction), tokens.tobytes())
     return Corpus(f"{what}, {len(tokens)} tokens", key, train_tokens=tokens[:cut], val_tokens=tokens[cut:])
@@ -501,21 +506,18 @@ class TokenData:
     key: str
     corpus: str
 
-    @property
-    def tokenizer_hash(self) -> str:
-        return _sha256(self.tokenizer.to_str()) if self.tokenizer is not None else "none"
-
 
 def prepare_data(
-    config: DemoConfig, cache_root: Path, *, teacher_tokenizer: Any = None, log: Log = print
+    config: DemoConfig, cache_root: Path, *, teacher: TeacherFeatureExtractor | None = None, log: Log = print
 ) -> TokenData:
-    """Corpus -> tokenizer -> token ids, cached. Everything is validated before anything is written to the cache."""
+    """Corpus -> tokenizer -> token ids, cached. Everything (the vocabulary of a given ``teacher`` included) is
+    validated before anything is written to the cache."""
     corpus = load_corpus(config.corpus, val_fraction=config.val_fraction, bin_dtype=config.bin_dtype, log=log)
     tokenizer, source, to_cache = None, "none (pre-tokenised corpus)", None
     if config.tokenizer is not None:
         tokenizer, source = load_tokenizer_file(config.tokenizer), f"file {config.tokenizer}"
-    elif teacher_tokenizer is not None:
-        tokenizer, source = teacher_tokenizer, "the teacher's tokenizer"
+    elif teacher is not None and teacher.tokenizer is not None:
+        tokenizer, source = teacher.tokenizer, "the teacher's tokenizer"
     elif not corpus.pretokenized:
         tok_key = _sha256(CACHE_FORMAT, "bpe", corpus.key, str(config.vocab_size))[:20]
         tok_path = cache_root / "tokenizers" / f"{tok_key}.json"
@@ -545,6 +547,13 @@ def prepare_data(
     largest = int(max(train.max(), val.max()))
     if largest >= vocab_size:
         raise DemoError(f"the corpus has token id {largest}, outside the tokenizer's vocabulary of {vocab_size} tokens")
+    data = TokenData(torch.from_numpy(np.ascontiguousarray(train)), torch.from_numpy(np.ascontiguousarray(val)),
+                     vocab_size, tokenizer, source, key, corpus.description)
+    if teacher is not None:
+        check_teacher_vocabulary(teacher, data, config.teacher)
+        positions = getattr(getattr(teacher.model, "config", None), "max_position_embeddings", None)
+        if positions is not None and positions < config.seq_len:
+            raise DemoError(f"the teacher {config.teacher!r} supports {positions} positions, fewer than seq_len = {config.seq_len}")
     if to_cache is not None:
         atomic_write_bytes(to_cache, tokenizer.to_str().encode())
     if not corpus.pretokenized and not data_dir.is_dir():
@@ -552,10 +561,7 @@ def prepare_data(
         with atomic_directory(data_dir) as tmp:
             np.save(tmp / "train.npy", train.astype(dtype))
             np.save(tmp / "val.npy", val.astype(dtype))
-    return TokenData(
-        torch.from_numpy(np.ascontiguousarray(train)), torch.from_numpy(np.ascontiguousarray(val)),
-        vocab_size, tokenizer, source, key, corpus.description,
-    )
+    return data
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -909,26 +915,42 @@ def crossing(curve: Sequence[EvalPoint], loss: float) -> tuple[float, float] | N
     return None
 
 
+def seconds_at(curve: Sequence[EvalPoint], step: float) -> float:
+    """Training seconds of a run at a (fractional) ``step``, linearly interpolated between its evaluations."""
+    for before, after in zip(curve, curve[1:]):
+        if step <= after.step:
+            return before.seconds + (step - before.step) / (after.step - before.step) * (after.seconds - before.seconds)
+    raise ValueError(f"step {step} is past the run's last evaluation at step {curve[-1].step}")
+
+
 def compare_runs(baseline: RunResult, let: RunResult) -> dict[str, Any]:
     """Speedups of LET over the baseline.
 
-    If LET reaches the baseline's final validation loss at step s (seconds t): step speedup = steps / s and
-    wall-clock speedup = baseline seconds / t (>= 1 means LET is faster). If it never does, the speedups are
-    computed the other way round -- where the *baseline* reaches LET's final loss, over LET's totals -- and are < 1.
+    If LET reaches the baseline's final validation loss at step s (after t seconds): step speedup = steps / s and
+    wall-clock speedup = baseline seconds / t (>= 1 means LET is faster). If it never does, both are computed the
+    other way round -- where the *baseline* reaches LET's final loss, over LET's totals -- and are < 1.
+
+    ``wall_speedup_load_matched`` = step speedup x (baseline seconds / LET seconds over the same first s steps).
+    On an idle machine it equals ``wall_speedup``; on a shared one, where the load changes during the run, it
+    compares the two runs' step costs over the same stretch of time (they train in lockstep) instead of LET's
+    first s steps with all of the baseline's steps.
     """
     reached = crossing(let.curve, baseline.final_val_loss)
     if reached is not None:
         step, seconds = reached
         step_speedup, wall_speedup = baseline.steps / step, baseline.train_seconds / seconds
+        cost_ratio = seconds_at(baseline.curve, step) / seconds
     else:
         step, seconds = crossing(baseline.curve, let.final_val_loss)
         step_speedup, wall_speedup = step / let.steps, seconds / let.train_seconds
+        cost_ratio = baseline.train_seconds / let.train_seconds
     return {
         "reached": reached is not None,
         "crossing_step": reached[0] if reached else None,
         "crossing_seconds": reached[1] if reached else None,
         "step_speedup": step_speedup,
         "wall_speedup": wall_speedup,
+        "wall_speedup_load_matched": step_speedup * cost_ratio,
         "final_val_loss_delta": let.final_val_loss - baseline.final_val_loss,
     }
 
@@ -986,7 +1008,8 @@ def format_report(metrics: dict[str, Any]) -> str:
                      f"{l['final_val_loss']:>6.3f} ({math.exp(l['final_val_loss']):>6.1f}) | {reach:>28} | "
                      f"{c['step_speedup']:>5.2f}x | {c['wall_speedup']:>5.2f}x")
     lines.append("")
-    for name, label in (("step_speedup", "step speedup"), ("wall_speedup", "wall-clock speedup (teacher forward incl.)")):
+    for name, label in (("step_speedup", "step speedup"), ("wall_speedup", "wall-clock speedup (teacher forward incl.)"),
+                        ("wall_speedup_load_matched", "wall-clock speedup, load-matched (see metrics.json)")):
         s = summary[name]
         ci = f", 95% CI [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] over {s['n']} seeds" if s["ci95"] else ""
         lines.append(f"{label}: {s['mean']:.2f}x{ci}")
@@ -1048,8 +1071,16 @@ def plot_curves(metrics: dict[str, Any], path: Path) -> bool:
 def run_demo(config: DemoConfig, *, log: Log = print) -> dict[str, Any]:
     """Run the full comparison described in the module docstring; returns (and writes) the metrics."""
     config.validate()
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _run_demo(config, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(config: DemoConfig, log: Log) -> dict[str, Any]:
     cache_root = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     out_dir = Path(config.out_dir).expanduser()
     removed = remove_stale_temporaries(cache_root)
@@ -1058,14 +1089,10 @@ def run_demo(config: DemoConfig, *, log: Log = print) -> dict[str, Any]:
     t_start = time.perf_counter()
 
     provided = open_teacher(config.teacher) if config.teacher is not None else None
-    data = prepare_data(config, cache_root, teacher_tokenizer=provided.tokenizer if provided else None, log=log)
+    data = prepare_data(config, cache_root, teacher=provided, log=log)
     log(f"data: {data.corpus}; tokenizer: {data.tokenizer_source}; {len(data.train)} training / "
         f"{len(data.val)} validation tokens, vocabulary {data.vocab_size}")
     if provided is not None:
-        check_teacher_vocabulary(provided, data, config.teacher)
-        if getattr(getattr(provided.model, "config", None), "max_position_embeddings", config.seq_len) < config.seq_len:
-            raise DemoError(f"the teacher {config.teacher!r} supports {provided.model.config.max_position_embeddings} "
-                            f"positions, fewer than seq_len = {config.seq_len}")
         teacher = describe_teacher(config.teacher, provided)
         del provided
     else:
@@ -1102,6 +1129,7 @@ def run_demo(config: DemoConfig, *, log: Log = print) -> dict[str, Any]:
         "summary": {
             "step_speedup": mean_ci95([r["comparison"]["step_speedup"] for r in runs]),
             "wall_speedup": mean_ci95([r["comparison"]["wall_speedup"] for r in runs]),
+            "wall_speedup_load_matched": mean_ci95([r["comparison"]["wall_speedup_load_matched"] for r in runs]),
             "final_val_loss_delta": mean_ci95([r["comparison"]["final_val_loss_delta"] for r in runs]),
             "let_better": sum(r["comparison"]["final_val_loss_delta"] < 0 for r in runs),
             "teacher_forward_fraction": sum(r["let"]["teacher_forward_seconds"] for r in runs) / let_seconds,
