@@ -19,7 +19,7 @@ final validation loss. Default corpus: this Python's own standard library source
 DEMO_EPILOG = """\
 examples:
   letkit demo --quick                       # ~3 minutes on 2 cores
-  letkit demo --seeds 3                     # mean speedup with a 95%% confidence interval
+  letkit demo --seeds 3                     # mean speedup with a 95% confidence interval
   letkit demo --corpus 'docs/**/*.md'       # your own text files (a directory, glob or file)
   letkit demo --corpus tokens.bin --bin-dtype uint32 --tokenizer tokenizer.json
   letkit demo --teacher path/to/checkpoint  # your own teacher (HF layout: config.json + safetensors)
@@ -55,11 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="teacher checkpoint directory (HF layout); default: pretrain one and cache it")
 
     let = demo.add_argument_group("LET")
-    let.add_argument("--lambda0", type=float, help="initial alignment weight lambda0")
-    let.add_argument("--stop-step", type=int, metavar="N", help="S_stop: step where lambda reaches 0 and the teacher is dropped")
-    let.add_argument("--layer-map", choices=("L2E", "L2M", "L2L"), help="teacher layer -> target layer (default L2E)")
-    let.add_argument("--projector", choices=("interpolate", "linear", "mlp"), help="P: target -> teacher features")
-    let.add_argument("--lr", type=float, help="peak learning rate (both runs)")
+    let.add_argument("--lambda0", type=float, help="initial alignment weight lambda0 (default 3)")
+    let.add_argument("--stop-step", type=int, metavar="N", help="S_stop: step where lambda reaches 0 and the teacher is dropped (default: the last step)")
+    let.add_argument("--layer-map", choices=("L2E", "L2M", "L2L"), help="teacher layer -> target layer (default L2M)")
+    let.add_argument("--projector", choices=("interpolate", "linear", "mlp"), help="P: target -> teacher features (default interpolate)")
+    let.add_argument("--lr", type=float, help="peak learning rate of both runs (default 1e-3)")
 
     io = demo.add_argument_group("outputs")
     io.add_argument("--out", metavar="DIR", help="where metrics.json and demo.png go (default runs/demo)")
