@@ -4,13 +4,16 @@ Every (seed, learning rate) group trains the baseline and all LET variants *in l
 the same initialisation (see :func:`letkit.demo.train_lockstep`), so wall-clock numbers within a group share the
 machine's background load. Each LET variant is compared with the baseline of its own group.
 
-Examples (the commands behind RESULTS.md)::
+The commands behind RESULTS.md (JSON copies in benchmarks/results/demo/)::
 
-    # LR sweep, baseline and LET alike
-    python benchmarks/convergence.py --preset quick --lr 1e-3,2e-3,4e-3 --out runs/convergence/quick_lr.json
-    # ablations around the preset's LET settings, 2 seeds
-    python benchmarks/convergence.py --preset quick --seeds 2 --vary lambda0=0.1,3 --vary stop_fraction=1.0 \\
-        --vary layer_map=L2M --vary projector=linear,teacher_interpolate --out runs/convergence/quick_ablate.json
+    # LR sweep: baseline and LET (the preset's LET settings at the time: lambda0 1, S_stop 0.5, L2E) at three LRs
+    python benchmarks/convergence.py --preset quick --threads 1 --lr 1e-3,2e-3,4e-3 --out quick_lr.json
+    # one-at-a-time ablations around lambda0 3, S_stop 0.5, L2E, interpolate at the baseline's best LR
+    python benchmarks/convergence.py --preset quick --threads 1 --lr 1e-3 --lambda0 3 --vary lambda0=0.1 \
+        --vary stop_fraction=1.0 --vary layer_map=L2M --vary projector=linear,teacher_interpolate --out quick_ablate.json
+    # L2E vs L2M at lambda0 3, S_stop = all steps, on two fresh seeds
+    python benchmarks/convergence.py --preset quick --threads 1 --seed 1 --seeds 2 --lr 1e-3 --lambda0 3 \
+        --stop-fraction 1.0 --vary layer_map=L2M --out quick_combo.json
 
 Variant keys: ``lambda0``, ``stop_fraction``, ``layer_map`` (L2E/L2M/L2L), ``projector`` (interpolate, linear, mlp,
 and ``teacher_interpolate``: the teacher's features interpolated *up* to the target's width and compared there,
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path

@@ -77,6 +77,9 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_consistent_metrics(demo_run):
     tmp, config, metrics = demo_run
     on_disk = json.loads((tmp / "out" / "metrics.json").read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp / "out" / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert on_disk["summary"] == json.loads(json.dumps(metrics["summary"]))
     assert on_disk["config"]["target_schedule"]["steps"] == 16
     assert metrics["data"]["train_tokens"] > 10 * metrics["data"]["val_tokens"] > 0
@@ -103,8 +106,10 @@ def test_demo_writes_consistent_metrics(demo_run):
         assert run["comparison"] == compare_runs(to_result(base), to_result(let))
     speedups = [r["comparison"]["step_speedup"] for r in metrics["runs"]]
     assert metrics["summary"]["step_speedup"] == mean_ci95(speedups)
+    for run in metrics["runs"]:  # on this idle-or-not machine both wall-clock measures are reported
+        assert run["comparison"]["wall_speedup_load_matched"] > 0 and run["comparison"]["wall_speedup"] > 0
     report = demo.format_report(metrics)
-    assert "step speedup" in report and "95% CI" in report
+    assert "step speedup" in report and "95% CI" in report and "raw wall-clock speedup" in report
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
@@ -334,6 +339,14 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, capsys):
         assert not (tmp_path / "out").exists()
         if "--teacher" in args and "not a checkpoint" not in message:
             assert "Cross-tokenizer alignment is not implemented yet" in err
+
+
+def test_library_errors_are_value_errors(tmp_path):
+    assert issubclass(DemoError, ValueError)
+    with pytest.raises(DemoError, match="does not exist"):
+        demo.load_corpus(str(tmp_path / "nope"), val_fraction=0.05)
+    with pytest.raises(DemoError, match="unknown preset"):
+        demo.preset("huge")
 
 
 def test_unreadable_corpus_file(tmp_path, monkeypatch, capsys):
