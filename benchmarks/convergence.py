@@ -4,16 +4,19 @@ Every (seed, learning rate) group trains the baseline and all LET variants *in l
 the same initialisation (see :func:`letkit.demo.train_lockstep`), so wall-clock numbers within a group share the
 machine's background load. Each LET variant is compared with the baseline of its own group.
 
-The commands behind RESULTS.md (JSON copies in benchmarks/results/demo/)::
+The commands behind RESULTS.md (JSON copies in benchmarks/results/demo/; they ran with the base LET settings given
+on the command line, so they reproduce whatever the presets' LET defaults are)::
 
-    # LR sweep: baseline and LET (the preset's LET settings at the time: lambda0 1, S_stop 0.5, L2E) at three LRs
-    python benchmarks/convergence.py --preset quick --threads 1 --lr 1e-3,2e-3,4e-3 --out quick_lr.json
-    # one-at-a-time ablations around lambda0 3, S_stop 0.5, L2E, interpolate at the baseline's best LR
-    python benchmarks/convergence.py --preset quick --threads 1 --lr 1e-3 --lambda0 3 --vary lambda0=0.1 \
-        --vary stop_fraction=1.0 --vary layer_map=L2M --vary projector=linear,teacher_interpolate --out quick_ablate.json
+    # LR sweep: baseline and LET (lambda0 1, S_stop = half the steps, L2E) at three LRs
+    python benchmarks/convergence.py --preset quick --threads 1 --lr 1e-3,2e-3,4e-3 --lambda0 1 \
+        --stop-fraction 0.5 --layer-map L2E --out quick_lr.json
+    # one-at-a-time ablations around lambda0 3, S_stop = half, L2E, interpolate, at the baseline's best LR
+    python benchmarks/convergence.py --preset quick --threads 1 --lr 1e-3 --lambda0 3 --stop-fraction 0.5 \
+        --layer-map L2E --vary lambda0=0.1 --vary stop_fraction=1.0 --vary layer_map=L2M \
+        --vary projector=linear,teacher_interpolate --out quick_ablate.json
     # L2E vs L2M at lambda0 3, S_stop = all steps, on two fresh seeds
     python benchmarks/convergence.py --preset quick --threads 1 --seed 1 --seeds 2 --lr 1e-3 --lambda0 3 \
-        --stop-fraction 1.0 --vary layer_map=L2M --out quick_combo.json
+        --stop-fraction 1.0 --layer-map L2E --vary layer_map=L2M --out quick_combo.json
 
 Variant keys: ``lambda0``, ``stop_fraction``, ``layer_map`` (L2E/L2M/L2L), ``projector`` (interpolate, linear, mlp,
 and ``teacher_interpolate``: the teacher's features interpolated *up* to the target's width and compared there,
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-let-base", action="store_true", help="leave out the preset's own LET settings")
     parser.add_argument("--lambda0", type=float, help="override the preset's lambda0 (the base of the variants)")
     parser.add_argument("--stop-fraction", type=float, help="override the preset's S_stop / steps")
+    parser.add_argument("--layer-map", help="override the preset's layer map (L2E, L2M, L2L)")
     parser.add_argument("--steps", type=int, help="override the target's steps")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache-dir", default=None)
@@ -132,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     config = preset(args.preset, seeds=args.seeds, progress=args.progress, threads=args.threads)
     if args.steps:
         config.target_schedule = dataclasses.replace(config.target_schedule, steps=args.steps)
-    base = dataclasses.replace(config.let, **{k: v for k, v in (("lambda0", args.lambda0),
-                                                               ("stop_fraction", args.stop_fraction)) if v is not None})
+    overrides = {"lambda0": args.lambda0, "stop_fraction": args.stop_fraction, "layer_map": args.layer_map}
+    base = dataclasses.replace(config.let, **{k: v for k, v in overrides.items() if v is not None})
     config.let = base
     variants = parse_variants(base, args.vary)
     if args.no_let_base:
