@@ -1,0 +1,197 @@
+"""Convergence study for ``letkit demo``: LR sweeps, multi-seed speedups and one-at-a-time LET ablations.
+
+Every (seed, learning rate) group trains the baseline and all LET variants *in lockstep* on the same batches from
+the same initialisation (see :func:`letkit.demo.train_lockstep`), so wall-clock numbers within a group share the
+machine's background load. Each LET variant is compared with the baseline of its own group.
+
+The commands behind RESULTS.md (JSON copies in benchmarks/results/demo/; they ran with the base LET settings given
+on the command line, so they reproduce whatever the presets' LET defaults are)::
+
+    # LR sweep: baseline and LET (lambda0 1, S_stop = half the steps, L2E) at three LRs
+    python benchmarks/convergence.py --preset quick --threads 1 --lr 1e-3,2e-3,4e-3 --lambda0 1 \
+        --stop-fraction 0.5 --layer-map L2E --out quick_lr.json
+    # one-at-a-time ablations around lambda0 3, S_stop = half, L2E, interpolate, at the baseline's best LR
+    python benchmarks/convergence.py --preset quick --threads 1 --lr 1e-3 --lambda0 3 --stop-fraction 0.5 \
+        --layer-map L2E --vary lambda0=0.1 --vary stop_fraction=1.0 --vary layer_map=L2M \
+        --vary projector=linear,teacher_interpolate --out quick_ablate.json
+    # L2E vs L2M at lambda0 3, S_stop = all steps, on two fresh seeds
+    python benchmarks/convergence.py --preset quick --threads 1 --seed 1 --seeds 2 --lr 1e-3 --lambda0 3 \
+        --stop-fraction 1.0 --layer-map L2E --vary layer_map=L2M --out quick_combo.json
+
+Variant keys: ``lambda0``, ``stop_fraction``, ``layer_map`` (L2E/L2M/L2L), ``projector`` (interpolate, linear, mlp,
+and ``teacher_interpolate``: the teacher's features interpolated *up* to the target's width and compared there,
+instead of letkit's P mapping the target's features *down* to the teacher's width).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from letkit.demo import (
+    DemoError,
+    LETSettings,
+    atomic_write_json,
+    compare_runs,
+    default_cache_dir,
+    mean_ci95,
+    prepare_data,
+    pretrain_teacher,
+    preset,
+    remove_stale_temporaries,
+    target_run,
+    train_lockstep,
+)
+from letkit.losses import AlignmentLoss, interpolate_features
+from letkit.projector import LayerMappingProjector
+
+VARIANT_KEYS = {"lambda0": float, "stop_fraction": float, "layer_map": str, "projector": str}
+
+
+class TeacherSideInterpolation(LayerMappingProjector):
+    """Alignment in the *target's* space: the teacher's features are interpolated up to the target's width.
+
+    letkit's ``"interpolate"`` projector does the opposite (P maps the target's features down to the teacher's
+    width, the paper's ``cos(P(h_M), h_T)``); this is the variant the feasibility probe used.
+    """
+
+    def __init__(self, target_dim: int, teacher_dim: int) -> None:
+        super().__init__([target_dim], [teacher_dim], "interpolate")
+
+    def alignment_loss(self, target_features, teacher_features, loss_fn: AlignmentLoss, mask=None):
+        losses = [loss_fn(s, interpolate_features(t, s.shape[-1]), projection="identity", mask=mask)
+                  for s, t in zip(target_features, teacher_features)]
+        return sum(losses) / len(losses)
+
+
+def parse_variants(base: LETSettings, specs: list[str]) -> dict[str, LETSettings]:
+    """``["lambda0=0.1,3", ...]`` -> one LET variant per value, each differing from ``base`` in that key only."""
+    variants = {"let": base}
+    for spec in specs:
+        key, _, values = spec.partition("=")
+        if key not in VARIANT_KEYS or not values:
+            raise SystemExit(f"--vary {spec!r}: expected KEY=V1,V2 with KEY in {sorted(VARIANT_KEYS)}")
+        for value in values.split(","):
+            variants[f"{key}={value}"] = dataclasses.replace(base, **{key: VARIANT_KEYS[key](value)})
+    return variants
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (variant, lr): mean speedups with 95% CIs and the mean final-loss difference over seeds."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["variant"], r["lr"]), []).append(r)
+    rows = []
+    for (variant, lr), rs in groups.items():
+        row = {"variant": variant, "lr": lr, "seeds": [r["seed"] for r in rs],
+               "final_val_loss": mean_ci95([r["final_val_loss"] for r in rs])}
+        if variant != "baseline":
+            for key in ("step_speedup", "wall_speedup", "wall_speedup_load_matched", "final_val_loss_delta"):
+                row[key] = mean_ci95([r["comparison"][key] for r in rs])
+            row["reached"] = sum(r["comparison"]["reached"] for r in rs)
+        rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    def fmt(stat: dict[str, Any] | None, spec: str) -> str:
+        if stat is None:
+            return "-"
+        ci = f" [{stat['ci95'][0]:{spec}}, {stat['ci95'][1]:{spec}}]" if stat["ci95"] else ""
+        return f"{stat['mean']:{spec}}{ci}"
+
+    lines = [f"{'variant':<26} {'lr':>7} {'n':>2} {'final val':>22} {'step speedup':>18} {'wall speedup':>18} "
+             f"{'wall, load-matched':>18} {'reached':>7}"]
+    for r in rows:
+        lines.append(f"{r['variant']:<26} {r['lr']:>7.0e} {len(r['seeds']):>2} {fmt(r['final_val_loss'], '.3f'):>22} "
+                     f"{fmt(r.get('step_speedup'), '.2f'):>18} {fmt(r.get('wall_speedup'), '.2f'):>18} "
+                     f"{fmt(r.get('wall_speedup_load_matched'), '.2f'):>18} {r.get('reached', '-'):>7}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=("quick", "default"), default="quick")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--lr", default=None, help="comma-separated peak LRs (default: the preset's)")
+    parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2", help="LET variants (repeatable)")
+    parser.add_argument("--no-let-base", action="store_true", help="leave out the preset's own LET settings")
+    parser.add_argument("--lambda0", type=float, help="override the preset's lambda0 (the base of the variants)")
+    parser.add_argument("--stop-fraction", type=float, help="override the preset's S_stop / steps")
+    parser.add_argument("--layer-map", help="override the preset's layer map (L2E, L2M, L2L)")
+    parser.add_argument("--steps", type=int, help="override the target's steps")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--out", required=True, help="JSON file (rewritten after every group)")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    config = preset(args.preset, seeds=args.seeds, progress=args.progress, threads=args.threads)
+    if args.steps:
+        config.target_schedule = dataclasses.replace(config.target_schedule, steps=args.steps)
+    overrides = {"lambda0": args.lambda0, "stop_fraction": args.stop_fraction, "layer_map": args.layer_map}
+    base = dataclasses.replace(config.let, **{k: v for k, v in overrides.items() if v is not None})
+    config.let = base
+    variants = parse_variants(base, args.vary)
+    if args.no_let_base:
+        variants.pop("let")
+    lrs = [float(x) for x in args.lr.split(",")] if args.lr else [config.target_schedule.lr]
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    cache_root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    remove_stale_temporaries(cache_root)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        data = prepare_data(config, cache_root, log=log)
+        teacher = pretrain_teacher(config, data, cache_root, log=log)
+    except DemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log(f"teacher {teacher.path}: val loss {teacher.val_loss:.3f}, {teacher.non_embedding_parameters} non-embedding "
+        f"params, pretraining {teacher.pretrain_seconds:.0f}s")
+
+    out = Path(args.out)
+    records: list[dict[str, Any]] = []
+    report = {"command": " ".join(["python", "benchmarks/convergence.py", *(argv if argv is not None else sys.argv[1:])]),
+              "config": dataclasses.asdict(config), "teacher": dataclasses.asdict(teacher),
+              "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+              "variants": {k: dataclasses.asdict(v) for k, v in variants.items()}, "records": records}
+    t_start = time.perf_counter()
+    for seed in range(args.seed, args.seed + args.seeds):
+        for lr in lrs:
+            specs = [target_run(config, data, seed, name="baseline", lr=lr)]
+            for name, let in variants.items():
+                factory = None
+                if let.projector == "teacher_interpolate":
+                    factory, let = TeacherSideInterpolation, dataclasses.replace(let, projector="interpolate")
+                specs.append(target_run(config, data, seed, name=name, let=let, teacher_path=teacher.path, lr=lr,
+                                        make_projector=factory))
+            results = train_lockstep(specs, data, config.target_schedule, seq_len=config.seq_len, data_seed=seed,
+                                     eval_every=config.eval_every, eval_sequences=config.eval_sequences,
+                                     desc=f"seed {seed} lr {lr:g}", progress=args.progress)
+            baseline = results[0]
+            for result in results:
+                record = {"seed": seed, "lr": lr, "variant": result.name, "final_val_loss": result.final_val_loss,
+                          "train_seconds": result.train_seconds, "teacher_forward_seconds": result.teacher_forward_seconds,
+                          "curve": [dataclasses.asdict(p) for p in result.curve]}
+                if result is not baseline:
+                    record["comparison"] = compare_runs(baseline, result)
+                records.append(record)
+            report["summary"] = summarise(records)
+            report["elapsed_seconds"] = time.perf_counter() - t_start
+            atomic_write_json(out, report)
+            log(f"seed {seed} lr {lr:g} done ({report['elapsed_seconds']:.0f}s)\n" + format_summary(report["summary"]))
+    print(format_summary(report["summary"]))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

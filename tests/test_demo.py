@@ -1,0 +1,382 @@
+"""``letkit demo``: the whole pipeline at toy size, its statistics, its cache and its errors on bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import letkit.demo as demo
+from letkit import TeacherFeatureExtractor
+from letkit.cli import build_parser, demo_config_from_args, main
+from letkit.demo import (
+    DemoConfig,
+    DemoError,
+    EvalPoint,
+    LETSettings,
+    ModelShape,
+    RunResult,
+    TrainSchedule,
+    compare_runs,
+    crossing,
+    mean_ci95,
+    t_critical_95,
+)
+from letkit.models import from_preset, save_pretrained
+
+STDLIB_FILES = ("abc.py", "bisect.py", "colorsys.py", "keyword.py", "numbers.py")
+
+
+def make_corpus(directory: Path) -> Path:
+    """A small slice of the real default corpus: five standard-library modules (~40 KB)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in STDLIB_FILES:
+        shutil.copy(stdlib / name, directory / name)
+    return directory
+
+
+def tiny_config(tmp: Path, corpus: Path, **overrides) -> DemoConfig:
+    config = DemoConfig(
+        teacher_shape=ModelShape(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+        teacher_schedule=TrainSchedule(steps=24, batch_size=8, lr=3e-3, warmup_steps=4),
+        target_shape=ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
+        target_schedule=TrainSchedule(steps=16, batch_size=4, lr=3e-3, warmup_steps=2),
+        let=LETSettings(lambda0=1.0, stop_fraction=0.5),
+        seq_len=32, eval_every=4, eval_sequences=8, corpus=str(corpus), vocab_size=320,
+        cache_dir=str(tmp / "cache"), out_dir=str(tmp / "out"), threads=1, progress=False,
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+def cache_files(tmp: Path) -> list[Path]:
+    root = tmp / "cache"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    config = tiny_config(tmp, make_corpus(tmp / "corpus"), seeds=2)
+    threads = torch.get_num_threads()
+    metrics = demo.run_demo(config, log=lambda m: None)
+    assert torch.get_num_threads() == threads  # run_demo's --threads does not leak into the caller
+    return tmp, config, metrics
+
+
+def test_demo_writes_consistent_metrics(demo_run):
+    tmp, config, metrics = demo_run
+    on_disk = json.loads((tmp / "out" / "metrics.json").read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp / "out" / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert on_disk["summary"] == json.loads(json.dumps(metrics["summary"]))
+    assert on_disk["config"]["target_schedule"]["steps"] == 16
+    assert metrics["data"]["train_tokens"] > 10 * metrics["data"]["val_tokens"] > 0
+    teacher = metrics["teacher"]
+    assert not teacher["provided"] and not teacher["cached"] and teacher["pretrain_seconds"] > 0
+    assert metrics["target"]["size_ratio"] == pytest.approx(
+        metrics["target"]["non_embedding_parameters"] / teacher["non_embedding_parameters"])
+    assert metrics["target"]["stop_step"] == 8
+    assert [r["seed"] for r in metrics["runs"]] == [0, 1]
+    for run in metrics["runs"]:
+        base, let = run["baseline"], run["let"]
+        for r in (base, let):
+            steps = [p["step"] for p in r["curve"]]
+            assert steps == [0, 4, 8, 12, 16]
+            seconds = [p["seconds"] for p in r["curve"]]
+            assert seconds[0] == 0 and all(a < b for a, b in zip(seconds, seconds[1:]))
+            assert r["final_val_loss"] == r["curve"][-1]["val_loss"]
+            assert r["final_perplexity"] == pytest.approx(math.exp(r["final_val_loss"]))
+        # same initial weights: identical loss before the first step; LET's lambda is 0 after S_stop
+        assert base["curve"][0]["val_loss"] == let["curve"][0]["val_loss"]
+        assert let["curve"][2]["lambda_"] > 0 and let["curve"][-1]["lambda_"] == 0
+        assert 0 < let["teacher_forward_seconds"] < let["train_seconds"]
+        to_result = lambda d: RunResult("x", [EvalPoint(**p) for p in d["curve"]], d["steps"], d["train_seconds"], 0.0)
+        assert run["comparison"] == compare_runs(to_result(base), to_result(let))
+    speedups = [r["comparison"]["step_speedup"] for r in metrics["runs"]]
+    assert metrics["summary"]["step_speedup"] == mean_ci95(speedups)
+    for run in metrics["runs"]:  # on this idle-or-not machine both wall-clock measures are reported
+        assert run["comparison"]["wall_speedup_load_matched"] > 0 and run["comparison"]["wall_speedup"] > 0
+    report = demo.format_report(metrics)
+    assert "step speedup" in report and "95% CI" in report and "raw wall-clock speedup" in report
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+def test_demo_plot_is_a_png(demo_run):
+    tmp, _, metrics = demo_run
+    assert metrics["plot"] == str(tmp / "out" / "demo.png")
+    assert (tmp / "out" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_skipped_without_matplotlib(demo_run, tmp_path, monkeypatch):
+    _, _, metrics = demo_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    assert demo.plot_curves(metrics, tmp_path / "x.png") is False
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cached_teacher_is_reused_and_reloads_with_identical_features(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"))
+    data = demo.prepare_data(config, tmp_path / "cache", log=lambda m: None)
+    saved = []
+    real_save = save_pretrained
+    monkeypatch.setattr("letkit.models.save_pretrained", lambda model, path, **kw: saved.append(model) or real_save(model, path, **kw))
+    info = demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
+    assert not info.cached and len(saved) == 1
+    again = demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
+    assert again.cached and again.path == info.path and again.val_loss == info.val_loss and len(saved) == 1
+    assert sorted(p.name for p in Path(info.path).iterdir()) == [
+        "config.json", demo.TEACHER_INFO_FILE, "model.safetensors", "tokenizer.json"]
+
+    reloaded = TeacherFeatureExtractor.from_pretrained(info.path, layers=[0, -1])
+    original = TeacherFeatureExtractor(saved[0], layers=[0, -1])
+    ids = torch.randint(0, data.vocab_size, (3, 17))
+    for got, want in zip(reloaded(ids), original(ids)):
+        assert torch.equal(got, want)
+    assert reloaded.tokenizer.get_vocab() == data.tokenizer.get_vocab()
+    # a second prepare_data reads the cached tokenizer and tokens and gives the same data
+    cached = demo.prepare_data(config, tmp_path / "cache", log=lambda m: None)
+    assert torch.equal(cached.train, data.train) and torch.equal(cached.val, data.val) and cached.key == data.key
+
+
+def test_interrupt_during_teacher_pretraining_leaves_cache_consistent(tmp_path, monkeypatch, capsys):
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"))
+    argv = ["demo", "--quick", "--threads", "1", "--corpus", config.corpus, "--cache-dir", config.cache_dir,
+            "--out", config.out_dir, "--no-progress"]
+    calls = []
+    real_step = demo._Trainer.step
+
+    def interrupted_step(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(demo._Trainer, "step", interrupted_step)
+    assert main(argv + ["--vocab-size", "320"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    names = [p.relative_to(tmp_path / "cache").parts[0] for p in cache_files(tmp_path)]
+    assert set(names) == {"tokenizers", "data"}  # complete entries only: no teacher, no temporaries
+    assert not list((tmp_path / "cache").rglob("*tmp*"))
+    monkeypatch.setattr(demo._Trainer, "step", real_step)
+    data = demo.prepare_data(config, tmp_path / "cache", log=lambda m: None)
+    info = demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
+    assert not info.cached and Path(info.path, "model.safetensors").is_file()
+
+
+def test_interrupt_while_saving_the_teacher_and_stale_temporaries(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"), teacher_schedule=TrainSchedule(2, 2, 1e-3, 0))
+    data = demo.prepare_data(config, tmp_path / "cache", log=lambda m: None)
+
+    def crash(model, path, **kw):
+        Path(path, "config.json").write_text("{")  # half-written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("letkit.models.save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
+    assert not (tmp_path / "cache" / "teachers").exists() or not any((tmp_path / "cache" / "teachers").iterdir())
+
+    # leftovers of a killed process (pid that no longer runs) are removed; a live process's are kept
+    dead = tmp_path / "cache" / "teachers" / ".tmp-abc-999999999-x1y2"
+    alive = tmp_path / "cache" / "teachers" / f".tmp-abc-{os.getpid()}-x1y2"
+    for d in (dead, alive):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"partial")
+    assert demo.remove_stale_temporaries(tmp_path / "cache") == [dead]
+    assert alive.exists() and not dead.exists()
+
+
+def test_crossing_is_interpolated_between_evaluations():
+    curve = [EvalPoint(0, 0.0, 8.0, None, 0), EvalPoint(10, 5.0, 6.0, 6.5, 0), EvalPoint(20, 9.0, 4.0, 4.5, 0)]
+    assert crossing(curve, 5.0) == (15.0, 7.0)
+    assert crossing(curve, 6.0) == (10.0, 5.0)
+    assert crossing(curve, 3.9) is None
+    assert crossing(curve, 9.0) == (0.0, 0.0)
+
+
+def test_speedups_both_ways():
+    def run(losses, seconds):
+        points = [EvalPoint(10 * i, s, v, None, 0) for i, (v, s) in enumerate(zip(losses, seconds))]
+        return RunResult("r", points, 10 * (len(losses) - 1), seconds[-1], 0.0)
+
+    baseline = run([8, 6, 5, 4.5, 4.0], [0, 10, 20, 30, 40])
+    let = run([8, 5, 4.5, 4.0, 3.5], [0, 12, 24, 36, 48])
+    c = compare_runs(baseline, let)
+    assert c["reached"] and c["crossing_step"] == 30 and c["crossing_seconds"] == 36
+    assert c["step_speedup"] == pytest.approx(40 / 30) and c["wall_speedup"] == pytest.approx(40 / 36)
+    assert c["wall_speedup_load_matched"] == pytest.approx(40 / 36)  # the baseline's steps all cost the same
+    # load that fell during the run: the baseline's first 30 steps took 35 of its 40 s
+    early_load = run([8, 6, 5, 4.5, 4.0], [0, 20, 30, 35, 40])
+    c = compare_runs(early_load, let)
+    assert c["wall_speedup"] == pytest.approx(40 / 36)
+    assert c["wall_speedup_load_matched"] == pytest.approx(40 / 30 * 35 / 36)
+    assert c["final_val_loss_delta"] == pytest.approx(-0.5)
+    # LET never reaches the baseline: speedups < 1, from where the baseline reaches LET's final loss (5.5 at step 15)
+    worse = run([8, 7, 6.5, 6, 5.5], [0, 10, 20, 30, 40])
+    c = compare_runs(baseline, worse)
+    assert not c["reached"] and c["crossing_step"] is None
+    assert c["step_speedup"] == pytest.approx(15 / 40) and c["wall_speedup"] == pytest.approx(15 / 40)
+    assert c["wall_speedup_load_matched"] == pytest.approx(15 / 40)
+
+
+def test_t_critical_values_and_confidence_interval():
+    if importlib.util.find_spec("scipy") is not None:
+        from scipy import stats
+
+        for df in (1, 2, 3, 7, 30, 31, 45, 100, 1000):
+            assert t_critical_95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1.5e-3)
+    assert t_critical_95(2) == 4.303 and t_critical_95(30) == 2.042
+    values = [t_critical_95(df) for df in range(1, 200)]
+    assert all(a > b for a, b in zip(values, values[1:])) and 1.96 < values[-1] < 1.975
+    stats_ = mean_ci95([1.0, 2.0, 3.0])
+    assert stats_["mean"] == 2.0 and stats_["std"] == 1.0
+    assert stats_["ci95"] == pytest.approx([2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)])
+    assert mean_ci95([1.5]) == {"n": 1, "mean": 1.5, "std": None, "ci95": None}
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_critical_95(0)
+
+
+def test_pretokenized_corpus(tmp_path):
+    tokens = (np.arange(5000) * 7919 % 500).astype(np.uint32)
+    tokens.tofile(tmp_path / "tokens.bin")
+    config = tiny_config(tmp_path, tmp_path / "tokens.bin", bin_dtype="uint32")
+    data = demo.prepare_data(config, tmp_path / "cache", log=lambda m: None)
+    assert data.tokenizer is None and data.vocab_size == 500
+    assert torch.equal(torch.cat([data.train, data.val]), torch.from_numpy(tokens.astype(np.int64)))
+    assert len(data.val) == 250
+    np.save(tmp_path / "tokens.npy", tokens.astype(np.int64))
+    data_npy = demo.prepare_data(dataclasses.replace(config, corpus=str(tmp_path / "tokens.npy")), tmp_path / "cache")
+    assert torch.equal(data_npy.train, data.train)
+    assert cache_files(tmp_path) == []  # nothing to cache for a pre-tokenised corpus
+
+
+def test_binary_files_in_a_directory_are_skipped(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
+    (corpus / ".hidden").write_text("not read")
+    messages = []
+    loaded = demo.load_corpus(str(corpus), val_fraction=0.05, log=messages.append)
+    assert "skipped 1 binary" in messages[0] and "image.png" in messages[0]
+    text = "".join(loaded.train_docs + loaded.val_docs)
+    assert "not read" not in text
+    assert text == "".join((corpus / n).read_text() for n in sorted(STDLIB_FILES))
+    globbed = demo.load_corpus(str(corpus / "*.py"), val_fraction=0.05, log=messages.append)
+    assert globbed.key == loaded.key  # same documents, same names
+
+
+def write_tokenizer(path: Path, text: str) -> Path:
+    demo.train_bpe_tokenizer([text], 300).save(str(path))
+    return path
+
+
+def save_teacher(path: Path, vocab_size: int, tokenizer_text: str | None) -> Path:
+    torch.manual_seed(0)
+    model = from_preset("tiny", vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    tokenizer = demo.train_bpe_tokenizer([tokenizer_text], vocab_size) if tokenizer_text else None
+    save_pretrained(model, path, tokenizer=tokenizer)
+    return path
+
+
+def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
+    corpus = make_corpus(tmp / "corpus")
+    (tmp / "empty_dir").mkdir()
+    (tmp / "blank").mkdir()
+    (tmp / "blank" / "a.txt").write_text("")
+    (tmp / "blank" / "b.txt").write_text("\n  \n")
+    (tmp / "small.txt").write_text("def f():\n    return 1\n")
+    (tmp / "bin").mkdir()
+    (tmp / "bin" / "a.dat").write_bytes(bytes(range(256)))
+    (tmp / "blob.txt").write_bytes(b"\xff\xfe\x00\x01" * 100)
+    np.save(tmp / "matrix.npy", np.zeros((4, 4), dtype=np.int64))
+    other_tok = write_tokenizer(tmp / "other_tokenizer.json", "zebra quagga okapi " * 200)
+    teacher_other = save_teacher(tmp / "teacher_other_tok", 300, "lorem ipsum dolor sit amet " * 200)
+    teacher_small = save_teacher(tmp / "teacher_small_vocab", 100, None)
+    return [
+        (["--corpus", str(tmp / "missing")], "does not exist"),
+        (["--corpus", str(tmp / "empty_dir")], "contains no files"),
+        (["--corpus", str(tmp / "blank")], "the corpus is empty"),
+        (["--corpus", str(tmp / "nothing*.txt")], "matches no files"),
+        (["--corpus", str(tmp / "small.txt")], "the corpus is too small"),
+        (["--corpus", str(tmp / "bin")], "all 1 files are binary"),
+        (["--corpus", str(tmp / "blob.txt")], "is not UTF-8 text"),
+        (["--corpus", str(tmp / "matrix.npy")], "must hold a 1-D integer array"),
+        (["--corpus", str(corpus), "--tokenizer", str(tmp / "missing.json")], "does not exist or is not a file"),
+        (["--corpus", str(corpus), "--tokenizer", str(tmp / "small.txt")], "is not a tokenizers tokenizer.json"),
+        (["--corpus", str(corpus), "--teacher", str(tmp / "missing_teacher")], "is not a checkpoint directory"),
+        (["--corpus", str(corpus), "--teacher", str(teacher_other), "--tokenizer", str(other_tok)],
+         "uses a different tokenizer ("),
+        (["--corpus", str(corpus), "--teacher", str(teacher_small), "--tokenizer", str(other_tok)],
+         "has 100 token embeddings but the target vocabulary has"),
+        (["--corpus", str(corpus), "--stop-step", "0"], "--stop-step must be in 1 .."),
+        (["--corpus", str(corpus), "--seeds", "0"], "seeds must be >= 1"),
+    ]
+
+
+def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, capsys):
+    cases = bad_inputs(tmp_path)
+    for args, message in cases:
+        code = main(["demo", *args, "--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                     "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert err.startswith("letkit demo: error: ") and message in err, (args, err)
+        assert cache_files(tmp_path) == [], args
+        assert not (tmp_path / "out").exists()
+        if "--teacher" in args and "not a checkpoint" not in message:
+            assert "Cross-tokenizer alignment is not implemented yet" in err
+
+
+def test_library_errors_are_value_errors(tmp_path):
+    assert issubclass(DemoError, ValueError)
+    with pytest.raises(DemoError, match="does not exist"):
+        demo.load_corpus(str(tmp_path / "nope"), val_fraction=0.05)
+    with pytest.raises(DemoError, match="unknown preset"):
+        demo.preset("huge")
+
+
+def test_unreadable_corpus_file(tmp_path, monkeypatch, capsys):
+    corpus = make_corpus(tmp_path / "corpus")
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "bisect.py":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert main(["demo", "--corpus", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read corpus file" in err and "bisect.py" in err and "Permission denied" in err
+    assert cache_files(tmp_path) == []
+
+
+def test_cli_help_and_overrides(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--quick", "--corpus", "--teacher", "--tokenizer", "--seeds", "--cache-dir", "--out", "--lambda0"):
+        assert option in help_text
+    args = build_parser().parse_args(["demo", "--quick", "--steps", "100", "--lambda0", "3", "--stop-step", "25",
+                                      "--projector", "linear", "--lr", "1e-3", "--seeds", "3"])
+    config = demo_config_from_args(args)
+    assert config.target_schedule.steps == 100 and config.target_schedule.lr == 1e-3
+    assert config.let.lambda0 == 3 and config.let.stop_step(100) == 25 and config.let.projector == "linear"
+    assert config.seeds == 3 and config.teacher_shape == demo.PRESETS["quick"].teacher_shape
+    assert demo.PRESETS["quick"].target_schedule.steps != 100  # presets are not modified
+    assert main([]) == 2
