@@ -1,4 +1,4 @@
-"""The ``letkit`` command line. ``letkit demo --help`` for the demo; ``python -m letkit.cli`` works too."""
+"""The ``letkit`` command line: ``letkit demo`` and ``letkit tokenize`` (``--help`` on each); ``python -m letkit.cli`` works too."""
 
 from __future__ import annotations
 
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--eval-every", type=int, metavar="N", help="validation loss every N steps")
     io.add_argument("--no-plot", action="store_true", help="skip the PNG")
     io.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    commands.add_parser(
+        "tokenize", add_help=False,
+        help="tokenize text files into token shards for pretraining (letkit tokenize --help)",
+    )
     return parser
 
 
@@ -104,6 +109,12 @@ def demo_config_from_args(args: argparse.Namespace):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tokenize"]:
+        from letkit.data import main as tokenize_main
+
+        tokenize_main(argv[1:], prog="letkit tokenize")
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

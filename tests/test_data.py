@@ -371,3 +371,12 @@ def test_teacher_tokenized_loader_aligns_and_resumes_exactly(shards):
     resumed.close()
     with pytest.raises(ValueError, match="mode must be one of \\('last', 'mean'\\), got 'first'"):
         TeacherTokenizedLoader(plain, target, teacher, mode="first")
+
+
+def test_letkit_tokenize_command_is_the_data_cli(capsys):
+    from letkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tokenize", "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: letkit tokenize")
