@@ -111,3 +111,15 @@ def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, model.get_parameter(source))
     return model
+
+
+@torch.no_grad()
+def init_normal_weights(model: nn.Module, std: float) -> None:
+    """GPT-2-style init: Linear/Embedding weights ~ N(0, std), biases 0, LayerNorm weights 1."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm) and module.weight is not None:
+            nn.init.ones_(module.weight)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from letkit.models.base import ModelOutput, TensorMapping, activation, fused, same
+from letkit.models.base import ModelOutput, TensorMapping, activation, fused, init_normal_weights, same
 
 POSITION_OFFSET = 2
 
@@ -180,16 +180,9 @@ class OPT(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self) -> None:
         """Linear/Embedding weights ~ N(0, init_std), biases 0, LayerNorms 1/0."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.config.init_std)
-            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, nn.LayerNorm) and module.weight is not None:
-                nn.init.ones_(module.weight)
+        init_normal_weights(self, self.config.init_std)
 
     def forward(self, input_ids: Tensor, *, output_hidden_states: bool = False) -> Tensor | ModelOutput:
         """Logits [B, T, V] for ``input_ids`` [B, T]; a :class:`ModelOutput` if ``output_hidden_states``."""
