@@ -92,7 +92,8 @@ def demo_config_from_args(args: argparse.Namespace):
     overrides = {"seeds": args.seeds, "seed": args.seed, "threads": args.threads, "corpus": args.corpus,
                  "bin_dtype": args.bin_dtype, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
                  "teacher": args.teacher, "cross_tokenizer": args.cross_tokenizer,
-                 "teacher_vocab_size": args.teacher_vocab_size, "out_dir": args.out, "cache_dir": args.cache_dir, "eval_every": args.eval_every}
+                 "teacher_vocab_size": args.teacher_vocab_size, "out_dir": args.out, "cache_dir": args.cache_dir,
+                 "eval_every": args.eval_every}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     config.plot, config.progress = not args.no_plot, not args.no_progress
     if args.steps is not None:

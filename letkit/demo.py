@@ -52,7 +52,7 @@ from letkit.objective import LETObjective
 from letkit.projector import LayerMappingProjector
 from letkit.schedulers import LinearDecay
 from letkit.teacher import TeacherFeatureExtractor
-from letkit.tokenization import TokenAlignment
+from letkit.tokenization import TokenAlignment, _check_tokenizer, same_tokenizer
 
 EOS_TOKEN = "<|endoftext|>"
 CACHE_FORMAT = "letkit-demo-cache-v1"
@@ -598,7 +598,8 @@ def prepare_data(
         check_teacher_vocabulary(teacher, data, config.teacher, cross_tokenizer=config.alignment_mode)
         positions = teacher_positions(teacher)
         # cross-tokenizer: the teacher's tokens of a window are cut at its positions (fewer aligned target tokens)
-        if config.alignment_mode is None and positions is not None and positions < config.seq_len:
+        cross = config.alignment_mode is not None and not same_tokenizer(teacher.tokenizer, data.tokenizer)
+        if not cross and positions is not None and positions < config.seq_len:
             raise DemoError(f"the teacher {config.teacher!r} supports {positions} positions, fewer than seq_len = {config.seq_len}")
     if to_cache is not None:
         atomic_write_bytes(to_cache, tokenizer.to_str().encode())
@@ -686,8 +687,6 @@ def check_teacher_vocabulary(
     teacher_tok = teacher.tokenizer
     size = teacher_vocab_size(teacher)
     if cross_tokenizer is not None:
-        from letkit.tokenization import _check_tokenizer
-
         if teacher_tok is None:
             raise DemoError(f"cross-tokenizer LET re-tokenizes the text for the teacher, but the teacher {teacher_path!r} "
                             "has no tokenizer.json")
@@ -1016,12 +1015,9 @@ def target_run(
         return RunSpec(name, model, None, lr)
     teacher = open_teacher(teacher_path)
     teacher_inputs = None
-    if config.alignment_mode is not None:
-        from letkit.tokenization import same_tokenizer
-
-        if not same_tokenizer(teacher.tokenizer, data.tokenizer):
-            teacher_inputs = CrossTokenizerInputs(data.tokenizer, teacher.tokenizer, config.alignment_mode,
-                                                  teacher_positions(teacher))
+    if config.alignment_mode is not None and not same_tokenizer(teacher.tokenizer, data.tokenizer):
+        teacher_inputs = CrossTokenizerInputs(data.tokenizer, teacher.tokenizer, config.alignment_mode,
+                                              teacher_positions(teacher))
     projector: LayerMappingProjector | str = let.projector
     if make_projector is not None:
         projector = make_projector(config.target_shape.hidden_size, teacher_hidden_size(teacher))
