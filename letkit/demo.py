@@ -688,8 +688,8 @@ def check_teacher_vocabulary(
     size = teacher_vocab_size(teacher)
     if cross_tokenizer is not None:
         if teacher_tok is None:
-            raise DemoError(f"cross-tokenizer LET re-tokenizes the text for the teacher, but the teacher {teacher_path!r} "
-                            "has no tokenizer.json")
+            raise DemoError(f"cross-tokenizer LET re-tokenizes the text for the teacher, but the teacher "
+                            f"{teacher_path!r} has no tokenizer.json")
         try:
             _check_tokenizer(teacher_tok, "the teacher's tokenizer")
         except (TypeError, ValueError) as e:

@@ -488,7 +488,8 @@ def test_cross_tokenizer_inputs_are_the_teacher_tokenization_of_the_decoded_text
         spec = demo.target_run(config, data, 0, name="LET", let=config.let, teacher_path=str(tmp_path / name))
         assert (spec.teacher_inputs is not None) == cross_expected
         if cross_expected:
-            assert spec.teacher_inputs.mode == "mean" and spec.teacher_inputs.teacher_max_length == teacher_config.seq_len
+            assert spec.teacher_inputs.mode == "mean"
+            assert spec.teacher_inputs.teacher_max_length == teacher_config.seq_len
         plain = demo.target_run(dataclasses.replace(config, cross_tokenizer=None, teacher_vocab_size=None), data, 0,
                                 name="LET", let=config.let, teacher_path=str(tmp_path / "same"))
         assert plain.teacher_inputs is None
