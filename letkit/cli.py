@@ -23,6 +23,8 @@ examples:
   letkit demo --corpus 'docs/**/*.md'       # your own text files (a directory, glob or file)
   letkit demo --corpus tokens.bin --bin-dtype uint32 --tokenizer tokenizer.json
   letkit demo --teacher path/to/checkpoint  # your own teacher (HF layout: config.json + safetensors)
+  letkit demo --teacher DIR --tokenizer target.json --cross-tokenizer   # a teacher with another tokenizer
+  letkit demo --teacher-vocab-size 512      # cross-tokenizer LET with a teacher pretrained on a 512-token BPE
 
 outputs: a table on stdout, OUT/metrics.json (config, curves, speedups, teacher cost), OUT/demo.png (needs letkit[plot]).
 """
@@ -53,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary of the trained BPE (default 2048)")
     data.add_argument("--teacher", metavar="DIR",
                       help="teacher checkpoint directory (HF layout); default: pretrain one and cache it")
+    data.add_argument("--cross-tokenizer", nargs="?", const="last", choices=("last", "mean"), metavar="last|mean",
+                      help="let the teacher read its own tokenization of each window's text, features aligned by "
+                           "character spans: the last teacher token inside each target token, or their mean "
+                           "(default when given: last; off by default: teacher and target share one vocabulary)")
+    data.add_argument("--teacher-vocab-size", type=int, metavar="N",
+                      help="pretrain the teacher on its own byte-level BPE of N tokens (implies --cross-tokenizer)")
 
     let = demo.add_argument_group("LET")
     let.add_argument("--lambda0", type=float, help="initial alignment weight lambda0 (default 3)")
@@ -83,7 +91,9 @@ def demo_config_from_args(args: argparse.Namespace):
     config = preset("quick" if args.quick else "default")
     overrides = {"seeds": args.seeds, "seed": args.seed, "threads": args.threads, "corpus": args.corpus,
                  "bin_dtype": args.bin_dtype, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
-                 "teacher": args.teacher, "out_dir": args.out, "cache_dir": args.cache_dir, "eval_every": args.eval_every}
+                 "teacher": args.teacher, "cross_tokenizer": args.cross_tokenizer,
+                 "teacher_vocab_size": args.teacher_vocab_size, "out_dir": args.out, "cache_dir": args.cache_dir,
+                 "eval_every": args.eval_every}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     config.plot, config.progress = not args.no_plot, not args.no_progress
     if args.steps is not None:

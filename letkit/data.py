@@ -522,6 +522,37 @@ def decode_with_offsets(ids: Sequence[int] | np.ndarray, tokenizer) -> tuple[str
     return "".join(pieces), offsets
 
 
+def tokenize_for_teacher(inputs: torch.Tensor, target_tokenizer, teacher_tokenizer, *, mode: str = "last",
+                         teacher_max_length: int | None = None):
+    """The teacher's tokenization of target token rows, and the causal alignment between the two.
+
+    Each row of ``inputs`` [B, T] is decoded back to text with the target tokenizer (:func:`decode_with_offsets`),
+    the texts are encoded with the teacher tokenizer (its special tokens, e.g. a BOS, included but never aligned),
+    cut to ``teacher_max_length`` tokens (None: no limit) and right-padded with id 0. Returns
+    ``(teacher_ids [B, S], alignment)``, the alignment from :func:`letkit.tokenization.align_tokens` with ``mode``.
+    """
+    from letkit.tokenization import align_tokens
+
+    decoded = [decode_with_offsets(row, target_tokenizer) for row in inputs.tolist()]
+    encodings = teacher_tokenizer.encode_batch([text for text, _ in decoded])
+    ids, offsets = [], []
+    for encoding in encodings:
+        real = np.asarray(encoding.attention_mask, dtype=bool)  # the tokenizer's own padding, if any, is dropped
+        row_offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)[real]
+        row_offsets[np.asarray(encoding.special_tokens_mask, dtype=bool)[real]] = -1
+        ids.append(np.asarray(encoding.ids, dtype=np.int64)[real][:teacher_max_length])
+        offsets.append(row_offsets[:teacher_max_length])
+    width = max(1, max(len(row) for row in ids))
+    teacher_ids = np.zeros((len(ids), width), dtype=np.int64)
+    teacher_offsets = np.full((len(ids), width, 2), -1, dtype=np.int64)
+    for i, (row_ids, row_offsets) in enumerate(zip(ids, offsets)):
+        teacher_ids[i, : len(row_ids)] = row_ids
+        teacher_offsets[i, : len(row_ids)] = row_offsets
+    target_offsets = np.stack([row_offsets for _, row_offsets in decoded])
+    alignment = align_tokens(torch.from_numpy(target_offsets), torch.from_numpy(teacher_offsets), mode=mode)
+    return torch.from_numpy(teacher_ids), alignment
+
+
 class TeacherTokenizedLoader:
     """Cross-tokenizer LET data: wraps a :class:`ShardedTokenLoader` and adds, to each target batch, the teacher's
     tokenization of the same text and the causal alignment between the two (``letkit.tokenization.align_tokens``).
@@ -570,26 +601,8 @@ class TeacherTokenizedLoader:
 
     def tokenize_for_teacher(self, batch: torch.Tensor):
         """``(teacher_ids [B, S], alignment)`` for the inputs ``batch[:, :-1]`` of a target batch."""
-        from letkit.tokenization import align_tokens
-
-        decoded = [decode_with_offsets(row, self.target_tokenizer) for row in batch[:, :-1].tolist()]
-        encodings = self.teacher_tokenizer.encode_batch([text for text, _ in decoded])
-        ids, offsets = [], []
-        for encoding in encodings:
-            real = np.asarray(encoding.attention_mask, dtype=bool)  # the tokenizer's own padding, if any, is dropped
-            row_offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)[real]
-            row_offsets[np.asarray(encoding.special_tokens_mask, dtype=bool)[real]] = -1
-            ids.append(np.asarray(encoding.ids, dtype=np.int64)[real][: self.teacher_max_length])
-            offsets.append(row_offsets[: self.teacher_max_length])
-        width = max(1, max(len(row) for row in ids))
-        teacher_ids = np.zeros((len(ids), width), dtype=np.int64)
-        teacher_offsets = np.full((len(ids), width, 2), -1, dtype=np.int64)
-        for i, (row_ids, row_offsets) in enumerate(zip(ids, offsets)):
-            teacher_ids[i, : len(row_ids)] = row_ids
-            teacher_offsets[i, : len(row_ids)] = row_offsets
-        target_offsets = np.stack([row_offsets for _, row_offsets in decoded])
-        alignment = align_tokens(torch.from_numpy(target_offsets), torch.from_numpy(teacher_offsets), mode=self.mode)
-        return torch.from_numpy(teacher_ids), alignment
+        return tokenize_for_teacher(batch[:, :-1], self.target_tokenizer, self.teacher_tokenizer, mode=self.mode,
+                                    teacher_max_length=self.teacher_max_length)
 
     def __iter__(self) -> TeacherTokenizedLoader:
         return self

@@ -9,6 +9,9 @@ interrupted run leaves nothing half-written):
 2. **Tokenizer** -- a byte-level BPE trained on the training split, or a given ``tokenizer.json``, or the teacher's.
 3. **Teacher** -- a small Llama-style model pretrained on the corpus and saved in Hugging Face layout
    (``letkit.models.save_pretrained``), or any checkpoint :meth:`TeacherFeatureExtractor.from_pretrained` loads.
+   With ``cross_tokenizer`` (``--cross-tokenizer``) the teacher may use its own tokenizer: each target window is
+   decoded to text, re-tokenized for the teacher and the features aligned by character spans
+   (:func:`letkit.data.tokenize_for_teacher`); ``teacher_vocab_size`` pretrains such a teacher on a smaller BPE.
 4. **Two targets**, each with >= 10x the teacher's non-embedding parameters, from the same initialisation, on the
    same batches in the same order, with the same AdamW + warmup/cosine LR schedule for the same number of steps:
    the *baseline* (next-token NLL only) and *LET* (:class:`letkit.LETObjective`).
@@ -49,11 +52,16 @@ from letkit.objective import LETObjective
 from letkit.projector import LayerMappingProjector
 from letkit.schedulers import LinearDecay
 from letkit.teacher import TeacherFeatureExtractor
+from letkit.tokenization import TokenAlignment, _check_tokenizer, same_tokenizer
 
 EOS_TOKEN = "<|endoftext|>"
 CACHE_FORMAT = "letkit-demo-cache-v1"
 TEACHER_INFO_FILE = "letkit_demo_teacher.json"
 BIN_DTYPES = ("uint16", "uint32")
+ALIGN_MODES = ("last", "mean")
+# A teacher pretrained on its own (smaller) vocabulary reads a target window's text as more tokens than the target;
+# its context is the average number of its tokens per window times this margin, so few windows are cut.
+TEACHER_CONTEXT_MARGIN = 1.25
 
 Log = Callable[[str], None]
 
@@ -118,6 +126,10 @@ class DemoConfig:
     recursively), a glob, a text file, or a token file ``.npy`` / ``.bin`` (``bin_dtype``).
     ``tokenizer``: a ``tokenizer.json``; None = the teacher's tokenizer if ``teacher`` has one, else a byte-level
     BPE of ``vocab_size`` trained on the training split. ``teacher``: a checkpoint directory; None = pretrain one.
+    ``cross_tokenizer``: None = the teacher reads the target's token ids (one shared vocabulary); ``"last"`` or
+    ``"mean"`` = the teacher reads its own tokenization of each window's text, aligned with that mode (see
+    :func:`letkit.tokenization.align_tokens`). ``teacher_vocab_size``: pretrain the teacher on its own byte-level
+    BPE of this many tokens (implies ``cross_tokenizer="last"`` unless set).
     """
 
     teacher_shape: ModelShape
@@ -142,11 +154,29 @@ class DemoConfig:
     threads: int | None = None
     progress: bool = True
     plot: bool = True
+    cross_tokenizer: str | None = None
+    teacher_vocab_size: int | None = None
+
+    @property
+    def alignment_mode(self) -> str | None:
+        """The cross-tokenizer alignment mode in effect (``teacher_vocab_size`` implies ``"last"``), or None."""
+        if self.cross_tokenizer is None and self.teacher_vocab_size is not None:
+            return "last"
+        return self.cross_tokenizer
 
     def validate(self) -> None:
         for name in ("seq_len", "eval_every", "eval_sequences", "seeds", "vocab_size"):
             if getattr(self, name) < 1:
                 raise DemoError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cross_tokenizer is not None and self.cross_tokenizer not in ALIGN_MODES:
+            raise DemoError(f"cross_tokenizer must be one of {ALIGN_MODES} or None, got {self.cross_tokenizer!r}")
+        if self.teacher_vocab_size is not None:
+            if self.teacher_vocab_size < 257:
+                raise DemoError(f"teacher_vocab_size must be >= 257 (256 byte tokens and {EOS_TOKEN}), "
+                                f"got {self.teacher_vocab_size}")
+            if self.teacher is not None:
+                raise DemoError(f"teacher_vocab_size ({self.teacher_vocab_size}) pretrains the demo's own teacher; "
+                                f"it cannot be combined with --teacher {self.teacher!r}")
         for which in ("teacher_schedule", "target_schedule"):
             s = getattr(self, which)
             if s.steps < 1 or s.batch_size < 1 or not s.lr > 0 or not 0 <= s.warmup_steps < s.steps:
@@ -539,6 +569,9 @@ def prepare_data(
             t0 = time.perf_counter()
             tokenizer = train_bpe_tokenizer(corpus.train_docs, config.vocab_size)
             source, to_cache = f"byte-level BPE trained in {time.perf_counter() - t0:.1f}s ({tok_path})", tok_path
+    if tokenizer is None and config.alignment_mode is not None:
+        raise DemoError("cross-tokenizer LET decodes the target's token windows to text, which needs their tokenizer: "
+                        "pass --tokenizer with a pre-tokenised corpus")
     tok_hash = _sha256(tokenizer.to_str()) if tokenizer is not None else "none"
     key = _sha256(CACHE_FORMAT, "data", corpus.key, tok_hash)[:20]
     data_dir = cache_root / "data" / key
@@ -562,9 +595,11 @@ def prepare_data(
     data = TokenData(torch.from_numpy(np.ascontiguousarray(train)), torch.from_numpy(np.ascontiguousarray(val)),
                      vocab_size, tokenizer, source, key, corpus.description)
     if teacher is not None:
-        check_teacher_vocabulary(teacher, data, config.teacher)
-        positions = getattr(getattr(teacher.model, "config", None), "max_position_embeddings", None)
-        if positions is not None and positions < config.seq_len:
+        check_teacher_vocabulary(teacher, data, config.teacher, cross_tokenizer=config.alignment_mode)
+        positions = teacher_positions(teacher)
+        # cross-tokenizer: the teacher's tokens of a window are cut at its positions (fewer aligned target tokens)
+        cross = config.alignment_mode is not None and not same_tokenizer(teacher.tokenizer, data.tokenizer)
+        if not cross and positions is not None and positions < config.seq_len:
             raise DemoError(f"the teacher {config.teacher!r} supports {positions} positions, fewer than seq_len = {config.seq_len}")
     if to_cache is not None:
         atomic_write_bytes(to_cache, tokenizer.to_str().encode())
@@ -635,26 +670,47 @@ def teacher_vocab_size(teacher: TeacherFeatureExtractor) -> int:
     return embeddings[0].num_embeddings
 
 
-def check_teacher_vocabulary(teacher: TeacherFeatureExtractor, data: TokenData, teacher_path: str) -> None:
-    """LET here feeds the target's token ids to the teacher unchanged, so both must share one vocabulary.
+def teacher_positions(teacher: TeacherFeatureExtractor) -> int | None:
+    """The teacher's ``max_position_embeddings`` when its config has one."""
+    return getattr(getattr(teacher.model, "config", None), "max_position_embeddings", None)
 
-    This is the seam for cross-tokenizer LET (a future ``--cross-tokenizer``): it would map each target batch
-    into the teacher's tokenization and align the features by character spans instead of raising here.
+
+def check_teacher_vocabulary(
+    teacher: TeacherFeatureExtractor, data: TokenData, teacher_path: str, *, cross_tokenizer: str | None = None
+) -> None:
+    """Check that the teacher can read what LET will feed it.
+
+    Without ``cross_tokenizer`` the teacher reads the target's token ids unchanged, so both must share one
+    vocabulary. With it, the teacher reads its own tokenization of each window's text: it needs its own tokenizer,
+    whose ids must fit its embeddings, with offsets that cover each token's whole text.
     """
     teacher_tok = teacher.tokenizer
+    size = teacher_vocab_size(teacher)
+    if cross_tokenizer is not None:
+        if teacher_tok is None:
+            raise DemoError(f"cross-tokenizer LET re-tokenizes the text for the teacher, but the teacher "
+                            f"{teacher_path!r} has no tokenizer.json")
+        try:
+            _check_tokenizer(teacher_tok, "the teacher's tokenizer")
+        except (TypeError, ValueError) as e:
+            raise DemoError(f"cannot align with the teacher {teacher_path!r}: {e}") from e
+        if teacher_tok.get_vocab_size() > size:
+            raise DemoError(f"the teacher {teacher_path!r} has {size} token embeddings but its own tokenizer has "
+                            f"{teacher_tok.get_vocab_size()} tokens")
+        return
     if teacher_tok is not None and data.tokenizer is not None and teacher_tok is not data.tokenizer:
         if teacher_tok.get_vocab() != data.tokenizer.get_vocab():
             raise DemoError(
                 f"the teacher {teacher_path!r} uses a different tokenizer ({teacher_tok.get_vocab_size()} tokens) "
-                f"than the target ({data.tokenizer_source}, {data.vocab_size} tokens). This demo needs teacher and "
-                "target to share one vocabulary: drop --tokenizer to use the teacher's own. Cross-tokenizer alignment "
-                "is not implemented yet."
+                f"than the target ({data.tokenizer_source}, {data.vocab_size} tokens). Pass --cross-tokenizer to let "
+                "the teacher read its own tokenization of the same text (features aligned by character spans), or "
+                "drop --tokenizer to train the target on the teacher's tokenizer."
             )
-    size = teacher_vocab_size(teacher)
     if data.vocab_size > size:
         raise DemoError(
             f"the teacher {teacher_path!r} has {size} token embeddings but the target vocabulary has {data.vocab_size} "
-            "tokens: their vocabularies are incompatible. Cross-tokenizer alignment is not implemented yet."
+            "tokens: their vocabularies are incompatible. A teacher with its own tokenizer.json can read its own "
+            "tokenization of the same text with --cross-tokenizer."
         )
 
 
@@ -699,6 +755,30 @@ def pretrain_teacher(config: DemoConfig, data: TokenData, cache_root: Path, *, l
     return info
 
 
+def prepare_teacher_data(
+    config: DemoConfig, data: TokenData, cache_root: Path, *, log: Log = print
+) -> tuple[DemoConfig, TokenData]:
+    """For ``teacher_vocab_size``: the teacher's own token data and the config to pretrain it with.
+
+    The teacher's tokenizer is a byte-level BPE of ``teacher_vocab_size`` tokens trained on the same training split
+    (cached like the target's). Its context is the average number of its tokens per target window of ``seq_len``
+    tokens, times ``TEACHER_CONTEXT_MARGIN``, so that it has been trained on as much text as LET will show it.
+    """
+    own = dataclasses.replace(config, vocab_size=config.teacher_vocab_size, tokenizer=None, teacher=None,
+                              cross_tokenizer=None, teacher_vocab_size=None)
+    teacher_data = prepare_data(own, cache_root, log=log)
+    if teacher_data.tokenizer is None:
+        raise DemoError("--teacher-vocab-size trains the teacher's tokenizer on the corpus text, but a pre-tokenised "
+                        "corpus has none; pass a text corpus or --teacher with a checkpoint that has a tokenizer")
+    seq_len = math.ceil(config.seq_len * len(teacher_data.train) / len(data.train) * TEACHER_CONTEXT_MARGIN)
+    if len(teacher_data.val) < seq_len + 1:
+        raise DemoError(f"the corpus is too small: the teacher's tokenizer makes {len(teacher_data.val)} validation "
+                        f"tokens, fewer than one teacher window of {seq_len + 1}")
+    log(f"teacher data: {teacher_data.tokenizer_source}; vocabulary {teacher_data.vocab_size}, "
+        f"context {seq_len} tokens (the target's: {config.seq_len})")
+    return dataclasses.replace(own, seq_len=seq_len), teacher_data
+
+
 def describe_teacher(path: str, teacher: TeacherFeatureExtractor) -> TeacherInfo:
     config = getattr(teacher.model, "config", None)
     return TeacherInfo(path, True, False, None, None, non_embedding_parameters(teacher.model),
@@ -721,7 +801,9 @@ class EvalPoint:
 
 @dataclass
 class RunResult:
-    """One training run: validation curve (training wall-clock seconds exclude the evaluations) and totals."""
+    """One training run: validation curve (training wall-clock seconds exclude the evaluations) and totals.
+    Cross-tokenizer LET also records the fraction of target positions that received a teacher feature and the
+    seconds spent re-tokenizing batches for the teacher (part of ``train_seconds``)."""
 
     name: str
     curve: list[EvalPoint]
@@ -729,6 +811,8 @@ class RunResult:
     train_seconds: float
     tokens_per_second: float
     teacher_forward_seconds: float = 0.0
+    aligned_fraction: float | None = None
+    teacher_tokenize_seconds: float = 0.0
 
     @property
     def final_val_loss(self) -> float:
@@ -763,15 +847,51 @@ def _optimizer(params: Sequence[nn.Parameter], schedule: TrainSchedule) -> torch
     return torch.optim.AdamW(groups, lr=schedule.lr, betas=(0.9, 0.95))
 
 
+class CrossTokenizerInputs:
+    """The teacher's view of a target batch in cross-tokenizer LET, with running counts for the report.
+
+    Calling it on target input ids ``[B, T]`` returns ``(teacher_ids [B, S], alignment)`` from
+    :func:`letkit.data.tokenize_for_teacher`: each row decoded with the target tokenizer, re-tokenized with the
+    teacher's (at most ``teacher_max_length`` tokens) and aligned causally with ``mode``. ``aligned_fraction`` is the
+    fraction of target positions so far that received a teacher feature; ``seconds`` the time spent here.
+    """
+
+    def __init__(self, target_tokenizer: Any, teacher_tokenizer: Any, mode: str,
+                 teacher_max_length: int | None = None) -> None:
+        if mode not in ALIGN_MODES:
+            raise DemoError(f"cross-tokenizer mode must be one of {ALIGN_MODES}, got {mode!r}")
+        self.target_tokenizer, self.teacher_tokenizer = target_tokenizer, teacher_tokenizer
+        self.mode, self.teacher_max_length = mode, teacher_max_length
+        self.aligned = self.positions = 0
+        self.seconds = 0.0
+
+    def __call__(self, inputs: Tensor) -> tuple[Tensor, TokenAlignment]:
+        from letkit.data import tokenize_for_teacher
+
+        t0 = time.perf_counter()
+        teacher_ids, alignment = tokenize_for_teacher(inputs, self.target_tokenizer, self.teacher_tokenizer,
+                                                      mode=self.mode, teacher_max_length=self.teacher_max_length)
+        self.aligned += int(alignment.mask.sum())
+        self.positions += alignment.mask.numel()
+        self.seconds += time.perf_counter() - t0
+        return teacher_ids, alignment
+
+    @property
+    def aligned_fraction(self) -> float | None:
+        return self.aligned / self.positions if self.positions else None
+
+
 @dataclass
 class RunSpec:
     """A model to train in a :func:`train_lockstep` group: plain next-token NLL, or LET with ``objective``.
-    ``lr`` overrides the schedule's peak learning rate (for LR sweeps)."""
+    ``lr`` overrides the schedule's peak learning rate (for LR sweeps); ``teacher_inputs`` makes LET cross-tokenizer
+    (the teacher reads its own tokens of each batch, computed on LET's clock while lambda > 0)."""
 
     name: str
     model: nn.Module
     objective: LETObjective | None = None
     lr: float | None = None
+    teacher_inputs: CrossTokenizerInputs | None = None
 
 
 class _Trainer:
@@ -795,7 +915,11 @@ class _Trainer:
         logits = self.spec.model(inputs)
         loss = lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         if self.spec.objective is not None:
-            out = self.spec.objective(inputs, lm_loss=lm_loss, step=step)
+            cross = {}
+            if self.spec.teacher_inputs is not None and self.spec.objective.schedule(step) > 0:
+                teacher_ids, alignment = self.spec.teacher_inputs(inputs)
+                cross = {"teacher_input_ids": teacher_ids, "token_alignment": alignment}
+            out = self.spec.objective(inputs, lm_loss=lm_loss, step=step, **cross)
             loss, self.lambda_ = out.loss, out.lambda_
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -813,8 +937,11 @@ class _Trainer:
 
     def result(self, seq_len: int) -> RunResult:
         s, teacher = self.schedule, self.spec.objective.teacher if self.spec.objective is not None else None
+        cross = self.spec.teacher_inputs
         return RunResult(self.spec.name, self.curve, s.steps, self.seconds, s.steps * s.batch_size * seq_len / self.seconds,
-                         teacher.seconds if isinstance(teacher, TimedTeacher) else 0.0)
+                         teacher.seconds if isinstance(teacher, TimedTeacher) else 0.0,
+                         cross.aligned_fraction if cross is not None else None,
+                         cross.seconds if cross is not None else 0.0)
 
 
 def train_lockstep(
@@ -881,18 +1008,23 @@ def target_run(
     make_projector: ProjectorFactory | None = None,
 ) -> RunSpec:
     """A freshly initialised target (the same weights for the same ``seed``): the baseline without ``let``,
-    LET with ``let`` and the teacher at ``teacher_path``."""
+    LET with ``let`` and the teacher at ``teacher_path``. With ``config.alignment_mode`` and a teacher whose
+    tokenizer differs from ``data.tokenizer``, LET is cross-tokenizer (:class:`CrossTokenizerInputs`)."""
     model = build_model(config.target_shape, data.vocab_size, config.seq_len, seed)
     if let is None:
         return RunSpec(name, model, None, lr)
     teacher = open_teacher(teacher_path)
+    teacher_inputs = None
+    if config.alignment_mode is not None and not same_tokenizer(teacher.tokenizer, data.tokenizer):
+        teacher_inputs = CrossTokenizerInputs(data.tokenizer, teacher.tokenizer, config.alignment_mode,
+                                              teacher_positions(teacher))
     projector: LayerMappingProjector | str = let.projector
     if make_projector is not None:
         projector = make_projector(config.target_shape.hidden_size, teacher_hidden_size(teacher))
     schedule = LinearDecay(let.lambda0, stop_step=let.stop_step(config.target_schedule.steps))
     objective = LETObjective(model, teacher, layer_map=let.layer_map, projector=projector, loss=let.loss, schedule=schedule)
     teacher.seconds = 0.0  # building the objective ran the teacher once to read its feature size
-    return RunSpec(name, model, objective, lr)
+    return RunSpec(name, model, objective, lr, teacher_inputs)
 
 
 def compare_seed(config: DemoConfig, data: TokenData, teacher_path: str, seed: int) -> tuple[RunResult, RunResult]:
@@ -1034,6 +1166,12 @@ def format_report(metrics: dict[str, Any]) -> str:
         f"LET's final val loss below the baseline's in {summary['let_better']} of {len(runs)} seeds; "
         f"the teacher's forward passes took {summary['teacher_forward_fraction'] * 100:.1f}% of LET's training time",
     ]
+    cross = metrics.get("cross_tokenizer") or {}
+    if cross.get("active"):
+        lines.append(
+            f"cross-tokenizer LET ({cross['mode']}): the teacher read its own {cross['teacher_vocab_size']}-token "
+            f"vocabulary; {cross['aligned_fraction'] * 100:.1f}% of target positions received a teacher feature; "
+            f"re-tokenizing took {cross['teacher_tokenize_fraction'] * 100:.1f}% of LET's training time")
     return "\n".join(lines)
 
 
@@ -1113,9 +1251,15 @@ def _run_demo(config: DemoConfig, log: Log) -> dict[str, Any]:
     data = prepare_data(config, cache_root, teacher=provided, log=log)
     log(f"data: {data.corpus}; tokenizer: {data.tokenizer_source}; {len(data.train)} training / "
         f"{len(data.val)} validation tokens, vocabulary {data.vocab_size}")
+    teacher_tokenizer = data.tokenizer
     if provided is not None:
         teacher = describe_teacher(config.teacher, provided)
+        teacher_tokenizer = provided.tokenizer
         del provided
+    elif config.teacher_vocab_size is not None:
+        teacher_config, teacher_data = prepare_teacher_data(config, data, cache_root, log=log)
+        teacher = pretrain_teacher(teacher_config, teacher_data, cache_root, log=log)
+        teacher_tokenizer = teacher_data.tokenizer
     else:
         teacher = pretrain_teacher(config, data, cache_root, log=log)
     log(f"teacher: {teacher.path} ({'provided' if teacher.provided else 'cached' if teacher.cached else 'pretrained'})")
@@ -1135,6 +1279,9 @@ def _run_demo(config: DemoConfig, log: Log) -> dict[str, Any]:
             f"step speedup {c['step_speedup']:.2f}x, wall-clock speedup {c['wall_speedup']:.2f}x")
 
     let_seconds = sum(r["let"]["train_seconds"] for r in runs)
+    aligned = [r["let"]["aligned_fraction"] for r in runs if r["let"]["aligned_fraction"] is not None]
+    if config.alignment_mode is not None and not aligned:
+        log("cross-tokenizer: teacher and target share one tokenizer, so the teacher read the target's tokens")
     metrics = {
         "letkit_demo": CACHE_FORMAT,
         "config": dataclasses.asdict(config),
@@ -1144,6 +1291,13 @@ def _run_demo(config: DemoConfig, log: Log) -> dict[str, Any]:
                  "train_tokens": len(data.train), "val_tokens": len(data.val),
                  "val_tokens_evaluated": int(validation_windows(data.val, config.seq_len, config.eval_sequences)[:, 1:].numel())},
         "teacher": dataclasses.asdict(teacher),
+        "cross_tokenizer": {
+            "mode": config.alignment_mode,
+            "active": bool(aligned),
+            "teacher_vocab_size": teacher_tokenizer.get_vocab_size() if teacher_tokenizer is not None else None,
+            "aligned_fraction": sum(aligned) / len(aligned) if aligned else None,
+            "teacher_tokenize_fraction": sum(r["let"]["teacher_tokenize_seconds"] for r in runs) / let_seconds,
+        },
         "target": {"non_embedding_parameters": target_size, "size_ratio": target_size / teacher.non_embedding_parameters,
                    "stop_step": config.let.stop_step(config.target_schedule.steps)},
         "runs": runs,
@@ -1172,4 +1326,5 @@ def _run_dict(run: RunResult) -> dict[str, Any]:
     return {"final_val_loss": run.final_val_loss, "final_perplexity": math.exp(run.final_val_loss), "steps": run.steps,
             "train_seconds": run.train_seconds, "tokens_per_second": run.tokens_per_second,
             "teacher_forward_seconds": run.teacher_forward_seconds,
+            "aligned_fraction": run.aligned_fraction, "teacher_tokenize_seconds": run.teacher_tokenize_seconds,
             "curve": [dataclasses.asdict(p) for p in run.curve]}

@@ -322,6 +322,12 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
          "uses a different tokenizer ("),
         (["--corpus", str(corpus), "--teacher", str(teacher_small), "--tokenizer", str(other_tok)],
          "has 100 token embeddings but the target vocabulary has"),
+        (["--corpus", str(corpus), "--teacher", str(teacher_small), "--tokenizer", str(other_tok), "--cross-tokenizer"],
+         "has no tokenizer.json"),
+        (["--corpus", str(tmp / "matrix.npy"), "--cross-tokenizer", "mean"], "must hold a 1-D integer array"),
+        (["--corpus", str(corpus), "--teacher-vocab-size", "100"], "teacher_vocab_size must be >= 257"),
+        (["--corpus", str(corpus), "--teacher-vocab-size", "300", "--teacher", str(teacher_other)],
+         "cannot be combined with --teacher"),
         (["--corpus", str(corpus), "--stop-step", "0"], "--stop-step must be in 1 .."),
         (["--corpus", str(corpus), "--seeds", "0"], "seeds must be >= 1"),
     ]
@@ -337,8 +343,8 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, capsys):
         assert err.startswith("letkit demo: error: ") and message in err, (args, err)
         assert cache_files(tmp_path) == [], args
         assert not (tmp_path / "out").exists()
-        if "--teacher" in args and "not a checkpoint" not in message:
-            assert "Cross-tokenizer alignment is not implemented yet" in err
+        if "--teacher" in args and "--tokenizer" in args and "--cross-tokenizer" not in args:
+            assert "--cross-tokenizer" in err  # a teacher with another vocabulary: the error names the flag
 
 
 def test_library_errors_are_value_errors(tmp_path):
@@ -370,7 +376,8 @@ def test_cli_help_and_overrides(capsys):
         main(["demo", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--quick", "--corpus", "--teacher", "--tokenizer", "--seeds", "--cache-dir", "--out", "--lambda0"):
+    for option in ("--quick", "--corpus", "--teacher", "--tokenizer", "--seeds", "--cache-dir", "--out", "--lambda0",
+                   "--cross-tokenizer", "--teacher-vocab-size"):
         assert option in help_text
     args = build_parser().parse_args(["demo", "--quick", "--steps", "100", "--lambda0", "3", "--stop-step", "25",
                                       "--projector", "linear", "--lr", "1e-3", "--seeds", "3"])
@@ -380,3 +387,109 @@ def test_cli_help_and_overrides(capsys):
     assert config.seeds == 3 and config.teacher_shape == demo.PRESETS["quick"].teacher_shape
     assert demo.PRESETS["quick"].target_schedule.steps != 100  # presets are not modified
     assert main([]) == 2
+    assert config.alignment_mode is None and config.cross_tokenizer is None  # off by default
+    cross = demo_config_from_args(build_parser().parse_args(["demo", "--cross-tokenizer"]))
+    assert cross.cross_tokenizer == "last" == cross.alignment_mode
+    mean = demo_config_from_args(build_parser().parse_args(["demo", "--cross-tokenizer", "mean"]))
+    assert mean.alignment_mode == "mean"
+    own = demo_config_from_args(build_parser().parse_args(["demo", "--teacher-vocab-size", "512"]))
+    assert own.teacher_vocab_size == 512 and own.alignment_mode == "last"  # implies cross-tokenizer mode
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--cross-tokenizer", "first"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cross-tokenizer LET
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def record_objective_calls(monkeypatch) -> list[dict]:
+    """Record every LETObjective call's teacher ids, alignment and output."""
+    calls = []
+    real_forward = demo.LETObjective.forward
+
+    def forward(self, input_ids, **kwargs):
+        out = real_forward(self, input_ids, **kwargs)
+        calls.append({"input_ids": input_ids, "teacher_input_ids": kwargs.get("teacher_input_ids"),
+                      "token_alignment": kwargs.get("token_alignment"), "out": out})
+        return out
+
+    monkeypatch.setattr(demo.LETObjective, "forward", forward)
+    return calls
+
+
+def test_cross_tokenizer_demo_with_a_teacher_of_its_own_smaller_vocabulary(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"), teacher_vocab_size=280)
+    calls = record_objective_calls(monkeypatch)
+    metrics = demo.run_demo(config, log=lambda m: None)
+
+    assert metrics["data"]["vocab_size"] == 320
+    cross = metrics["cross_tokenizer"]
+    assert cross["mode"] == "last" and cross["active"] and cross["teacher_vocab_size"] == 280
+    assert 0 < cross["aligned_fraction"] <= 1 and 0 < cross["teacher_tokenize_fraction"] < 1
+    assert metrics["config"]["teacher_vocab_size"] == 280
+    [run] = metrics["runs"]
+    assert run["let"]["aligned_fraction"] == cross["aligned_fraction"] and run["baseline"]["aligned_fraction"] is None
+    assert run["baseline"]["curve"][0]["val_loss"] == run["let"]["curve"][0]["val_loss"]
+    assert all(math.isfinite(p["val_loss"]) for r in ("baseline", "let") for p in run[r]["curve"])
+
+    # the teacher was pretrained on its own 280-token BPE, with a longer context than the target's 32 tokens
+    teacher_config = json.loads(Path(metrics["teacher"]["path"], "config.json").read_text())
+    assert teacher_config["vocab_size"] == 280 and teacher_config["max_position_embeddings"] > config.seq_len
+    # while lambda > 0 (first 8 of 16 steps) the teacher read its own ids; every alignment loss is finite
+    with_teacher = [c for c in calls if c["out"].lambda_ > 0]
+    assert len(with_teacher) == 8 and all(c["teacher_input_ids"] is None for c in calls if c["out"].lambda_ == 0)
+    aligned = positions = 0
+    for c in with_teacher:
+        assert c["teacher_input_ids"].max() < 280 and math.isfinite(c["out"].align_loss.item())
+        assert c["token_alignment"].mask.shape == c["input_ids"].shape and c["token_alignment"].mode == "last"
+        aligned, positions = aligned + int(c["token_alignment"].mask.sum()), positions + c["input_ids"].numel()
+    assert cross["aligned_fraction"] == pytest.approx(aligned / positions)
+    assert "cross-tokenizer LET (last)" in demo.format_report(metrics)
+
+
+def test_cross_tokenizer_cli_with_a_provided_teacher_and_mean_alignment(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "corpus")
+    target_tokenizer = write_tokenizer(tmp_path / "target_tokenizer.json", "zebra quagga okapi " * 200)
+    teacher = save_teacher(tmp_path / "teacher", 300, "lorem ipsum dolor sit amet " * 200)  # 64 positions
+    argv = ["demo", "--quick", "--threads", "1", "--corpus", str(corpus), "--teacher", str(teacher), "--tokenizer",
+            str(target_tokenizer), "--steps", "4", "--eval-every", "2", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "out"), "--no-progress", "--no-plot"]
+    assert main(argv) == 2  # without the flag: the clear error
+    assert "--cross-tokenizer" in capsys.readouterr().err
+    assert main(argv + ["--cross-tokenizer", "mean"]) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    cross = metrics["cross_tokenizer"]
+    teacher_vocab = json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"]
+    assert cross["mode"] == "mean" and cross["active"] and cross["teacher_vocab_size"] == len(teacher_vocab)
+    # 128 target tokens are more text than the teacher's first 64 tokens cover: later positions get no feature
+    assert 0 < cross["aligned_fraction"] < 1
+    assert "cross-tokenizer LET (mean)" in capsys.readouterr().out
+
+
+def test_cross_tokenizer_inputs_are_the_teacher_tokenization_of_the_decoded_text(tmp_path):
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"), cross_tokenizer="mean", teacher_vocab_size=280)
+    data = demo.prepare_data(config, tmp_path / "cache", log=lambda m: None)
+    teacher_config, teacher_data = demo.prepare_teacher_data(config, data, tmp_path / "cache", log=lambda m: None)
+    assert teacher_data.vocab_size == 280 and teacher_config.seq_len > config.seq_len
+    inputs = data.train[: 4 * config.seq_len].view(4, config.seq_len)
+    cross = demo.CrossTokenizerInputs(data.tokenizer, teacher_data.tokenizer, "mean")
+    teacher_ids, alignment = cross(inputs)
+    for row, teacher_row in zip(inputs.tolist(), teacher_ids.tolist()):
+        want = teacher_data.tokenizer.encode(data.tokenizer.decode(row, skip_special_tokens=False)).ids
+        assert teacher_row[: len(want)] == want and not any(teacher_row[len(want):])
+    assert alignment.mode == "mean" and cross.aligned_fraction == alignment.mask.float().mean().item() > 0.9
+
+    # LET is cross-tokenizer only with a teacher whose tokenizer differs; the same tokenizer keeps the plain path
+    for name, tokenizer, vocab, cross_expected in (("same", data.tokenizer, data.vocab_size, False),
+                                                    ("own", teacher_data.tokenizer, 280, True)):
+        model = demo.build_model(config.teacher_shape, vocab, teacher_config.seq_len, 0)
+        save_pretrained(model, tmp_path / name, tokenizer=tokenizer)
+        spec = demo.target_run(config, data, 0, name="LET", let=config.let, teacher_path=str(tmp_path / name))
+        assert (spec.teacher_inputs is not None) == cross_expected
+        if cross_expected:
+            assert spec.teacher_inputs.mode == "mean"
+            assert spec.teacher_inputs.teacher_max_length == teacher_config.seq_len
+        plain = demo.target_run(dataclasses.replace(config, cross_tokenizer=None, teacher_vocab_size=None), data, 0,
+                                name="LET", let=config.let, teacher_path=str(tmp_path / "same"))
+        assert plain.teacher_inputs is None
