@@ -82,8 +82,8 @@ class TeacherFeatureExtractor:
             drift = ((before - after).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-6)).max().item()
             if drift > 1e-3:
                 raise ValueError(
-                    f"the teacher {type(self.model).__name__} is not causal: its layer-{layer} features at earlier "
-                    f"positions change (by up to {drift:.3g}) when only the last token changes. A bidirectional "
+                    f"the teacher {type(self.model).__name__} is not causal: its layer {layer!r} features at earlier "
+                    f"positions change (by up to {drift:.3g} of their norm) when only the last token changes. A bidirectional "
                     "teacher (e.g. a BERT-family encoder) sees future tokens, and aligning a causal target to it "
                     "leaks them. Use a causal (decoder-only) teacher, or pass check_causal=False if you know better."
                 )
