@@ -9,7 +9,14 @@ from unittest import mock
 
 import pytest
 import torch
-from kernel_testing import DEVICE, TOLERANCE, poisoned_allocations, relative_error
+from kernel_testing import (
+    DEVICE,
+    TOLERANCE,
+    assert_gradient_close,
+    ill_conditioned,
+    poisoned_allocations,
+    relative_error,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -25,32 +32,6 @@ def make_problem(shape, d_target, d_teacher, dtype, *, bias, seed, weight_dtype=
     weight = (torch.randn(d_teacher, d_target, generator=generator, device=DEVICE) / math.sqrt(d_target)).to(weight_dtype or dtype)
     bias_ = torch.randn(d_teacher, generator=generator, device=DEVICE).to(weight_dtype or dtype) if bias else None
     return target, teacher, weight, bias_
-
-
-def assert_gradient_close(actual, expected, tolerance):
-    """Norm-wise relative error ``|actual - expected| / |expected| <= tolerance``."""
-    expected = expected.double()
-    error = (actual.double() - expected).norm().item()
-    allowed = tolerance * expected.norm().item()
-    assert error <= allowed, f"gradient error {error:.3e} > allowed {allowed:.3e} (|expected| = {expected.norm().item():.3e})"
-
-
-def ill_conditioned(kind, projection, d_target, d_teacher, has_bias=False):
-    """Whether the exact target gradient is a pure cancellation (0, or O(layer-norm eps)) for some inputs.
-
-    Cosine sees only the direction of the projection, layer norm only its standardised shape: a 1-dim teacher
-    space, an interpolated single feature (a constant vector) or two features (a ramp), or a bias-free linear
-    map of a single feature leave them (nearly) nothing to change; layer norm of two features is +-1 up to
-    O(eps / difference^2). Any float32 implementation returns cancellation noise there, which no relative
-    bound accepts; those cases are checked with absolute bounds in ``test_flat_losses_have_near_zero_gradients``.
-    """
-    if kind == "mse":
-        return False
-    if d_teacher == 1 or kind == "smooth_l1" and d_teacher == 2:
-        return True
-    if projection == "interpolate":
-        return d_target == 1 or kind == "smooth_l1" and d_target == 2
-    return projection == "linear" and d_target == 1 and not has_bias
 
 
 def check_against_reference(target, teacher, weight, bias, kind, mask=None, grad_scale=1.0):
