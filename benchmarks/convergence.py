@@ -7,7 +7,9 @@ machine's background load. Each LET variant is compared with the baseline of its
 The commands behind RESULTS.md (JSON copies in benchmarks/results/demo/; they ran with the base LET settings given
 on the command line, so they reproduce whatever the presets' LET defaults are)::
 
-    # LR sweep: baseline and LET (lambda0 1, S_stop = half the steps, L2E) at three LRs
+    # the default preset's LR sweep (baseline and the demo's LET at each LR; repeated with --seed 1 --seeds 2)
+    python benchmarks/convergence.py --preset default --threads 2 --lr 1.5e-3,2e-3,3e-3 --out default_lr_seed0.json
+    # --quick's LR sweep: baseline and LET (lambda0 1, S_stop = half the steps, L2E) at three LRs
     python benchmarks/convergence.py --preset quick --threads 1 --lr 1e-3,2e-3,4e-3 --lambda0 1 \
         --stop-fraction 0.5 --layer-map L2E --out quick_lr.json
     # one-at-a-time ablations around lambda0 3, S_stop = half, L2E, interpolate, at the baseline's best LR
@@ -109,7 +111,7 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'variant':<26} {'lr':>7} {'n':>2} {'final val':>22} {'step speedup':>18} {'wall speedup':>18} "
              f"{'wall, load-matched':>18} {'reached':>7}"]
     for r in rows:
-        lines.append(f"{r['variant']:<26} {r['lr']:>7.0e} {len(r['seeds']):>2} {fmt(r['final_val_loss'], '.3f'):>22} "
+        lines.append(f"{r['variant']:<26} {r['lr']:>7.2g} {len(r['seeds']):>2} {fmt(r['final_val_loss'], '.3f'):>22} "
                      f"{fmt(r.get('step_speedup'), '.2f'):>18} {fmt(r.get('wall_speedup'), '.2f'):>18} "
                      f"{fmt(r.get('wall_speedup_load_matched'), '.2f'):>18} {r.get('reached', '-'):>7}")
     return "\n".join(lines)
