@@ -1,0 +1,64 @@
+"""benchmarks/convergence.py: a toy-size LR sweep with LET variants over two seeds, and its summary statistics."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import letkit.demo as demo
+from test_demo import make_corpus, tiny_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence.py"
+
+
+def load_convergence():
+    spec = importlib.util.spec_from_file_location("convergence_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_over_seeds_lrs_and_variants_writes_consistent_json(tmp_path, monkeypatch, capsys):
+    convergence = load_convergence()
+    monkeypatch.setitem(demo.PRESETS, "quick", tiny_config(tmp_path, make_corpus(tmp_path / "corpus")))
+    out = tmp_path / "sweep.json"
+    threads = torch.get_num_threads()
+    try:
+        code = convergence.main(["--preset", "quick", "--seeds", "2", "--lr", "3e-3,1.5e-3", "--vary", "lambda0=0.5",
+                                 "--vary", "projector=teacher_interpolate", "--cache-dir", str(tmp_path / "cache"),
+                                 "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python benchmarks/convergence.py --preset quick")
+    assert set(report["variants"]) == {"let", "lambda0=0.5", "projector=teacher_interpolate"}
+    assert report["variants"]["lambda0=0.5"]["lambda0"] == 0.5
+
+    records = report["records"]
+    assert len(records) == 2 * 2 * 4  # seeds x LRs x (baseline + 3 LET variants)
+    assert {(r["seed"], r["lr"]) for r in records} == {(s, lr) for s in (0, 1) for lr in (3e-3, 1.5e-3)}
+    for r in records:
+        assert r["curve"][-1]["val_loss"] == r["final_val_loss"]
+        assert ("comparison" in r) == (r["variant"] != "baseline")
+        assert (r["teacher_forward_seconds"] > 0) == (r["variant"] != "baseline")
+
+    rows = {(row["variant"], row["lr"]): row for row in report["summary"]}
+    assert len(rows) == 4 * 2
+    row = rows[("lambda0=0.5", 1.5e-3)]
+    speedups = [r["comparison"]["step_speedup"] for r in records if (r["variant"], r["lr"]) == ("lambda0=0.5", 1.5e-3)]
+    assert row["seeds"] == [0, 1] and row["step_speedup"]["mean"] == pytest.approx(sum(speedups) / 2)
+    assert row["step_speedup"]["ci95"][0] <= row["step_speedup"]["mean"] <= row["step_speedup"]["ci95"][1]
+    assert "step_speedup" not in rows[("baseline", 3e-3)]
+    assert "0.0015" in capsys.readouterr().out  # LRs printed exactly, not rounded to one digit
+
+
+def test_bad_variant_is_refused():
+    convergence = load_convergence()
+    base = demo.LETSettings(lambda0=1.0, stop_fraction=0.5)
+    with pytest.raises(SystemExit, match="KEY=V1,V2"):
+        convergence.parse_variants(base, ["warmup=3"])
