@@ -70,6 +70,18 @@ def _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLA
 
 
 @triton.jit
+def _load_tile(x_rows, t_rows, lo_ptr, hi_ptr, frac_ptr, start, out_range, d_out, live, INTERPOLATE: tl.constexpr):
+    # The (tokens, BLOCK_OUT) tile at column `start` of the projected features z and the teacher's t, in fp32, and
+    # where it is valid; rows of masked tokens are not read.
+    dims = start + out_range
+    dims_ok = dims < d_out
+    tile_ok = live[:, None] & dims_ok[None, :]
+    z = _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
+    t = tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    return z, t, tile_ok
+
+
+@triton.jit
 def _row_alignment_kernel(
     x_ptr,
     teacher_ptr,
@@ -122,11 +134,7 @@ def _row_alignment_kernel(
         acc_zz = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
         acc_tt = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
         for start in range(0, d_out, BLOCK_OUT):
-            dims = start + out_range
-            dims_ok = dims < d_out
-            tile_ok = live[:, None] & dims_ok[None, :]
-            z = _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
-            t = tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            z, t, tile_ok = _load_tile(x_rows, t_rows, lo_ptr, hi_ptr, frac_ptr, start, out_range, d_out, live, INTERPOLATE)
             acc_zt += z * t
             acc_zz += z * z
             acc_tt += t * t
@@ -143,22 +151,16 @@ def _row_alignment_kernel(
         acc_z = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
         acc_t = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
         for start in range(0, d_out, BLOCK_OUT):
-            dims = start + out_range
-            dims_ok = dims < d_out
-            tile_ok = live[:, None] & dims_ok[None, :]
-            acc_z += _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
-            acc_t += tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            z, t, _ = _load_tile(x_rows, t_rows, lo_ptr, hi_ptr, frac_ptr, start, out_range, d_out, live, INTERPOLATE)
+            acc_z += z
+            acc_t += t
         c0 = tl.sum(acc_z, axis=1) / d_out
         c2 = tl.sum(acc_t, axis=1) / d_out
         # Centred second pass for the variances: stable even when |mean| >> std.
         acc_z = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
         acc_t = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
         for start in range(0, d_out, BLOCK_OUT):
-            dims = start + out_range
-            dims_ok = dims < d_out
-            tile_ok = live[:, None] & dims_ok[None, :]
-            z = _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
-            t = tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            z, t, tile_ok = _load_tile(x_rows, t_rows, lo_ptr, hi_ptr, frac_ptr, start, out_range, d_out, live, INTERPOLATE)
             dz = tl.where(tile_ok, z - c0[:, None], 0.0)
             dt = tl.where(tile_ok, t - c2[:, None], 0.0)
             acc_z += dz * dz
@@ -169,11 +171,7 @@ def _row_alignment_kernel(
         acc_q = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
         acc_qa = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
         for start in range(0, d_out, BLOCK_OUT):
-            dims = start + out_range
-            dims_ok = dims < d_out
-            tile_ok = live[:, None] & dims_ok[None, :]
-            z = _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
-            t = tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            z, t, tile_ok = _load_tile(x_rows, t_rows, lo_ptr, hi_ptr, frac_ptr, start, out_range, d_out, live, INTERPOLATE)
             a = (z - c0[:, None]) * c1[:, None]
             diff = a - (t - c2[:, None]) * c3[:, None]
             small = tl.abs(diff) < SL1_BETA
@@ -189,11 +187,7 @@ def _row_alignment_kernel(
     else:  # mse
         acc_loss = tl.zeros([BLOCK_ROWS, BLOCK_OUT], tl.float32)
         for start in range(0, d_out, BLOCK_OUT):
-            dims = start + out_range
-            dims_ok = dims < d_out
-            tile_ok = live[:, None] & dims_ok[None, :]
-            z = _project(x_rows, lo_ptr, hi_ptr, frac_ptr, dims, dims_ok, tile_ok, INTERPOLATE)
-            t = tl.load(t_rows[:, None] + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            z, t, tile_ok = _load_tile(x_rows, t_rows, lo_ptr, hi_ptr, frac_ptr, start, out_range, d_out, live, INTERPOLATE)
             acc_loss += (z - t) * (z - t)
         loss = tl.sum(acc_loss, axis=1) / d_out
         grad_scale = scale * 2.0 / d_out
