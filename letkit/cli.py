@@ -123,8 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["tokenize"]:
         from letkit.data import main as tokenize_main
 
-        tokenize_main(argv[1:], prog="letkit tokenize")
-        return 0
+        return tokenize_main(argv[1:], prog="letkit tokenize")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
