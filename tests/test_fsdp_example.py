@@ -216,6 +216,7 @@ def test_config_overrides_help_and_errors(tmp_path, capsys):
         example.load_config(["--help"])
     help_text = capsys.readouterr().out
     assert "--teacher.stop_step INT" in help_text and "--data.micro_batch_size INT" in help_text
+    assert f"a .toml path (default: {example.DEFAULT_CONFIG})" in " ".join(help_text.split())
     with pytest.raises(ValueError, match="no such file"):
         example.load_config(["--config", "13b"])
     bad = tmp_path / "bad.toml"
