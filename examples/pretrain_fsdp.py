@@ -386,8 +386,10 @@ def build_objective(cfg: Config, target: nn.Module, teacher: TeacherFeatureExtra
         if any(True for _ in p.parameters()):
             fully_shard(p, **fsdp_kwargs(cfg, mesh))
             register_fsdp_forward_method(p, "loss")  # the fused loss reads the weights through .loss(), not forward
+    # check_finite=False: no host-device sync per step to check the teacher's features; a NaN/Inf teacher makes
+    # the loss non-finite, which the training loop raises on at its next log line (and the weights stay NaN)
     return LETObjective(target, teacher, layer_map=layer_map, projector=projector, loss=cfg.teacher.loss,
-                        schedule=schedule, target_block_list="blocks")
+                        schedule=schedule, target_block_list="blocks", check_finite=False)
 
 
 class RandomTokens:
