@@ -120,10 +120,12 @@ class TeacherFeatureExtractor:
 
     @property
     def released(self) -> bool:
+        """True once :meth:`release` dropped the model; calling the extractor then raises."""
         return self._model is None
 
     @property
     def model(self) -> nn.Module:
+        """The frozen teacher module (the one passed in); RuntimeError once released."""
         if self._model is None:
             raise RuntimeError("the teacher was released (release() was called): it cannot run any more")
         return self._model
