@@ -30,7 +30,7 @@ def test_sweep_over_seeds_lrs_and_variants_writes_consistent_json(tmp_path, monk
     try:
         code = convergence.main(["--preset", "quick", "--seeds", "2", "--lr", "3e-3,1.5e-3", "--vary", "lambda0=0.5",
                                  "--vary", "projector=teacher_interpolate", "--cache-dir", str(tmp_path / "cache"),
-                                 "--out", str(out)])
+                                 "--threads", "1", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
