@@ -1,11 +1,13 @@
-"""Convergence study for ``letkit demo``: LR sweeps, multi-seed speedups and one-at-a-time LET ablations.
+r"""Convergence study for ``letkit demo``: LR sweeps, multi-seed speedups and one-at-a-time LET ablations.
 
 Every (seed, learning rate) group trains the baseline and all LET variants *in lockstep* on the same batches from
 the same initialisation (see :func:`letkit.demo.train_lockstep`), so wall-clock numbers within a group share the
 machine's background load. Each LET variant is compared with the baseline of its own group.
 
-The commands behind RESULTS.md (JSON copies in benchmarks/results/demo/; they ran with the base LET settings given
-on the command line, so they reproduce whatever the presets' LET defaults are)::
+The commands behind RESULTS.md (JSON copies, each with its full config, in benchmarks/results/demo/). The --quick
+commands pass lambda0, S_stop and the layer map explicitly, so they reproduce the same runs even if the presets'
+LET defaults change; the default preset's LR sweep uses that preset's LET settings (when it ran: lambda0 3,
+S_stop = all steps, L2M, interpolate)::
 
     # the default preset's LR sweep (baseline and the demo's LET at each LR; repeated with --seed 1 --seeds 2)
     python benchmarks/convergence.py --preset default --threads 2 --lr 1.5e-3,2e-3,3e-3 --out default_lr_seed0.json
@@ -119,9 +121,10 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("quick", "default"), default="quick")
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--preset", choices=("quick", "default"), default="quick",
+                        help="letkit demo's preset: models, data, schedules, LET settings (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds, each a group per LR (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     parser.add_argument("--lr", default=None, help="comma-separated peak LRs (default: the preset's)")
     parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2", help="LET variants (repeatable)")
     parser.add_argument("--no-let-base", action="store_true", help="leave out the preset's own LET settings")
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-fraction", type=float, help="override the preset's S_stop / steps")
     parser.add_argument("--layer-map", help="override the preset's layer map (L2E, L2M, L2L)")
     parser.add_argument("--steps", type=int, help="override the target's steps")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", required=True, help="JSON file (rewritten after every group)")
     parser.add_argument("--progress", action="store_true")

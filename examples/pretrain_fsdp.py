@@ -11,10 +11,11 @@ Needs PyTorch >= 2.6 (FSDP2's public ``torch.distributed.fsdp.fully_shard``). Wh
   ``torch.compile`` and ``fully_shard`` (FSDP2, bf16 compute / fp32 reduce via ``MixedPrecisionPolicy``), then
   the root; ``to_empty`` + ``init_weights`` materialise only this rank's shards.
 * Teacher: a frozen, replicated bf16 copy on every rank (``TeacherFeatureExtractor.from_pretrained``, or
-  ``random:<shape>`` for a randomly initialised one), pulled into ``LETObjective`` with an L2E layer map; it is
-  freed at S_stop (``--teacher.stop_step``) and never even loaded by a run resumed after S_stop. Its tokenizer
-  must be the data's, unless ``--teacher.alignment last|mean`` (cross-tokenizer LET): then a background thread
-  decodes each window to text, re-tokenizes it for the teacher and aligns the two (``TeacherTokenizedLoader``).
+  ``random:<shape>`` for a randomly initialised one), pulled into ``LETObjective`` with a layer map (L2E by
+  default, ``--teacher.layer_map``); it is freed at S_stop (``--teacher.stop_step``) and never even loaded by a
+  run resumed after S_stop. Its tokenizer must be the data's, unless ``--teacher.alignment last|mean``
+  (cross-tokenizer LET): then a background thread decodes each window to text, re-tokenizes it for the teacher
+  and aligns the two (``TeacherTokenizedLoader``).
 * Loop: gradient accumulation (gradients reduce-scattered once per optimizer step, in the last micro-step's
   backward), clipping of the sharded gradients, AdamW with warmup + cosine LR, the lambda
   schedule; rank 0 prints a progress line and appends metrics to ``<run_dir>/metrics.jsonl``.
@@ -73,6 +74,7 @@ from letkit.tokenization import same_tokenizer
 
 log = logging.getLogger("pretrain")
 CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "tiny"
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -173,7 +175,7 @@ def _parse_bool(text: str) -> bool:
 def load_config(argv: list[str] | None = None) -> Config:
     """Config from ``--config`` (a name in examples/configs/ or a TOML path), then ``--section.field`` overrides."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default="tiny")
+    pre.add_argument("--config", default=DEFAULT_CONFIG)
     known, _ = pre.parse_known_args(argv)
     path = Path(known.config) if known.config.endswith(".toml") else CONFIG_DIR / f"{known.config}.toml"
     if not path.is_file():
@@ -193,7 +195,8 @@ def load_config(argv: list[str] | None = None) -> Config:
             setattr(part, key, type(default)(value))
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", help="config name in examples/configs/ or a .toml path")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="config name in examples/configs/ or a .toml path (default: %(default)s)")
     for section in dataclasses.fields(Config):
         group = parser.add_argument_group(f"[{section.name}]")
         for f in dataclasses.fields(getattr(cfg, section.name)):
@@ -383,8 +386,10 @@ def build_objective(cfg: Config, target: nn.Module, teacher: TeacherFeatureExtra
         if any(True for _ in p.parameters()):
             fully_shard(p, **fsdp_kwargs(cfg, mesh))
             register_fsdp_forward_method(p, "loss")  # the fused loss reads the weights through .loss(), not forward
+    # check_finite=False: no host-device sync per step to check the teacher's features; a NaN/Inf teacher makes
+    # the loss non-finite, which the training loop raises on at its next log line (and the weights stay NaN)
     return LETObjective(target, teacher, layer_map=layer_map, projector=projector, loss=cfg.teacher.loss,
-                        schedule=schedule, target_block_list="blocks")
+                        schedule=schedule, target_block_list="blocks", check_finite=False)
 
 
 class RandomTokens:

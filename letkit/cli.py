@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import operator
 import sys
 from collections.abc import Sequence
+
+from letkit.demo import PRESETS, DemoError, format_report, preset, run_demo
 
 DEMO_DESCRIPTION = """\
 Late-to-Early Training (LET) against standard training, end to end on this machine's CPU.
@@ -30,6 +33,14 @@ outputs: a table on stdout, OUT/metrics.json (config, curves, speedups, teacher 
 """
 
 
+def _preset_default(field: str) -> str:
+    """``"default X"``, or ``"default X, --quick Y"`` where the presets differ: a ``--help`` line's default of
+    ``field`` (a dotted :class:`letkit.demo.DemoConfig` attribute path, e.g. ``"target_schedule.steps"``)."""
+    values = (operator.attrgetter(field)(PRESETS[name]) for name in ("default", "quick"))
+    default, quick = (f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    return f"default {default}" if default == quick else f"default {default}, --quick {quick}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="letkit", description="letkit: Late-to-Early Training toolkit.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -39,20 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size = demo.add_argument_group("size")
     size.add_argument("--quick", action="store_true", help="smaller models and fewer steps (~3 min on 2 cores)")
-    size.add_argument("--seeds", type=int, metavar="N", help="repeat both runs over N seeds (default 1)")
-    size.add_argument("--seed", type=int, metavar="S", help="first seed (default 0)")
-    size.add_argument("--steps", type=int, metavar="N", help="target training steps (S_stop scales along)")
-    size.add_argument("--teacher-steps", type=int, metavar="N", help="teacher pretraining steps")
+    size.add_argument("--seeds", type=int, metavar="N",
+                      help=f"repeat both runs over N seeds ({_preset_default('seeds')})")
+    size.add_argument("--seed", type=int, metavar="S", help=f"first seed ({_preset_default('seed')})")
+    size.add_argument("--steps", type=int, metavar="N",
+                      help=f"target training steps, S_stop scaling along ({_preset_default('target_schedule.steps')})")
+    size.add_argument("--teacher-steps", type=int, metavar="N",
+                      help=f"teacher pretraining steps ({_preset_default('teacher_schedule.steps')})")
     size.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
 
     data = demo.add_argument_group("data and teacher")
     data.add_argument("--corpus", metavar="PATH",
                       help="directory, glob or text file; or pre-tokenised .npy / raw .bin token file "
                            "(default: the Python standard library's top-level *.py files)")
-    data.add_argument("--bin-dtype", choices=("uint16", "uint32"), help="token dtype of a raw .bin corpus (default uint16)")
+    data.add_argument("--bin-dtype", choices=("uint16", "uint32"),
+                      help=f"token dtype of a raw .bin corpus ({_preset_default('bin_dtype')})")
     data.add_argument("--tokenizer", metavar="FILE",
                       help="tokenizer.json to use (default: the teacher's, else a byte-level BPE trained on the corpus)")
-    data.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary of the trained BPE (default 2048)")
+    data.add_argument("--vocab-size", type=int, metavar="N",
+                      help=f"vocabulary of the trained BPE ({_preset_default('vocab_size')})")
     data.add_argument("--teacher", metavar="DIR",
                       help="teacher checkpoint directory (HF layout); default: pretrain one and cache it")
     data.add_argument("--cross-tokenizer", nargs="?", const="last", choices=("last", "mean"), metavar="last|mean",
@@ -63,17 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pretrain the teacher on its own byte-level BPE of N tokens (implies --cross-tokenizer)")
 
     let = demo.add_argument_group("LET")
-    let.add_argument("--lambda0", type=float, help="initial alignment weight lambda0 (default 3)")
+    let.add_argument("--lambda0", type=float,
+                     help=f"initial alignment weight lambda0 ({_preset_default('let.lambda0')})")
     let.add_argument("--stop-step", type=int, metavar="N", help="S_stop: step where lambda reaches 0 and the teacher is dropped (default: the last step)")
-    let.add_argument("--layer-map", choices=("L2E", "L2M", "L2L"), help="teacher layer -> target layer (default L2M)")
-    let.add_argument("--projector", choices=("interpolate", "linear", "mlp"), help="P: target -> teacher features (default interpolate)")
-    let.add_argument("--lr", type=float, help="peak learning rate of both runs (default: the baseline's best in the sweep, 1.5e-3; --quick 1e-3)")
+    let.add_argument("--layer-map", choices=("L2E", "L2M", "L2L"),
+                     help=f"teacher layer -> target layer ({_preset_default('let.layer_map')})")
+    let.add_argument("--projector", choices=("interpolate", "linear", "mlp"),
+                     help=f"P: target -> teacher features ({_preset_default('let.projector')})")
+    let.add_argument("--lr", type=float,
+                     help=f"peak learning rate of both runs, the baseline's best in the sweep "
+                          f"({_preset_default('target_schedule.lr')})")
 
     io = demo.add_argument_group("outputs")
-    io.add_argument("--out", metavar="DIR", help="where metrics.json and demo.png go (default runs/demo)")
+    io.add_argument("--out", metavar="DIR", help=f"where metrics.json and demo.png go ({_preset_default('out_dir')})")
     io.add_argument("--cache-dir", metavar="DIR",
                     help="tokenizer, token and teacher cache (default $LETKIT_CACHE, $XDG_CACHE_HOME/letkit or ~/.cache/letkit)")
-    io.add_argument("--eval-every", type=int, metavar="N", help="validation loss every N steps")
+    io.add_argument("--eval-every", type=int, metavar="N",
+                    help=f"validation loss every N steps ({_preset_default('eval_every')})")
     io.add_argument("--no-plot", action="store_true", help="skip the PNG")
     io.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -86,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def demo_config_from_args(args: argparse.Namespace):
     """The :class:`letkit.demo.DemoConfig` that the parsed ``letkit demo`` arguments describe."""
-    from letkit.demo import DemoError, preset
-
     config = preset("quick" if args.quick else "default")
     overrides = {"seeds": args.seeds, "seed": args.seed, "threads": args.threads, "corpus": args.corpus,
                  "bin_dtype": args.bin_dtype, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
@@ -123,15 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["tokenize"]:
         from letkit.data import main as tokenize_main
 
-        tokenize_main(argv[1:], prog="letkit tokenize")
-        return 0
+        return tokenize_main(argv[1:], prog="letkit tokenize")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    from letkit.demo import DemoError, format_report, run_demo
-
     try:
         config = demo_config_from_args(args)
         metrics = run_demo(config, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -41,6 +41,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -638,8 +639,12 @@ class TeacherTokenizedLoader:
         return self.loader
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m letkit.data") -> None:
-    """``python -m letkit.data INPUT... --tokenizer T --output DIR``: tokenize text files into token shards."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m letkit.data") -> int:
+    """``python -m letkit.data INPUT... --tokenizer T --output DIR``: tokenize text files into token shards.
+
+    Returns the exit status: 0, or 2 after printing ``<prog>: error: <message>`` for bad inputs (a missing file, an
+    unknown tokenizer or EOS token, a malformed record) and unreadable or unwritable paths.
+    """
     parser = argparse.ArgumentParser(
         prog=prog, description="Tokenize .txt / .jsonl files into uint16/uint32 token shards for pretraining, in "
         "parallel; rerun the same command to resume an interrupted run.")
@@ -647,18 +652,24 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m letkit.data")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
     parser.add_argument("--output", required=True, help="output directory (rerun on it to resume)")
     parser.add_argument("--text-key", default="text", help="document field of .jsonl records (default: text)")
-    parser.add_argument("--eos-token", default="auto", help="token after every document; 'auto' or 'none'")
+    parser.add_argument("--eos-token", default="auto", help="token after every document, 'auto' (the first of "
+                        f"{', '.join(EOS_CANDIDATES)} in the vocabulary) or 'none' (default: %(default)s)")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 1e8)")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    index = tokenize_corpus(
-        args.inputs, args.output, args.tokenizer, text_key=args.text_key,
-        eos_token=None if args.eos_token.lower() == "none" else args.eos_token,
-        shard_tokens=args.shard_tokens, num_workers=args.workers,
-    )
+    try:
+        index = tokenize_corpus(
+            args.inputs, args.output, args.tokenizer, text_key=args.text_key,
+            eos_token=None if args.eos_token.lower() == "none" else args.eos_token,
+            shard_tokens=args.shard_tokens, num_workers=args.workers,
+        )
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     log.info("%d tokens (%s) in %d shards -> %s", index["total_tokens"], index["dtype"], len(index["shards"]), args.output)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

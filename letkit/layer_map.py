@@ -12,10 +12,12 @@ M = ``round(middle * (n - 1))``, E = ``round(early * (n - 1))``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Union
 
 STRATEGIES = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")
+_PAIR_SPEC_FORMS = (f"a strategy name ({', '.join(STRATEGIES)}), a float target depth in [0, 1] or a (teacher_layer, "
+                    "target_layer) tuple of int indices or float depths")
 
 LayerRef = Union[int, float]
 """A block index (negative counts from the end) or a fractional depth in [0, 1] (a float)."""
@@ -36,6 +38,17 @@ def resolve_layer(ref: LayerRef, num_layers: int, *, what: str) -> int:
     return ref % num_layers
 
 
+def _is_layer_ref(ref: object) -> bool:
+    return isinstance(ref, (int, float)) and not isinstance(ref, bool)
+
+
+def _int_hint(spec: object) -> str:
+    """For a bare int (ambiguous: which model's index?), how to write what was probably meant."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return f" (for target block {spec} aligned with the teacher's last layer, pass the pair (-1, {spec}))"
+    return ""
+
+
 class LayerMap:
     """A set of (teacher layer, target layer) pairs, resolved against the two models' depths.
 
@@ -43,7 +56,8 @@ class LayerMap:
         spec: one spec or a sequence of specs. A spec is a strategy name (``"L2E"``, ``"L2M"``,
             ``"L2L"``, ``"M2E"``, ``"M2M"``, ``"M2L"``), a float fractional target depth (the teacher
             side is then its last layer: ``0.25`` = teacher last -> target at 25% depth), or an explicit
-            ``(teacher_layer, target_layer)`` pair of int indices (negative allowed) or float depths.
+            ``(teacher_layer, target_layer)`` pair of int indices (negative allowed) or float depths. A tuple
+            is always one pair: several specs go in a list, e.g. ``["L2E", "L2M"]``.
         early: fractional depth that "E" means (default 0.0: the target's first block).
         middle: fractional depth that "M" means (default 0.5).
 
@@ -55,7 +69,12 @@ class LayerMap:
     """
 
     def __init__(self, spec: PairSpec | Sequence[PairSpec] = "L2E", *, early: float = 0.0, middle: float = 0.5) -> None:
-        specs = [spec] if isinstance(spec, (str, float, tuple)) else list(spec)
+        if isinstance(spec, (str, float, tuple)):
+            specs = [spec]
+        elif isinstance(spec, Iterable):
+            specs = list(spec)
+        else:
+            raise TypeError(f"LayerMap spec must be {_PAIR_SPEC_FORMS}, or a list of these; got {spec!r}{_int_hint(spec)}")
         if not specs:
             raise ValueError("LayerMap needs at least one pair spec")
         for depth, name in ((early, "early"), (middle, "middle")):
@@ -74,12 +93,15 @@ class LayerMap:
             return depth[teacher], depth[target]
         if isinstance(spec, float):
             return 1.0, spec
-        if isinstance(spec, tuple) and len(spec) == 2:
-            return spec
-        raise TypeError(
-            f"a layer mapping spec must be a strategy name ({', '.join(STRATEGIES)}), a float depth or a "
-            f"(teacher_layer, target_layer) pair, got {spec!r}"
-        )
+        if isinstance(spec, tuple):
+            if len(spec) == 2 and all(_is_layer_ref(ref) for ref in spec):
+                return spec
+            if all(isinstance(ref, str) for ref in spec):
+                raise TypeError(
+                    f"LayerMap spec {spec!r} is a tuple, which is one (teacher_layer, target_layer) pair of int "
+                    f"indices or float depths; for several strategies pass a list: {list(spec)!r}"
+                )
+        raise TypeError(f"a layer mapping spec must be {_PAIR_SPEC_FORMS}; got {spec!r}{_int_hint(spec)}")
 
     def resolve(self, num_teacher_layers: int, num_target_layers: int) -> list[tuple[int, int]]:
         """Concrete ``(teacher_block_index, target_block_index)`` pairs, each index non-negative."""

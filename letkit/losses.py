@@ -61,7 +61,8 @@ def interpolation_taps(d_in: int, d_out: int, device: torch.device | None = None
 def interpolate_features(x: Tensor, size: int) -> Tensor:
     """Resample the last dimension of ``x`` to ``size`` by 1-D linear interpolation (align_corners=True).
 
-    The result is float32 for reduced-precision inputs (and keeps float32/float64 otherwise). When
+    The result has ``x``'s dtype, like the learned projectors' outputs: reduced-precision inputs are interpolated
+    in float32 and rounded once at the end (the alignment losses upcast to float32 themselves). When
     ``size == x.shape[-1]`` this is the identity.
     """
     d_in = x.shape[-1]
@@ -69,9 +70,9 @@ def interpolate_features(x: Tensor, size: int) -> Tensor:
         return x
     lo, hi, w = interpolation_taps(d_in, size, x.device)
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(compute_dtype)
+    h = x.to(compute_dtype)
     w = w.to(compute_dtype)
-    return x.index_select(-1, lo) * (1 - w) + x.index_select(-1, hi) * w
+    return (h.index_select(-1, lo) * (1 - w) + h.index_select(-1, hi) * w).to(x.dtype)
 
 
 def per_token_loss(projected: Tensor, teacher: Tensor, kind: str) -> Tensor:

@@ -54,6 +54,10 @@ class LETObjective(nn.Module):
         schedule: the lambda schedule (default: the paper's ``LinearDecay(0.1, stop_step=10_000)``; pass
             your own S_stop).
         target_block_list: module path of the target's block list, when automatic discovery is wrong.
+        check_finite: raise a ValueError on any step where the teacher's features hold NaN/Inf (a broken
+            teacher, or one overflowing in its dtype) instead of training on them. The check reads a flag back
+            from the device: one host-device sync per step on GPUs; pass False to skip it where the loss is
+            checked anyway. Applies when ``loss`` is a kind; an :class:`AlignmentLoss` keeps its own setting.
 
     Typical use, inside any training loop::
 
@@ -80,13 +84,17 @@ class LETObjective(nn.Module):
         loss: AlignmentLoss | str = "cosine",
         schedule: LambdaSchedule | None = None,
         target_block_list: str | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
+        if isinstance(loss, AlignmentLoss) and loss.check_finite and not check_finite:
+            raise ValueError("check_finite=False has no effect on the AlignmentLoss passed as loss (it has "
+                             "check_finite=True): pass AlignmentLoss(..., check_finite=False) or a loss kind")
         if not isinstance(teacher, TeacherFeatureExtractor):
             teacher = TeacherFeatureExtractor(teacher)
         self.teacher = teacher
         self.layer_map = layer_map if isinstance(layer_map, LayerMap) else LayerMap(layer_map)
-        self.loss_fn = loss if isinstance(loss, AlignmentLoss) else AlignmentLoss(loss)
+        self.loss_fn = loss if isinstance(loss, AlignmentLoss) else AlignmentLoss(loss, check_finite=check_finite)
         self.schedule = schedule if schedule is not None else LinearDecay(0.1, stop_step=10_000)
         self.target_block_list_path, target_blocks = find_block_list(target, target_block_list)
         self.pairs = self.layer_map.resolve(teacher.num_layers, len(target_blocks))

@@ -31,7 +31,18 @@ class InterpolationProjector(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return interpolate_features(x, self.d_out)
 
-    def loss(self, loss_fn: AlignmentLoss, target: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
+    def loss(self, target: Tensor, teacher: Tensor, loss_fn: AlignmentLoss, mask: Tensor | None = None) -> Tensor:
+        """``loss_fn(P(target), teacher)`` with P fused into the loss; the method every projector provides.
+
+        Args:
+            target: target features ``(..., d_in)``.
+            teacher: teacher features ``(..., d_out)`` over the same tokens.
+            loss_fn: the :class:`~letkit.AlignmentLoss` to apply.
+            mask: optional ``(...)`` token mask, nonzero/True keeps a token.
+
+        Returns:
+            The scalar alignment loss (float32, float64 for float64 inputs).
+        """
         projection = "identity" if self.d_in == self.d_out else "interpolate"
         return loss_fn(target, teacher, projection=projection, mask=mask)
 
@@ -42,7 +53,9 @@ class InterpolationProjector(nn.Module):
 class LinearProjector(nn.Linear):
     """Learned linear projector ``h @ W.T + b``."""
 
-    def loss(self, loss_fn: AlignmentLoss, target: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
+    def loss(self, target: Tensor, teacher: Tensor, loss_fn: AlignmentLoss, mask: Tensor | None = None) -> Tensor:
+        """``loss_fn(target @ W.T + b, teacher)``, the projection fused into the loss (see
+        :meth:`InterpolationProjector.loss` for the arguments)."""
         return loss_fn(target, teacher, projection="linear", weight=self.weight, bias=self.bias, mask=mask)
 
 
@@ -58,7 +71,9 @@ class MLPProjector(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc_out(self.act(self.fc_in(x)))
 
-    def loss(self, loss_fn: AlignmentLoss, target: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
+    def loss(self, target: Tensor, teacher: Tensor, loss_fn: AlignmentLoss, mask: Tensor | None = None) -> Tensor:
+        """``loss_fn(fc_out(SiLU(fc_in(target))), teacher)``, ``fc_out`` fused into the loss (see
+        :meth:`InterpolationProjector.loss` for the arguments)."""
         hidden = self.act(self.fc_in(target))
         return loss_fn(hidden, teacher, projection="linear", weight=self.fc_out.weight, bias=self.fc_out.bias, mask=mask)
 
@@ -73,7 +88,8 @@ class LayerMappingProjector(nn.Module):
         mlp_hidden: hidden width of the ``"mlp"`` projector (default ``max(d_target, d_teacher)``).
 
     ``projector(target_features)`` returns the projected features; :meth:`alignment_loss` computes
-    ``mean over pairs of loss_fn(P_i(target_i), teacher_i)`` with the projection fused into the loss.
+    ``mean over pairs of loss_fn(P_i(target_i), teacher_i)`` with the projection fused into the loss, through
+    each pair's ``projectors[i].loss(target_i, teacher_i, loss_fn, mask)`` (same argument order).
     """
 
     def __init__(
@@ -127,5 +143,5 @@ class LayerMappingProjector(nn.Module):
         """Mean over layer pairs of the alignment loss, projection fused into the loss."""
         self._check(target_features, self.target_dims, "target")
         self._check(teacher_features, self.teacher_dims, "teacher")
-        losses = [p.loss(loss_fn, s, t, mask) for p, s, t in zip(self.projectors, target_features, teacher_features)]
+        losses = [p.loss(s, t, loss_fn, mask) for p, s, t in zip(self.projectors, target_features, teacher_features)]
         return sum(losses) / len(losses)

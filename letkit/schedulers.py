@@ -67,6 +67,8 @@ class LambdaSchedule:
         return step >= self.stop_step
 
     def state_dict(self) -> dict[str, Any]:
+        """The step counter and the hyperparameters (``lambda0``, ``stop_step``, ...), all plain numbers (JSON-safe),
+        for :meth:`load_state_dict` to restore and check."""
         return dict(vars(self))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -23,9 +23,13 @@ class _AllLayersCaptured(Exception):
 class TeacherFeatureExtractor:
     """Runs a frozen teacher and returns the hidden states of the requested layers.
 
-    The model is frozen on construction (``requires_grad_(False)``, ``eval()``) and always runs under
-    ``torch.inference_mode``; the features come back as ordinary tensors (no autograd history) that a
-    loss may save for backward.
+    The model passed in is modified *in place*, not copied: construction calls ``model.requires_grad_(False)``
+    and ``model.eval()`` on it, and ``dtype`` / ``device`` convert it with ``model.to(...)``. Pass
+    ``copy.deepcopy(model)`` to keep training or using the original as it was. :meth:`release` drops this
+    object's reference; the memory is freed once no other reference to the model remains.
+
+    The teacher always runs under ``torch.inference_mode``; the features come back as ordinary tensors (no
+    autograd history) that a loss may save for backward.
 
     Args:
         model: any ``nn.Module`` whose forward takes token ids (letkit's models, transformers' models, ...).
@@ -35,7 +39,8 @@ class TeacherFeatureExtractor:
             one (what transformers returns as ``hidden_states[-1]``); pass the block's module path to
             get the pre-norm output instead.
         block_list: module path of the transformer block list (found automatically when None).
-        dtype, device: optional placement of the teacher (e.g. ``torch.bfloat16``, ``"cuda"``).
+        dtype, device: optional placement of the teacher (e.g. ``torch.bfloat16``, ``"cuda"``), applied to
+            ``model`` in place.
         stop_early: skip the rest of the forward pass once every requested layer has been computed.
         tokenizer: the teacher's tokenizer, kept for callers that need it (e.g. cross-tokenizer LET).
         check_causal: verify once, on an 8-token probe, that the requested features at a position do not
@@ -115,10 +120,12 @@ class TeacherFeatureExtractor:
 
     @property
     def released(self) -> bool:
+        """True once :meth:`release` dropped the model; calling the extractor then raises."""
         return self._model is None
 
     @property
     def model(self) -> nn.Module:
+        """The frozen teacher module (the one passed in); RuntimeError once released."""
         if self._model is None:
             raise RuntimeError("the teacher was released (release() was called): it cannot run any more")
         return self._model

@@ -30,7 +30,7 @@ def test_sweep_over_seeds_lrs_and_variants_writes_consistent_json(tmp_path, monk
     try:
         code = convergence.main(["--preset", "quick", "--seeds", "2", "--lr", "3e-3,1.5e-3", "--vary", "lambda0=0.5",
                                  "--vary", "projector=teacher_interpolate", "--cache-dir", str(tmp_path / "cache"),
-                                 "--out", str(out)])
+                                 "--threads", "1", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -62,3 +62,14 @@ def test_bad_variant_is_refused():
     base = demo.LETSettings(lambda0=1.0, stop_fraction=0.5)
     with pytest.raises(SystemExit, match="KEY=V1,V2"):
         convergence.parse_variants(base, ["warmup=3"])
+
+
+def test_help_shows_defaults_and_the_commands_as_written(capsys):
+    convergence = load_convergence()
+    with pytest.raises(SystemExit) as exit_info:
+        convergence.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "(default: quick)" in help_text and "(default: 1)" in help_text and "(default: torch's choice)" in help_text
+    # the docstring is raw, so each command keeps its backslash line continuation
+    assert "--lambda0 1 \\\n        --stop-fraction 0.5 --layer-map L2E --out quick_lr.json" in help_text

@@ -259,7 +259,8 @@ def test_loader_errors(shards, tmp_path):
 
 def test_cli(corpus, tmp_path):
     src, tok, expected = corpus
-    data.main([str(src), "--tokenizer", str(tok), "--output", str(tmp_path / "cli"), "--workers", "1", "--shard-tokens", "80"])
+    assert data.main([str(src), "--tokenizer", str(tok), "--output", str(tmp_path / "cli"), "--workers", "1",
+                      "--shard-tokens", "80"]) == 0
     stream, _ = read_stream(tmp_path / "cli")
     np.testing.assert_array_equal(stream, expected)
 
@@ -380,3 +381,16 @@ def test_letkit_tokenize_command_is_the_data_cli(capsys):
         main(["tokenize", "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: letkit tokenize")
+
+
+def test_letkit_tokenize_bad_input_is_a_one_line_error(corpus, tmp_path, capsys):
+    from letkit.cli import main
+
+    src, tok, _ = corpus
+    missing = tmp_path / "missing.txt"
+    assert main(["tokenize", str(missing), "--tokenizer", str(tok), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"letkit tokenize: error: input {str(missing)!r} does not exist\n"
+    assert main(["tokenize", str(src), "--tokenizer", str(tmp_path / "nope.json"), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("letkit tokenize: error: tokenizer ")
+    assert not (tmp_path / "out").exists()

@@ -6,7 +6,9 @@ import dataclasses
 import importlib.util
 import json
 import math
+import operator
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -379,6 +381,12 @@ def test_cli_help_and_overrides(capsys):
     for option in ("--quick", "--corpus", "--teacher", "--tokenizer", "--seeds", "--cache-dir", "--out", "--lambda0",
                    "--cross-tokenizer", "--teacher-vocab-size"):
         assert option in help_text
+    option_help = {entry.split()[0]: " ".join(entry.split()) for entry in re.split(r"\n  (?=-)", help_text)}
+    for option, field in (("--eval-every", "eval_every"), ("--teacher-steps", "teacher_schedule.steps"),
+                          ("--steps", "target_schedule.steps"), ("--seeds", "seeds")):
+        default, quick = (operator.attrgetter(field)(demo.PRESETS[name]) for name in ("default", "quick"))
+        shown = f"(default {default})" if default == quick else f"(default {default}, --quick {quick})"
+        assert option_help[option].endswith(shown), option_help[option]
     args = build_parser().parse_args(["demo", "--quick", "--steps", "100", "--lambda0", "3", "--stop-step", "25",
                                       "--projector", "linear", "--lr", "1e-3", "--seeds", "3"])
     config = demo_config_from_args(args)

@@ -216,6 +216,7 @@ def test_config_overrides_help_and_errors(tmp_path, capsys):
         example.load_config(["--help"])
     help_text = capsys.readouterr().out
     assert "--teacher.stop_step INT" in help_text and "--data.micro_batch_size INT" in help_text
+    assert f"a .toml path (default: {example.DEFAULT_CONFIG})" in " ".join(help_text.split())
     with pytest.raises(ValueError, match="no such file"):
         example.load_config(["--config", "13b"])
     bad = tmp_path / "bad.toml"
@@ -266,6 +267,7 @@ def test_gradients_are_reduced_once_per_optimizer_step(world_of_one, monkeypatch
     teacher = example.build_teacher(cfg.teacher.path, 64, device, 0, seq_len=8)
     schedule = example.SCHEDULES["linear"](0.5, 6)
     objective = example.build_objective(cfg, model, teacher, schedule, mesh, device)
+    assert not objective.loss_fn.check_finite  # no host-device sync per step; the loop checks the logged loss
     trainable = torch.nn.ModuleDict({"model": model, "projector": objective.projector})
     groups = {name: m for name, m in trainable.named_modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_groups}
     assert len(groups) == 4 and "projector.projectors.0" in groups  # 2 blocks, the root (embeddings, head), the projector

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from letkit import LayerMap
@@ -36,3 +38,21 @@ def test_errors():
         LayerMap([[0, 1]])
     with pytest.raises(ValueError, match="at least one"):
         LayerMap([])
+
+
+def test_misread_specs_get_clear_errors():
+    # a tuple is one (teacher, target) pair: several strategies go in a list
+    with pytest.raises(TypeError, match=r"LayerMap spec \('L2E', 'L2M'\) is a tuple, .* pass a list: \['L2E', 'L2M'\]"):
+        LayerMap(("L2E", "L2M"))
+    assert LayerMap(["L2E", "L2M"]).resolve(12, 24) == [(11, 0), (11, 12)]
+    # a bare int says which forms are accepted and how to write a target block index
+    with pytest.raises(TypeError, match=r"LayerMap spec must be a strategy name .* got 3 \(.* pass the pair \(-1, 3\)\)"):
+        LayerMap(3)
+    assert LayerMap((-1, 3)).resolve(12, 24) == [(11, 3)]
+    with pytest.raises(TypeError, match=r"a layer mapping spec must be .* got 5 \(.* pass the pair \(-1, 5\)\)"):
+        LayerMap(["L2E", 5])
+    with pytest.raises(TypeError, match="LayerMap spec must be .* got None"):
+        LayerMap(None)
+    for bad_pair in [("L2E", 3), (0, 1, 2), (True, 0)]:  # checked when built, not only when resolved
+        with pytest.raises(TypeError, match=f"a layer mapping spec must be .* got {re.escape(repr(bad_pair))}"):
+            LayerMap(bad_pair)

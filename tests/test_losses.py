@@ -127,6 +127,18 @@ def test_interpolation_identity_and_exact_on_linear_signals():
         torch.testing.assert_close(interpolate_features(signal, d_out), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_interpolation_keeps_the_input_dtype(dtype):
+    x = torch.randn(4, 24).to(dtype)
+    assert interpolate_features(x, 24) is x
+    for size in (9, 40):
+        out = interpolate_features(x, size)
+        assert out.dtype == dtype and out.shape == (4, size)
+        want = interpolate_features(x.double(), size)  # float64 reference, rounded once to dtype
+        eps = torch.finfo(dtype).eps  # one rounding step, relative to |x| <~ 5
+        torch.testing.assert_close(out, want.to(dtype), atol=5 * eps, rtol=eps)
+
+
 def test_module_form_matches_functional():
     torch.manual_seed(3)
     a, b = torch.randn(5, 6), torch.randn(5, 4)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from letkit import LETObjective, LinearDecay, TeacherFeatureExtractor, alignment_loss
+from letkit import AlignmentLoss, LETObjective, LinearDecay, TeacherFeatureExtractor, alignment_loss
 
 
 def lm_loss_of(logits, ids):
@@ -119,6 +119,30 @@ def test_errors(tiny_lm):
     objective(ids, step=5)
     with pytest.raises(RuntimeError, match="already released"):
         objective(ids, step=1)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_check_finite_reaches_the_alignment_loss(tiny_lm, check_finite):
+    target, teacher = tiny_lm(layers=4), tiny_lm(dim=8, seed=1)
+    objective = LETObjective(target, teacher, schedule=LinearDecay(1.0, stop_step=4), check_finite=check_finite)
+    assert objective.loss_fn.check_finite is check_finite
+    with torch.no_grad():
+        teacher.final_norm.bias[0] = float("nan")  # one non-finite teacher feature per token
+    ids = torch.randint(0, 50, (2, 6))
+    target(ids)
+    if check_finite:
+        with pytest.raises(ValueError, match="teacher features contain 12 non-finite values"):
+            objective(ids, step=0)
+    else:
+        assert torch.isnan(objective(ids, step=0).align_loss)  # not caught here: the caller watches the loss
+
+
+def test_check_finite_false_with_a_checking_loss_instance_is_refused(tiny_lm):
+    target, teacher = tiny_lm(layers=4), tiny_lm(dim=8, seed=1)
+    with pytest.raises(ValueError, match=r"check_finite=False has no effect on the AlignmentLoss passed as loss"):
+        LETObjective(target, teacher, loss=AlignmentLoss("cosine"), check_finite=False)
+    quiet = LETObjective(target, teacher, loss=AlignmentLoss("cosine", check_finite=False), check_finite=False)
+    assert not quiet.loss_fn.check_finite
 
 
 def test_cross_tokenizer_alignment(tiny_lm):

@@ -16,6 +16,10 @@ def test_shapes_and_fused_loss_equals_unfused(kind):
     fused = projector.alignment_loss(target, teacher, AlignmentLoss("cosine"), mask)
     unfused = sum(alignment_loss(p, t, mask=mask) for p, t in zip(projected, teacher)) / 2
     torch.testing.assert_close(fused, unfused)
+    for pair, s, t in zip(projector.projectors, target, teacher):  # the per-pair interface alignment_loss calls
+        want = alignment_loss(pair(s), t, "smooth_l1", mask=mask)
+        torch.testing.assert_close(pair.loss(s, t, AlignmentLoss("smooth_l1"), mask), want)
+        torch.testing.assert_close(pair.loss(target=s, teacher=t, loss_fn=AlignmentLoss("smooth_l1"), mask=mask), want)
 
 
 def test_interpolate_equal_dims_is_identity_and_has_no_parameters():

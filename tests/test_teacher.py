@@ -38,6 +38,12 @@ def test_frozen_and_stops_before_the_lm_head(tiny_lm):
     assert calls == ["head"]
 
 
+def test_the_given_model_is_converted_in_place(tiny_lm):
+    model = tiny_lm()
+    extractor = TeacherFeatureExtractor(model, dtype=torch.float64)
+    assert extractor.model is model and model.embed.weight.dtype == torch.float64
+
+
 def test_dtype_placement(tiny_lm):
     extractor = TeacherFeatureExtractor(tiny_lm(), layers=[1], dtype=torch.bfloat16)
     assert extractor(torch.randint(0, 50, (1, 4)))[0].dtype == torch.bfloat16
