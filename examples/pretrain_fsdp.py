@@ -387,7 +387,7 @@ def build_objective(cfg: Config, target: nn.Module, teacher: TeacherFeatureExtra
             fully_shard(p, **fsdp_kwargs(cfg, mesh))
             register_fsdp_forward_method(p, "loss")  # the fused loss reads the weights through .loss(), not forward
     # check_finite=False: no host-device sync per step to check the teacher's features; a NaN/Inf teacher makes
-    # the loss non-finite, which the training loop raises on at its next log line (and the weights stay NaN)
+    # the loss non-finite, which the training loop raises on at its next log or checkpoint step (before saving)
     return LETObjective(target, teacher, layer_map=layer_map, projector=projector, loss=cfg.teacher.loss,
                         schedule=schedule, target_block_list="blocks", check_finite=False)
 
@@ -759,9 +759,12 @@ def train(cfg: Config) -> None:
         tokens_seen += tokens_per_step
         done = step + 1
 
-        if done % cfg.log.every == 0 or done == min(stop_at, c.steps):
+        log_now = done % cfg.log.every == 0 or done == min(stop_at, c.steps)
+        checkpoint_now = cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or done == min(stop_at, c.steps))
+        if log_now or checkpoint_now:
             dist.all_reduce(sums)
             loss_v, lm_v, align_v = (sums / (world * d.grad_accum)).tolist()
+        if log_now:
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
             now = time.perf_counter()
@@ -780,10 +783,9 @@ def train(cfg: Config) -> None:
                            grad_norm=grad_norm.item(), tokens_seen=tokens_seen, step_time_s=step_time,
                            tokens_per_s=tokens_per_s,
                            mfu=mfu, memory_gib=mem, peak_memory_gib=mem_peak)
-            if not math.isfinite(loss_v):
-                raise FloatingPointError(f"loss is {loss_v} at step {done}")
-
-        if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == min(stop_at, c.steps)):
+        if (log_now or checkpoint_now) and not math.isfinite(loss_v):
+            raise FloatingPointError(f"loss is {loss_v} at step {done}; stopping before it is checkpointed")
+        if checkpoint_now:
             state = {"tokens_seen": tokens_seen, "lr_scheduler": lr_scheduler.state_dict(), "data": loader.state_dict(),
                      "lambda_schedule": schedule.state_dict() if schedule is not None else None,
                      "config": dataclasses.asdict(cfg)}

@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,20 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run_across_s_stop(full_run
     for s in range(1, STEPS + 1):
         for key in ("loss", "lm_loss", "align_loss", "lambda_", "lr", "grad_norm"):
             assert got[s][key] == want[s][key], (s, key)
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_is_checkpointed(shards, tmp_path):
+    """Checkpoint steps check the loss even when they are not log steps, so no NaN weights are ever saved."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
+               "--config", "tiny", "--data.path", str(shards), "--train.run_dir", str(tmp_path),
+               "--optim.lr", "1e30", "--log.every", "100", "--checkpoint.every", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    found = re.search(r"FloatingPointError: loss is (nan|inf|-inf) at step (\d+)", result.stderr)
+    assert result.returncode != 0 and found, result.stderr[-3000:]
+    nan_step = int(found.group(2))
+    assert nan_step < STEPS  # stopped at the first bad checkpoint step, not at the next log step (the last one)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert saved and saved[-1] == f"step_{nan_step - 1:07d}"
 
 
 @pytest.fixture(scope="module")
