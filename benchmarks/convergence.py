@@ -41,6 +41,7 @@ import torch
 from letkit.demo import (
     DemoError,
     LETSettings,
+    ModelShape,
     atomic_write_json,
     compare_runs,
     default_cache_dir,
@@ -84,6 +85,17 @@ def parse_variants(base: LETSettings, specs: list[str]) -> dict[str, LETSettings
         for value in values.split(","):
             variants[f"{key}={value}"] = dataclasses.replace(base, **{key: VARIANT_KEYS[key](value)})
     return variants
+
+
+def parse_shape(spec: str) -> ModelShape:
+    """``"192,6,4,512"`` -> ModelShape(hidden_size=192, num_layers=6, num_heads=4, intermediate_size=512)."""
+    try:
+        hidden, layers, heads, intermediate = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--target-shape {spec!r}: expected four integers HIDDEN,LAYERS,HEADS,INTERMEDIATE") from None
+    if min(hidden, layers, heads, intermediate) < 1 or hidden % heads:
+        raise SystemExit(f"--target-shape {spec!r}: sizes must be >= 1 and HIDDEN divisible by HEADS")
+    return ModelShape(hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=intermediate)
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -132,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-fraction", type=float, help="override the preset's S_stop / steps")
     parser.add_argument("--layer-map", help="override the preset's layer map (L2E, L2M, L2L)")
     parser.add_argument("--steps", type=int, help="override the target's steps")
+    parser.add_argument("--target-shape", metavar="HIDDEN,LAYERS,HEADS,INTERMEDIATE",
+                        help="override the target's shape, e.g. 192,6,4,512 (default: the preset's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", required=True, help="JSON file (rewritten after every group)")
@@ -141,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     config = preset(args.preset, seeds=args.seeds, progress=args.progress, threads=args.threads)
     if args.steps:
         config.target_schedule = dataclasses.replace(config.target_schedule, steps=args.steps)
+    if args.target_shape:
+        config.target_shape = parse_shape(args.target_shape)
     overrides = {"lambda0": args.lambda0, "stop_fraction": args.stop_fraction, "layer_map": args.layer_map}
     base = dataclasses.replace(config.let, **{k: v for k, v in overrides.items() if v is not None})
     config.let = base

@@ -73,3 +73,11 @@ def test_help_shows_defaults_and_the_commands_as_written(capsys):
     assert "(default: quick)" in help_text and "(default: 1)" in help_text and "(default: torch's choice)" in help_text
     # the docstring is raw, so each command keeps its backslash line continuation
     assert "--lambda0 1 \\\n        --stop-fraction 0.5 --layer-map L2E --out quick_lr.json" in help_text
+
+
+def test_target_shape_override():
+    convergence = load_convergence()
+    assert convergence.parse_shape("192,6,4,512") == demo.ModelShape(192, 6, 4, 512)
+    for bad in ("192,6,4", "192,6,5,512", "192,0,4,512", "a,b,c,d"):
+        with pytest.raises(SystemExit, match="--target-shape"):
+            convergence.parse_shape(bad)
