@@ -17,25 +17,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 PROVIDERS = ("fused", "fused_cublas", "eager", "compile", "liger")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# Dense (no sparsity) tensor-core peak and HBM bandwidth, from NVIDIA's data sheets.
-GPU_PEAKS = {
-    "H100 PCIe": (756e12, 2.0e12),
-    "H100 NVL": (835e12, 3.9e12),
-    "H100": (989e12, 3.35e12),  # SXM5, HBM3
-    "H200": (989e12, 4.8e12),
-}
 CPU_HELP = (
     "no CUDA device: this benchmark measures GPU kernels. For a CPU smoke test of its code paths run\n"
     "    python benchmarks/kernels.py --device cpu --smoke"
@@ -105,12 +96,14 @@ def roofline(case: Case, element_bytes: int, peak_flops: float, peak_bytes_per_s
 
 
 def gpu_peaks(torch, args) -> tuple[float, float, str]:
+    from letkit.hardware import GPU_PEAKS, datasheet_peaks
+
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    flops, bandwidth, source = GPU_PEAKS["H100"][0], GPU_PEAKS["H100"][1], "assumed H100 SXM (no match for this device)"
-    for key, (key_flops, key_bandwidth) in GPU_PEAKS.items():  # most specific names first
-        if key in name:
-            flops, bandwidth, source = key_flops, key_bandwidth, f"{key} data sheet"
-            break
+    matched = datasheet_peaks(name)
+    if matched:
+        flops, bandwidth, source = matched[1], matched[2], f"{matched[0]} data sheet"
+    else:
+        flops, bandwidth, source = *GPU_PEAKS["H100"], "assumed H100 SXM (no match for this device)"
     if args.peak_tflops is not None:
         flops, source = args.peak_tflops * 1e12, "--peak-tflops/--peak-tbps"
     if args.peak_tbps is not None:
@@ -301,15 +294,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomically(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2)
-        temporary = handle.name
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
@@ -321,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(CPU_HELP, file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+    from letkit.atomic import atomic_write_json
     from letkit.kernels import fused_linear_alignment
 
     if args.chunk_elements is not None:
@@ -368,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             "notes": notes,
             "results": rows,
         }
-        write_json_atomically(args.out, payload)
+        atomic_write_json(args.out, payload)
         print(f"wrote {args.out}")
     return 0
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -68,8 +69,11 @@ except ModuleNotFoundError:  # Python 3.10: pip install tomli
     import tomli as tomllib
 
 from letkit import SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
+from letkit.atomic import atomic_write_json
 from letkit.data import ShardedTokenLoader, TeacherTokenizedLoader
+from letkit.hardware import datasheet_peaks
 from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, save_pretrained
+from letkit.optim import warmup_cosine_lr, weight_decay_groups
 from letkit.tokenization import same_tokenizer
 
 log = logging.getLogger("pretrain")
@@ -466,7 +470,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, trainable: nn.Module, optimizer: 
     if dist.get_rank() == 0:
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
         state = {**trainer_state, "step": step, "world_size": dist.get_world_size(), "rng": rng, "files": files}
-        _write_json(tmp / "trainer_state.json", state)
+        atomic_write_json(tmp / "trainer_state.json", state, indent=1)
         if final.exists():  # a damaged checkpoint of this step, skipped at resume
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -519,21 +523,7 @@ def _set_rng_state(state: dict[str, str]) -> None:
         torch.cuda.set_rng_state(tensor("cuda"))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # -------------------------------------------------------------------------------------------------- metrics
-
-# Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor datasheets).
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0,
-               "B200": 2250.0, "L40S": 362.0}
-
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6 * (parameters in matmuls) + 12 * layers * heads * head_dim * seq_len (attention).
@@ -552,8 +542,8 @@ def peak_flops(device: torch.device, override_tflops: float) -> float | None:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+    peaks = datasheet_peaks(torch.cuda.get_device_name(device))
+    return peaks[1] if peaks else None
 
 
 def memory_gib(device: torch.device) -> tuple[float, float]:
@@ -584,16 +574,6 @@ class MetricsLog:
 
 
 # ----------------------------------------------------------------------------------------------------- train
-
-
-def lr_lambda(cfg: OptimConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def set_gradient_sync(trainable: nn.Module, enabled: bool) -> None:
@@ -711,11 +691,11 @@ def train(cfg: Config) -> None:
                          memory_gib(device)[0])
 
     params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, fused=device.type == "cuda")
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, c.steps))
+    optimizer = torch.optim.AdamW(weight_decay_groups(params, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, fused=device.type == "cuda")
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        warmup_cosine_lr, peak_lr=1.0, warmup_steps=cfg.optim.warmup_steps, total_steps=c.steps,
+        min_lr_ratio=cfg.optim.min_lr_ratio))
 
     if resume_from:
         trainer_state = load_checkpoint(resume_from, trainable, optimizer)

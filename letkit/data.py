@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from letkit.atomic import atomic_write, atomic_write_json
+
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "letkit-token-shards-v1"
@@ -82,20 +84,6 @@ def find_sources(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     if not sources:
         raise ValueError(f"no {'/'.join(TEXT_SUFFIXES)} files found in inputs {[str(i) for i in inputs]}")
     return sorted(p.resolve() for p in sources)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write ``path`` via ``write(file)`` on a temporary file that replaces ``path`` only once complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def _iter_documents(path: Path, start: int, text_key: str) -> Iterator[tuple[str, int]]:
@@ -158,9 +146,9 @@ def _tokenize_source(task: tuple[int, str, str, dict[str, Any]]) -> tuple[int, d
         nonlocal buffer, buffered
         name = f"{index:05d}-{len(manifest['parts']):05d}.npy"
         tokens = np.concatenate(buffer).astype(dtype, copy=False)
-        _write_atomic(parts_dir / name, lambda f: np.save(f, tokens, allow_pickle=False))
+        atomic_write(parts_dir / name, lambda f: np.save(f, tokens, allow_pickle=False))
         manifest["parts"].append({"file": name, "tokens": int(tokens.size), "end_offset": end_offset})
-        _write_json(manifest_path, manifest)
+        atomic_write_json(manifest_path, manifest, indent=1)
         buffer, buffered = [], 0
 
     def encode(batch: list[tuple[str, int]]) -> None:
@@ -187,7 +175,7 @@ def _tokenize_source(task: tuple[int, str, str, dict[str, Any]]) -> tuple[int, d
     if buffered:
         flush(last_offset)
     manifest["complete"] = True
-    _write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest, indent=1)
     return index, manifest, False
 
 
@@ -267,10 +255,10 @@ def tokenize_corpus(
                 "use a new output_dir or delete this one"
             )
     else:
-        _write_json(settings_path, settings)
+        atomic_write_json(settings_path, settings, indent=1)
     tokenizer_bytes, tokenizer_copy = tokenizer_path.read_bytes(), out / "tokenizer.json"
     if not tokenizer_copy.is_file() or tokenizer_copy.read_bytes() != tokenizer_bytes:  # for checks against a teacher's
-        _write_atomic(tokenizer_copy, lambda f: f.write(tokenizer_bytes))
+        atomic_write(tokenizer_copy, lambda f: f.write(tokenizer_bytes))
     (out / "index.json").unlink(missing_ok=True)  # stale until every source is done again
 
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(sources)))
@@ -308,7 +296,7 @@ def tokenize_corpus(
         "total_tokens": sum(s["tokens"] for s in shards),
         "shards": shards,
     }
-    _write_json(out / "index.json", index)
+    atomic_write_json(out / "index.json", index, indent=1)
     return index
 
 

@@ -25,7 +25,6 @@ Entry points: :func:`run_demo` (what ``letkit demo`` runs) and the stages it is 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -33,12 +32,9 @@ import json
 import math
 import os
 import platform
-import re
-import shutil
 import sysconfig
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from letkit.atomic import atomic_directory, atomic_write, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from letkit.objective import LETObjective
+from letkit.optim import warmup_cosine_lr, weight_decay_groups
 from letkit.projector import LayerMappingProjector
 from letkit.schedulers import LinearDecay
 from letkit.teacher import TeacherFeatureExtractor
@@ -98,10 +96,8 @@ class TrainSchedule:
     grad_clip: float = 1.0
 
     def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return warmup_cosine_lr(step, peak_lr=self.lr, warmup_steps=self.warmup_steps, total_steps=self.steps,
+                                min_lr_ratio=self.min_lr_ratio)
 
 
 @dataclass
@@ -260,90 +256,6 @@ def _sha256(*parts: bytes | str) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``final``; rename it to ``final`` when the block succeeds.
-
-    On any exception (Ctrl-C included) the temporary directory is removed. If another process created
-    ``final`` first, its (identical, content-addressed) result is kept and ours is discarded.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# ".tmp-<name>-<pid>-<random>" (ours), possibly wrapped by save_pretrained's own ".<that>.tmp-<random>".
-_TEMPORARY_NAME = re.compile(r"^\.+tmp-.+-(?P<pid>\d+)-[a-z0-9_]+(\.tmp-[a-z0-9_]+)?(\.png)?$")
-
-
-def remove_stale_temporaries(root: Path) -> list[Path]:
-    """Delete ``.tmp-*`` leftovers of processes that no longer run (e.g. killed mid-write); returns them."""
-    removed = []
-    if not root.is_dir():
-        return removed
-    for tmp in root.rglob("*.tmp-*"):
-        match = _TEMPORARY_NAME.match(tmp.name)
-        if match is None or _process_alive(int(match["pid"])):
-            continue
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        removed.append(tmp)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -842,10 +754,7 @@ def evaluate(model: nn.Module, windows: Tensor, batch_size: int) -> float:
 
 
 def _optimizer(params: Sequence[nn.Parameter], schedule: TrainSchedule) -> torch.optim.Optimizer:
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=schedule.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(weight_decay_groups(params, schedule.weight_decay), lr=schedule.lr, betas=(0.9, 0.95))
 
 
 class CrossTokenizerInputs:
@@ -1209,17 +1118,7 @@ def plot_curves(metrics: dict[str, Any], path: Path) -> bool:
         ax.legend()
     fig.suptitle(f"letkit demo: {metrics['data']['corpus']}, {len(metrics['runs'])} seed(s)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-{os.getpid()}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return True
 
 

@@ -2,6 +2,7 @@ import json
 import os
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import letkit.atomic
 import letkit.data as data
 from letkit.data import ShardedTokenLoader, TeacherTokenizedLoader, WindowPermutation, decode_with_offsets, load_index, token_dtype, tokenize_corpus
 
@@ -80,7 +82,7 @@ def test_parallel_workers_write_the_same_shards(corpus, tmp_path):
 def test_interrupted_run_resumes_after_its_last_finished_shard(corpus, tmp_path, monkeypatch):
     src, tok, expected = corpus
     out = tmp_path / "out"
-    real_write = data._write_atomic
+    real_write = data.atomic_write
     written = []
 
     def crash_on_fourth_shard(path, write):
@@ -90,7 +92,8 @@ def test_interrupted_run_resumes_after_its_last_finished_shard(corpus, tmp_path,
             written.append(path.name)
         real_write(path, write)
 
-    monkeypatch.setattr(data, "_write_atomic", crash_on_fourth_shard)
+    for module in (data, letkit.atomic):  # shards directly, JSON files through atomic_write_json
+        monkeypatch.setattr(module, "atomic_write", crash_on_fourth_shard)
     with pytest.raises(KeyboardInterrupt):
         tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
     assert not (out / "index.json").exists()
@@ -99,7 +102,9 @@ def test_interrupted_run_resumes_after_its_last_finished_shard(corpus, tmp_path,
     first_run = {name: (out / "parts" / name).stat().st_mtime_ns for name in written}
 
     rewritten = []
-    monkeypatch.setattr(data, "_write_atomic", lambda path, write: (rewritten.append(path.name), real_write(path, write)))
+    for module in (data, letkit.atomic):
+        monkeypatch.setattr(module, "atomic_write",
+                            lambda path, write: (rewritten.append(Path(path).name), real_write(path, write)))
     tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
     stream, index = read_stream(out)
     np.testing.assert_array_equal(stream, expected)
