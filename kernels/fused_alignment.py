@@ -8,7 +8,7 @@ from torch import Tensor
 from letkit.kernels.alignment_common import INTERPRETED, KERNEL_DTYPES
 from letkit.kernels.fused_interpolate_alignment import fused_interpolate_alignment
 from letkit.kernels.fused_linear_alignment import fused_linear_alignment
-from letkit.losses import _check_inputs
+from letkit.losses import check_alignment_inputs
 
 
 def _check_kernel_support(target: Tensor, teacher: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None) -> None:
@@ -56,7 +56,7 @@ def fused_alignment_loss(
     ``target``, ``weight`` and ``bias`` (the teacher is a constant). One deliberate difference from the torch
     reference: masked tokens are skipped, so non-finite values in them do not reach the loss.
     """
-    _check_inputs(target, teacher, kind, projection, weight, bias, mask, check_finite=False)
+    check_alignment_inputs(target, teacher, kind, projection, weight, bias, mask)
     _check_kernel_support(target, teacher, weight, bias, mask)
     target_rows = _as_rows(target, target.shape[-1])
     teacher_rows = _as_rows(teacher.detach(), teacher.shape[-1])

@@ -143,7 +143,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton"
 
 
-def _check_inputs(
+def check_alignment_inputs(
     target: Tensor,
     teacher: Tensor,
     kind: str,
@@ -151,8 +151,9 @@ def _check_inputs(
     weight: Tensor | None,
     bias: Tensor | None,
     mask: Tensor | None,
-    check_finite: bool,
 ) -> None:
+    """Raise a ValueError/TypeError naming the argument and its value for inputs :func:`alignment_loss` cannot
+    take (shared with the fused kernels' entry point, so both backends refuse the same inputs)."""
     if not isinstance(target, Tensor) or not isinstance(teacher, Tensor):
         raise TypeError(f"target and teacher must be tensors, got {type(target).__name__} and {type(teacher).__name__}")
     if kind not in LOSS_KINDS:
@@ -189,7 +190,11 @@ def _check_inputs(
         raise ValueError(
             f"mask must have the token shape of the features {tuple(target.shape[:-1])}, got {tuple(mask.shape)}"
         )
-    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(teacher).all()):
+
+
+def check_teacher_finite(teacher: Tensor) -> None:
+    """Raise a ValueError when the teacher's features hold NaN/Inf (skipped inside ``torch.compile``d code)."""
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(teacher).all()):
         bad = int((~torch.isfinite(teacher)).sum())
         raise ValueError(
             f"teacher features contain {bad} non-finite values (NaN/Inf) out of {teacher.numel()}: the teacher is broken "
@@ -226,7 +231,9 @@ def alignment_loss(
     Returns:
         A float32 scalar (float64 for float64 inputs).
     """
-    _check_inputs(target, teacher, kind, projection, weight, bias, mask, check_finite)
+    check_alignment_inputs(target, teacher, kind, projection, weight, bias, mask)
+    if check_finite:
+        check_teacher_finite(teacher)
     teacher = teacher.detach()
     if resolve_backend(backend, target.device) == "triton":
         from letkit.kernels import fused_alignment_loss
