@@ -41,6 +41,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -51,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from letkit.atomic import atomic_write, atomic_write_json
+from letkit.atomic import atomic_write, atomic_write_json, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,9 @@ def _init_worker(tokenizer_path: str, parallel: bool) -> None:
     global _worker_tokenizer
     from tokenizers import Tokenizer
 
-    if not parallel:  # one process per file already uses the cores; nested thread pools would oversubscribe them
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if not parallel:  # a pool worker
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent handles it
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per file uses the cores; no nested thread pools
     _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
 
 
@@ -225,6 +227,8 @@ def tokenize_corpus(
 
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1):
+        raise ValueError(f"num_workers must be a positive int or None, got {num_workers!r}")
     tokenizer_path = Path(tokenizer)
     if tokenizer_path.is_dir():
         tokenizer_path = tokenizer_path / "tokenizer.json"
@@ -245,6 +249,7 @@ def tokenize_corpus(
     }
     out = Path(output_dir)
     (out / "parts").mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # half-written files of an interrupted run
     settings_path = out / "tokenize.json"
     if settings_path.exists():
         previous = json.loads(settings_path.read_text())
@@ -261,7 +266,7 @@ def tokenize_corpus(
         atomic_write(tokenizer_copy, lambda f: f.write(tokenizer_bytes))
     (out / "index.json").unlink(missing_ok=True)  # stale until every source is done again
 
-    workers = max(1, min(num_workers or os.cpu_count() or 1, len(sources)))
+    workers = min(num_workers or os.cpu_count() or 1, len(sources))
     tasks = [(i, str(s), str(out), settings) for i, s in enumerate(sources)]
     manifests: dict[int, dict[str, Any]] = {}
     started = time.perf_counter()
@@ -281,6 +286,10 @@ def tokenize_corpus(
             state = "already done" if skipped else f"{time.perf_counter() - started:.1f}s"
             log.info("[%d/%d] %s: %d tokens in %d shards (%s)", len(manifests), len(tasks), sources[index],
                      tokens, len(manifest["parts"]), state)
+    except BaseException:
+        if pool is not None:  # stop the other files now (Ctrl-C, or an error in one file): every write is atomic
+            pool.terminate()
+        raise
     finally:
         if pool is not None:
             pool.close()
@@ -627,11 +636,22 @@ class TeacherTokenizedLoader:
         return self.loader
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m letkit.data") -> int:
     """``python -m letkit.data INPUT... --tokenizer T --output DIR``: tokenize text files into token shards.
 
     Returns the exit status: 0, or 2 after printing ``<prog>: error: <message>`` for bad inputs (a missing file, an
-    unknown tokenizer or EOS token, a malformed record) and unreadable or unwritable paths.
+    unknown tokenizer or EOS token, a malformed record) and unreadable or unwritable paths, or 130 after Ctrl-C (with
+    a message that rerunning resumes).
     """
     parser = argparse.ArgumentParser(
         prog=prog, description="Tokenize .txt / .jsonl files into uint16/uint32 token shards for pretraining, in "
@@ -642,8 +662,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m letkit.data")
     parser.add_argument("--text-key", default="text", help="document field of .jsonl records (default: text)")
     parser.add_argument("--eos-token", default="auto", help="token after every document, 'auto' (the first of "
                         f"{', '.join(EOS_CANDIDATES)} in the vocabulary) or 'none' (default: %(default)s)")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 1e8)")
-    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: CPU count)")
+    parser.add_argument("--shard-tokens", type=_positive_int, default=100_000_000, help="tokens per shard (default: 1e8)")
+    parser.add_argument("--workers", type=_positive_int, default=None, help="parallel processes (default: CPU count)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
@@ -655,6 +675,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m letkit.data")
     except (ValueError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
     log.info("%d tokens (%s) in %d shards -> %s", index["total_tokens"], index["dtype"], len(index["shards"]), args.output)
     return 0
 

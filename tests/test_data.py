@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -398,4 +399,91 @@ def test_letkit_tokenize_bad_input_is_a_one_line_error(corpus, tmp_path, capsys)
     assert err == f"letkit tokenize: error: input {str(missing)!r} does not exist\n"
     assert main(["tokenize", str(src), "--tokenizer", str(tmp_path / "nope.json"), "--output", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("letkit tokenize: error: tokenizer ")
+    assert not (tmp_path / "out").exists()
+
+
+SLOW_TOKENIZE = """
+import sys, time
+import letkit.data
+from letkit.cli import main
+
+write = letkit.data.atomic_write
+letkit.data.atomic_write = lambda path, data: (time.sleep(0.1), write(path, data))  # workers fork with this
+sys.exit(main(["tokenize", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="sends SIGINT to a process group (POSIX)")
+def test_ctrl_c_stops_every_worker_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group: parent and workers. Slowed shard writes (0.1 s each)
+    keep the run busy for many seconds, so the signal lands mid-run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.txt").write_text("\n".join(random_docs(120, i)) + "\n")
+    tok = tmp_path / "tokenizer.json"
+    make_tokenizer(tok)
+    out = tmp_path / "out"
+    args = [str(src), "--tokenizer", str(tok), "--output", str(out), "--workers", "2", "--shard-tokens", "30"]
+    child = subprocess.Popen([sys.executable, "-c", SLOW_TOKENIZE, *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "parts").glob("*.npy")) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.poll() is None, child.communicate()  # still running: the signal lands mid-run
+        os.killpg(child.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        _, err = child.communicate(timeout=30)
+        stopped_after = time.monotonic() - interrupted
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    assert child.returncode == 130, err
+    assert stopped_after < 30
+    assert "interrupted" in err and "rerun the same command to resume" in err, err
+    assert not (out / "index.json").exists()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # no worker is left running in the group
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("worker processes still run after the command exited")
+
+    kept = {}
+    for manifest in (out / "parts").glob("*.json"):
+        for part in json.loads(manifest.read_text())["parts"]:
+            kept[part["file"]] = (out / "parts" / part["file"]).stat().st_mtime_ns
+    assert kept  # some work was finished before the interrupt, and is not redone
+    resumed = tokenize_corpus([src], out, tok, shard_tokens=30, num_workers=2)
+    fresh = tokenize_corpus([src], tmp_path / "fresh", tok, shard_tokens=30, num_workers=2)
+    assert resumed == fresh
+    for s in fresh["shards"]:
+        assert (out / s["path"]).read_bytes() == (tmp_path / "fresh" / s["path"]).read_bytes()
+    assert all((out / "parts" / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
+    assert not [p for p in (out / "parts").iterdir() if p.name.startswith(".tmp-")]  # no leftovers of killed writes
+
+
+@pytest.mark.parametrize("workers", ["0", "-3", "two"])
+def test_letkit_tokenize_refuses_a_worker_count_below_one(corpus, tmp_path, capsys, workers):
+    from letkit.cli import main
+
+    src, tok, _ = corpus
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tokenize", str(src), "--tokenizer", str(tok), "--output", str(tmp_path / "out"), "--workers", workers])
+    assert exit_info.value.code == 2
+    assert f"argument --workers: must be a positive integer, got {workers!r}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    bad = workers if workers == "two" else int(workers)
+    with pytest.raises(ValueError, match=re.escape(f"num_workers must be a positive int or None, got {bad!r}")):
+        tokenize_corpus([src], tmp_path / "out", tok, num_workers=bad)
     assert not (tmp_path / "out").exists()
