@@ -12,15 +12,19 @@ Tokenizing (:func:`tokenize_corpus`, or ``python -m letkit.data``)::
   ``uint16`` when the vocabulary fits, else ``uint32``.
 * Resumable: every shard is written atomically (temporary file + rename) and recorded in its source's
   manifest together with the byte offset it ends at. A rerun skips finished files, continues an interrupted
-  file after its last finished shard, and restarts a file whose size or mtime changed.
+  file after its last finished shard, and restarts a file whose size or mtime changed. Manifests are named
+  after their file's path, so a rerun over a changed set of files (one deleted, or other inputs) reuses every
+  file still present and unchanged; the index lists exactly the files of the last run, and the shards of
+  files left out stay in ``parts/`` for a later run over them. Ctrl-C stops every worker; rerun to resume.
 * ``index.json`` is written last; loaders refuse a directory without it (an unfinished tokenization).
 
 Layout of the output directory::
 
     tokenize.json              settings; a rerun with different settings is refused
     tokenizer.json             a copy of the tokenizer (its SHA-256 is in index.json)
-    parts/00003.json           manifest of source file 3: its shards, the byte offset each ends at, complete?
-    parts/00003-00000.npy      shard 0 of source file 3 (a 1-D .npy array, read with numpy.memmap)
+    parts/<id>.json            manifest of the source file whose path hashes to <id>: its path, size and mtime,
+                               its shards, the byte offset each ends at, complete?
+    parts/<id>-00000.npy       the file's shard 0 (a 1-D .npy array, read with numpy.memmap)
     index.json                 all shards in order, token counts, dtype, vocab size, eos id
 
 Loading (:class:`ShardedTokenLoader`): fixed-length windows of ``seq_len + 1`` tokens cut from each shard
@@ -57,6 +61,7 @@ from letkit.atomic import atomic_write, atomic_write_json, remove_stale_temporar
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = "letkit-token-shards-v1"
+SETTINGS_FORMAT = "letkit-tokenize-v2"  # v2: parts/ named by _source_id (v1: by position in the sorted source list)
 TEXT_SUFFIXES = (".txt", ".jsonl")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 ENCODE_BATCH_DOCS = 512
@@ -126,18 +131,27 @@ def _init_worker(tokenizer_path: str, parallel: bool) -> None:
     _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
 
 
-def _tokenize_source(task: tuple[int, str, str, dict[str, Any]]) -> tuple[int, dict[str, Any], bool]:
-    """Tokenize one source file into shards; returns ``(source index, manifest, skipped)``."""
-    index, source, out_dir, settings = task
-    source_path, parts_dir = Path(source), Path(out_dir) / "parts"
-    stat = source_path.stat()
+def _source_id(source: str) -> str:
+    """The name of a source file's manifest and shards in ``parts/``: a hash of its (resolved) path, so it does not
+    depend on the other files of a run (a rerun over a changed set of files reuses every unchanged file's shards)."""
+    return hashlib.sha256(source.encode()).hexdigest()[:20]
+
+
+def _tokenize_source(task: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[str, Any] | None, bool]:
+    """Tokenize one source file into shards; returns ``(source, manifest, skipped)``, manifest None if it vanished."""
+    source, out_dir, settings = task
+    source_path, parts_dir, name = Path(source), Path(out_dir) / "parts", _source_id(source)
+    try:
+        stat = source_path.stat()
+    except FileNotFoundError:  # deleted since the run listed it
+        return source, None, False
     signature = {"source": source, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    manifest_path = parts_dir / f"{index:05d}.json"
+    manifest_path = parts_dir / f"{name}.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
     if manifest is None or manifest["signature"] != signature:
         manifest = {"signature": signature, "parts": [], "complete": False}
     if manifest["complete"]:
-        return index, manifest, True
+        return source, manifest, True
 
     dtype, eos_id = np.dtype(settings["dtype"]), settings["eos_id"]
     shard_tokens = settings["shard_tokens"]
@@ -146,10 +160,10 @@ def _tokenize_source(task: tuple[int, str, str, dict[str, Any]]) -> tuple[int, d
 
     def flush(end_offset: int) -> None:
         nonlocal buffer, buffered
-        name = f"{index:05d}-{len(manifest['parts']):05d}.npy"
+        shard = f"{name}-{len(manifest['parts']):05d}.npy"
         tokens = np.concatenate(buffer).astype(dtype, copy=False)
-        atomic_write(parts_dir / name, lambda f: np.save(f, tokens, allow_pickle=False))
-        manifest["parts"].append({"file": name, "tokens": int(tokens.size), "end_offset": end_offset})
+        atomic_write(parts_dir / shard, lambda f: np.save(f, tokens, allow_pickle=False))
+        manifest["parts"].append({"file": shard, "tokens": int(tokens.size), "end_offset": end_offset})
         atomic_write_json(manifest_path, manifest, indent=1)
         buffer, buffered = [], 0
 
@@ -178,7 +192,7 @@ def _tokenize_source(task: tuple[int, str, str, dict[str, Any]]) -> tuple[int, d
         flush(last_offset)
     manifest["complete"] = True
     atomic_write_json(manifest_path, manifest, indent=1)
-    return index, manifest, False
+    return source, manifest, False
 
 
 def _resolve_eos(tokenizer, eos_token: str | None) -> int | None:
@@ -214,7 +228,8 @@ def tokenize_corpus(
     Args:
         inputs: ``.txt`` / ``.jsonl`` files or directories holding them.
         output_dir: where the shards, manifests and ``index.json`` go. Rerunning on the same directory
-            resumes; rerunning with other settings (tokenizer, sources, ...) raises ValueError.
+            resumes, also over another set of files (each file still present and unchanged is reused);
+            rerunning with other settings (tokenizer, text_key, eos_token, shard_tokens) raises ValueError.
         tokenizer: a ``tokenizers`` ``tokenizer.json`` file (a directory holding one is accepted too).
         text_key: the document field of ``.jsonl`` records.
         eos_token: token appended after every document: ``"auto"`` (the first of ``<|endoftext|>``, ``</s>``,
@@ -238,14 +253,13 @@ def tokenize_corpus(
     loaded = Tokenizer.from_file(str(tokenizer_path))
     vocab_size = loaded.get_vocab_size(with_added_tokens=True)
     settings = {
-        "format": INDEX_FORMAT,
+        "format": SETTINGS_FORMAT,
         "tokenizer_sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest(),
         "vocab_size": vocab_size,
         "dtype": token_dtype(vocab_size).name,
         "eos_id": _resolve_eos(loaded, eos_token),
         "text_key": text_key,
         "shard_tokens": shard_tokens,
-        "sources": [str(s) for s in sources],
     }
     out = Path(output_dir)
     (out / "parts").mkdir(parents=True, exist_ok=True)
@@ -266,9 +280,10 @@ def tokenize_corpus(
         atomic_write(tokenizer_copy, lambda f: f.write(tokenizer_bytes))
     (out / "index.json").unlink(missing_ok=True)  # stale until every source is done again
 
+    _report_absent_sources(out, sources)
     workers = min(num_workers or os.cpu_count() or 1, len(sources))
-    tasks = [(i, str(s), str(out), settings) for i, s in enumerate(sources)]
-    manifests: dict[int, dict[str, Any]] = {}
+    tasks = [(str(s), str(out), settings) for s in sources]
+    manifests: dict[str, dict[str, Any] | None] = {}
     started = time.perf_counter()
     if workers == 1:
         _init_worker(str(tokenizer_path), parallel=True)
@@ -280,11 +295,14 @@ def tokenize_corpus(
         pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (str(tokenizer_path), False))
         results = pool.imap_unordered(_tokenize_source, tasks)
     try:
-        for index, manifest, skipped in results:
-            manifests[index] = manifest
+        for source, manifest, skipped in results:
+            manifests[source] = manifest
+            if manifest is None:
+                log.warning("[%d/%d] %s: deleted during the run, left out", len(manifests), len(tasks), source)
+                continue
             tokens = sum(p["tokens"] for p in manifest["parts"])
             state = "already done" if skipped else f"{time.perf_counter() - started:.1f}s"
-            log.info("[%d/%d] %s: %d tokens in %d shards (%s)", len(manifests), len(tasks), sources[index],
+            log.info("[%d/%d] %s: %d tokens in %d shards (%s)", len(manifests), len(tasks), source,
                      tokens, len(manifest["parts"]), state)
     except BaseException:
         if pool is not None:  # stop the other files now (Ctrl-C, or an error in one file): every write is atomic
@@ -295,7 +313,9 @@ def tokenize_corpus(
             pool.close()
             pool.join()
 
-    shards = [{"path": f"parts/{p['file']}", "tokens": p["tokens"]} for i in range(len(tasks)) for p in manifests[i]["parts"]]
+    done = [manifests[str(s)] for s in sources if manifests[str(s)] is not None]
+    _remove_unlisted_shards(out / "parts", done)
+    shards = [{"path": f"parts/{p['file']}", "tokens": p["tokens"]} for manifest in done for p in manifest["parts"]]
     index = {
         "format": INDEX_FORMAT,
         "dtype": settings["dtype"],
@@ -307,6 +327,28 @@ def tokenize_corpus(
     }
     atomic_write_json(out / "index.json", index, indent=1)
     return index
+
+
+def _report_absent_sources(out: Path, sources: Sequence[Path]) -> None:
+    """Log the files tokenized into ``out`` by earlier runs that are not among ``sources`` (deleted, or other inputs).
+
+    Their manifests and shards stay in ``parts/`` (a later run over them reuses them) but not in this run's index.
+    """
+    current = {_source_id(str(s)) for s in sources}
+    absent = sorted(p for p in (out / "parts").glob("*.json") if p.stem not in current)
+    if absent:
+        first = json.loads(absent[0].read_text())["signature"]["source"]
+        log.warning("%d file(s) tokenized into %s by an earlier run are not in these inputs (first: %s): left out of "
+                    "index.json; their shards stay in %s", len(absent), out, first, out / "parts")
+
+
+def _remove_unlisted_shards(parts_dir: Path, manifests: Sequence[dict[str, Any]]) -> None:
+    """Delete the shards of these sources that their manifests no longer list (left by a file that changed)."""
+    listed = {p["file"] for manifest in manifests for p in manifest["parts"]}
+    names = {_source_id(manifest["signature"]["source"]) for manifest in manifests}
+    for entry in os.scandir(parts_dir):
+        if entry.name.endswith(".npy") and entry.name.split("-")[0] in names and entry.name not in listed:
+            os.unlink(entry.path)
 
 
 def load_index(data_dir: str | os.PathLike) -> dict[str, Any]:

@@ -119,6 +119,10 @@ def test_interrupted_run_resumes_after_its_last_finished_shard(corpus, tmp_path,
     assert rewritten == ["index.json"]
 
 
+def shard_files(out):
+    return sorted(p.name for p in (out / "parts").glob("*.npy"))
+
+
 def test_changed_source_is_redone_and_changed_settings_refused(corpus, tmp_path):
     src, tok, _ = corpus
     out = tmp_path / "out"
@@ -128,10 +132,56 @@ def test_changed_source_is_redone_and_changed_settings_refused(corpus, tmp_path)
     index = tokenize_corpus([src], out, tok, shard_tokens=50, num_workers=1)
     assert index["shards"][0]["tokens"] == 4  # w1 w2 w3 <eos>
     assert index["total_tokens"] < stream.size
+    assert shard_files(out) == sorted(s["path"].removeprefix("parts/") for s in index["shards"])  # old a.txt shards gone
     with pytest.raises(ValueError, match="other settings \\(shard_tokens differ\\)"):
         tokenize_corpus([src], out, tok, shard_tokens=99, num_workers=1)
-    with pytest.raises(ValueError, match="other settings \\(sources differ\\)"):
-        tokenize_corpus([src / "a.txt"], out, tok, shard_tokens=50, num_workers=1)
+
+
+def test_rerun_over_other_files_reuses_each_unchanged_file(corpus, tmp_path, caplog):
+    """The index lists exactly this run's files, as a fresh run would; every file already done is reused."""
+    src, tok, _ = corpus
+    out = tmp_path / "out"
+    everything = tokenize_corpus([src], out, tok, shard_tokens=50, num_workers=1)
+    mtimes = {name: (out / "parts" / name).stat().st_mtime_ns for name in shard_files(out)}
+    only_a = tokenize_corpus([src / "a.txt"], out, tok, shard_tokens=50, num_workers=1)
+    assert only_a == tokenize_corpus([src / "a.txt"], tmp_path / "fresh", tok, shard_tokens=50, num_workers=1)
+    assert "2 file(s) tokenized into" in caplog.text and "are not in these inputs (first: " in caplog.text
+    assert tokenize_corpus([src], out, tok, shard_tokens=50, num_workers=1) == everything  # nothing was deleted
+    assert {name: (out / "parts" / name).stat().st_mtime_ns for name in shard_files(out)} == mtimes
+
+
+def test_source_deleted_mid_run_is_left_out_and_the_rest_resumes(corpus, tmp_path, monkeypatch, caplog):
+    src, tok, _ = corpus
+    out = tmp_path / "out"
+    real_write = data.atomic_write
+    written = []
+
+    def crash_on_fourth_shard(path, write):
+        if path.suffix == ".npy":
+            if len(written) == 3:
+                raise KeyboardInterrupt("simulated crash")
+            written.append(path.name)
+        real_write(path, write)
+
+    monkeypatch.setattr(data, "atomic_write", crash_on_fourth_shard)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
+    monkeypatch.undo()
+    finished = {name: (out / "parts" / name).stat().st_mtime_ns for name in written}
+    (src / "sub" / "b.txt").unlink()  # not started yet (a.txt and c.jsonl come first in sorted order)
+    listed = data.find_sources
+
+    def delete_after_listing(inputs):  # c.jsonl is deleted after the run has listed it
+        sources = listed(inputs)
+        (src / "c.jsonl").unlink()
+        return sources
+
+    monkeypatch.setattr(data, "find_sources", delete_after_listing)
+    resumed = tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
+    monkeypatch.undo()
+    assert f"{src / 'c.jsonl'}: deleted during the run, left out" in caplog.text
+    assert resumed == tokenize_corpus([src], tmp_path / "fresh", tok, shard_tokens=40, num_workers=1)
+    assert all((out / "parts" / name).stat().st_mtime_ns == t for name, t in finished.items())  # not redone
 
 
 def test_tokenize_errors(corpus, tmp_path):
