@@ -5,8 +5,10 @@ Tokenizing (:func:`tokenize_corpus`, or ``python -m letkit.data``)::
     python -m letkit.data corpus/ --tokenizer tokenizer.json --output data/shards --workers 16
 
 * Inputs are ``.txt`` files (one document per line) and ``.jsonl`` files (one JSON object per line, the
-  document under ``text_key``); directories are searched recursively. Empty documents are skipped and an
-  end-of-sequence token follows every document.
+  document under ``text_key``), UTF-8; directories are searched recursively. Empty documents are skipped and an
+  end-of-sequence token follows every document. A binary file (a NUL byte in its first 8 KiB) is skipped with a
+  warning; bytes that are not UTF-8 are tokenized as U+FFFD, and the run ends with a warning naming the number of
+  such files and the first one.
 * Files are tokenized in parallel (one worker process per file at a time) and streamed: a file is read line
   by line and written out in shards of about ``shard_tokens`` tokens (cut at document boundaries), as
   ``uint16`` when the vocabulary fits, else ``uint32``.
@@ -65,6 +67,7 @@ SETTINGS_FORMAT = "letkit-tokenize-v2"  # v2: parts/ named by _source_id (v1: by
 TEXT_SUFFIXES = (".txt", ".jsonl")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 ENCODE_BATCH_DOCS = 512
+BINARY_PROBE_BYTES = 8192
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -92,18 +95,23 @@ def find_sources(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return sorted(p.resolve() for p in sources)
 
 
-def _iter_documents(path: Path, start: int, text_key: str) -> Iterator[tuple[str, int]]:
-    """``(document, byte offset just after it)`` for the documents of ``path`` from byte offset ``start`` on."""
+def _iter_documents(path: Path, start: int, text_key: str) -> Iterator[tuple[str, int, bool]]:
+    """``(document, byte offset just after it, undecodable)`` for the documents of ``path`` from byte offset ``start``
+    on; ``undecodable``: the line was not valid UTF-8, and its invalid bytes were replaced by U+FFFD."""
     offset = start
     with open(path, "rb") as f:
         f.seek(start)
         for line_number, line in enumerate(f, 1):
             offset += len(line)
+            try:
+                decoded, undecodable = line.decode("utf-8"), False
+            except UnicodeDecodeError:
+                decoded, undecodable = line.decode("utf-8", errors="replace"), True
             if path.suffix == ".jsonl":
-                if not line.strip():
+                if not decoded.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(decoded)
                     text = record[text_key]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ValueError(
@@ -113,9 +121,15 @@ def _iter_documents(path: Path, start: int, text_key: str) -> Iterator[tuple[str
                 if not isinstance(text, str):
                     raise ValueError(f"{path} (line {line_number} after byte {start}): {text_key!r} is not a string")
             else:
-                text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+                text = decoded.rstrip("\r\n")
             if text.strip():
-                yield text, offset
+                yield text, offset, undecodable
+
+
+def _is_binary(path: Path) -> bool:
+    """A NUL byte in the first ``BINARY_PROBE_BYTES`` bytes (the test git uses): not a text file."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(BINARY_PROBE_BYTES)
 
 
 _worker_tokenizer = None
@@ -149,14 +163,19 @@ def _tokenize_source(task: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[s
     manifest_path = parts_dir / f"{name}.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
     if manifest is None or manifest["signature"] != signature:
-        manifest = {"signature": signature, "parts": [], "complete": False}
+        manifest = {"signature": signature, "parts": [], "complete": False, "binary": False, "undecodable_lines": 0}
     if manifest["complete"]:
         return source, manifest, True
+    if not manifest["parts"] and _is_binary(source_path):
+        manifest.update(complete=True, binary=True)
+        atomic_write_json(manifest_path, manifest, indent=1)
+        return source, manifest, False
 
     dtype, eos_id = np.dtype(settings["dtype"]), settings["eos_id"]
     shard_tokens = settings["shard_tokens"]
     buffer: list[np.ndarray] = []
     buffered = 0
+    undecodable_lines = manifest["undecodable_lines"]  # up to the last shard written
 
     def flush(end_offset: int) -> None:
         nonlocal buffer, buffered
@@ -164,25 +183,27 @@ def _tokenize_source(task: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[s
         tokens = np.concatenate(buffer).astype(dtype, copy=False)
         atomic_write(parts_dir / shard, lambda f: np.save(f, tokens, allow_pickle=False))
         manifest["parts"].append({"file": shard, "tokens": int(tokens.size), "end_offset": end_offset})
+        manifest["undecodable_lines"] = undecodable_lines
         atomic_write_json(manifest_path, manifest, indent=1)
         buffer, buffered = [], 0
 
-    def encode(batch: list[tuple[str, int]]) -> None:
-        nonlocal buffered
-        encodings = _worker_tokenizer.encode_batch([text for text, _ in batch], add_special_tokens=False)
-        for encoding, (_, end_offset) in zip(encodings, batch):
+    def encode(batch: list[tuple[str, int, bool]]) -> None:
+        nonlocal buffered, undecodable_lines
+        encodings = _worker_tokenizer.encode_batch([text for text, _, _ in batch], add_special_tokens=False)
+        for encoding, (_, end_offset, undecodable) in zip(encodings, batch):
             ids = np.asarray(encoding.ids if eos_id is None else encoding.ids + [eos_id], dtype=np.int64)
             buffer.append(ids)
             buffered += ids.size
+            undecodable_lines += undecodable
             if buffered >= shard_tokens:
                 flush(end_offset)
 
     start = manifest["parts"][-1]["end_offset"] if manifest["parts"] else 0
-    batch: list[tuple[str, int]] = []
+    batch: list[tuple[str, int, bool]] = []
     last_offset = start
-    for text, end_offset in _iter_documents(source_path, start, settings["text_key"]):
-        batch.append((text, end_offset))
-        last_offset = end_offset
+    for document in _iter_documents(source_path, start, settings["text_key"]):
+        batch.append(document)
+        last_offset = document[1]
         if len(batch) == ENCODE_BATCH_DOCS:
             encode(batch)
             batch = []
@@ -190,7 +211,7 @@ def _tokenize_source(task: tuple[str, str, dict[str, Any]]) -> tuple[str, dict[s
         encode(batch)
     if buffered:
         flush(last_offset)
-    manifest["complete"] = True
+    manifest.update(complete=True, undecodable_lines=undecodable_lines)
     atomic_write_json(manifest_path, manifest, indent=1)
     return source, manifest, False
 
@@ -300,6 +321,10 @@ def tokenize_corpus(
             if manifest is None:
                 log.warning("[%d/%d] %s: deleted during the run, left out", len(manifests), len(tasks), source)
                 continue
+            if manifest["binary"]:
+                log.warning("[%d/%d] %s: skipped, binary (a NUL byte in its first %d bytes)", len(manifests),
+                            len(tasks), source, BINARY_PROBE_BYTES)
+                continue
             tokens = sum(p["tokens"] for p in manifest["parts"])
             state = "already done" if skipped else f"{time.perf_counter() - started:.1f}s"
             log.info("[%d/%d] %s: %d tokens in %d shards (%s)", len(manifests), len(tasks), source,
@@ -315,6 +340,7 @@ def tokenize_corpus(
 
     done = [manifests[str(s)] for s in sources if manifests[str(s)] is not None]
     _remove_unlisted_shards(out / "parts", done)
+    _report_skipped_text(done)
     shards = [{"path": f"parts/{p['file']}", "tokens": p["tokens"]} for manifest in done for p in manifest["parts"]]
     index = {
         "format": INDEX_FORMAT,
@@ -340,6 +366,21 @@ def _report_absent_sources(out: Path, sources: Sequence[Path]) -> None:
         first = json.loads(absent[0].read_text())["signature"]["source"]
         log.warning("%d file(s) tokenized into %s by an earlier run are not in these inputs (first: %s): left out of "
                     "index.json; their shards stay in %s", len(absent), out, first, out / "parts")
+
+
+def _report_skipped_text(manifests: Sequence[dict[str, Any]]) -> None:
+    """Log, once at the end of a run, the binary files left out and the files with bytes that are not UTF-8."""
+    binary = [m["signature"]["source"] for m in manifests if m["binary"]]
+    if binary:
+        log.warning("skipped %d binary file(s) (a NUL byte in the first %d bytes), first: %s", len(binary),
+                    BINARY_PROBE_BYTES, binary[0])
+    undecodable = [m for m in manifests if m["undecodable_lines"]]
+    if undecodable:
+        first = undecodable[0]
+        log.warning(
+            "%d file(s) are not valid UTF-8, first: %s (%d lines): their undecodable bytes were tokenized as U+FFFD. "
+            "Convert them to UTF-8 (e.g. iconv -f latin1 -t utf-8) and rerun: changed files are redone",
+            len(undecodable), first["signature"]["source"], first["undecodable_lines"])
 
 
 def _remove_unlisted_shards(parts_dir: Path, manifests: Sequence[dict[str, Any]]) -> None:

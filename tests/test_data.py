@@ -537,3 +537,28 @@ def test_letkit_tokenize_refuses_a_worker_count_below_one(corpus, tmp_path, caps
     with pytest.raises(ValueError, match=re.escape(f"num_workers must be a positive int or None, got {bad!r}")):
         tokenize_corpus([src], tmp_path / "out", tok, num_workers=bad)
     assert not (tmp_path / "out").exists()
+
+
+def test_binary_files_are_skipped_and_undecodable_files_reported(tmp_path, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    tok = tmp_path / "tokenizer.json"
+    make_tokenizer(tok)
+    docs = random_docs(20, 0)
+    (src / "a.txt").write_text("\n".join(docs) + "\n")
+    (src / "b_binary.txt").write_bytes(b"w1 w2\n" + bytes(range(256)) * 4)  # NUL bytes: not a text file
+    (src / "c_latin1.txt").write_bytes("w1 w2\nw3 caf\u00e9 w4\nna\u00efve w5\n".encode("latin-1"))  # 2 bad lines
+    (src / "d_latin1.jsonl").write_bytes(json.dumps({"text": "w6 X"}).replace("X", "\u00e9").encode("latin-1") + b"\n")
+    index = tokenize_corpus([src], tmp_path / "out", tok, num_workers=1)
+    assert f"{src / 'b_binary.txt'}: skipped, binary" in caplog.text
+    assert f"skipped 1 binary file(s) (a NUL byte in the first 8192 bytes), first: {src / 'b_binary.txt'}" in caplog.text
+    assert f"2 file(s) are not valid UTF-8, first: {src / 'c_latin1.txt'} (2 lines)" in caplog.text
+    assert "iconv" in caplog.text
+    tokenizer = Tokenizer.from_file(str(tok))
+    undecodable = ["w1 w2", "w3 caf\ufffd w4", "na\ufffdve w5", "w6 \ufffd"]
+    expected = [t for d in docs + undecodable for t in tokenizer.encode(d).ids + [1]]
+    np.testing.assert_array_equal(read_stream(tmp_path / "out")[0], expected)
+
+    caplog.clear()  # a rerun (every file already done) reports them again
+    assert tokenize_corpus([src], tmp_path / "out", tok, num_workers=1) == index
+    assert "skipped 1 binary file(s)" in caplog.text and "2 file(s) are not valid UTF-8" in caplog.text
