@@ -1,4 +1,4 @@
-"""Benchmark letkit.tokenization: building a cross-tokenizer alignment from offsets, and gathering.
+"""Benchmark letkit.token_alignment: building a cross-tokenizer alignment from offsets, and gathering.
 
 Offsets are synthetic but shaped like real ones: both tokenizations tile the same texts (target tokens
 1-8 characters, teacher tokens 1-6, so the teacher has more tokens), a BOS special token at position 0,
@@ -19,7 +19,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from letkit.tokenization import align_tokens, encode_for_alignment
+from letkit.token_alignment import ALIGNMENT_MODES, align_tokens, encode_for_alignment
 
 WORDS = [
     "the",
@@ -141,7 +141,7 @@ def main() -> None:
         f"median of {args.repeats}"
     )
     print(f"{'mode':<6} {'align ms':>9} {'gather ms':>10} {'valid targets':>14}")
-    for mode in ("last", "mean"):
+    for mode in ALIGNMENT_MODES:
         alignment = align_tokens(target, teacher, mode=mode)
         align = median_ms(partial(align_tokens, target, teacher, mode=mode), args.repeats, args.warmup, sync)
         gather = median_ms(partial(alignment.gather, features), args.repeats, args.warmup, sync)

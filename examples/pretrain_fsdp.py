@@ -70,11 +70,11 @@ except ModuleNotFoundError:  # Python 3.10: pip install tomli
 
 from letkit import SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
 from letkit.atomic import atomic_write_json
-from letkit.data import ShardedTokenLoader, TeacherTokenizedLoader
+from letkit.data import ShardedTokenLoader
 from letkit.hardware import datasheet_peaks
 from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, save_pretrained
 from letkit.optim import warmup_cosine_lr, weight_decay_groups
-from letkit.tokenization import same_tokenizer
+from letkit.token_alignment import ALIGNMENT_MODES, TeacherTokenizedLoader, same_tokenizer
 
 log = logging.getLogger("pretrain")
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -222,7 +222,7 @@ def check_config(cfg: Config) -> None:
     """ValueError naming the first field with an invalid value."""
     choices = {"train.mixed_precision": ("bf16", "fp32"), "teacher.schedule": ("linear", "cosine"),
                "teacher.projector": ("interpolate", "linear", "mlp"), "teacher.loss": ("cosine", "smooth_l1", "mse"),
-               "teacher.alignment": ("same", "last", "mean")}
+               "teacher.alignment": ("same", *ALIGNMENT_MODES)}
     positive = ("train.steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "teacher.stop_step",
                 "log.every", "optim.lr", "optim.grad_clip")
     non_negative = ("train.stop_at", "train.shard_group", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep", "teacher.lambda0")

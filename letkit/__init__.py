@@ -14,7 +14,7 @@ The blocks, each usable on its own:
 * :func:`alignment_loss` / :class:`AlignmentLoss` -- cosine (paper), smooth-L1, MSE; torch or Triton.
 * :class:`LinearDecay` (paper), :class:`CosineDecay`, :class:`StepDecay`, :class:`ExponentialDecay` -- lambda(s).
 * :class:`LETObjective` -- all of the above for any target model, via forward hooks.
-* :func:`encode_for_alignment` / :class:`TokenAlignment` -- cross-tokenizer LET (teacher with its own tokenizer).
+* :func:`encode_for_alignment` / :class:`TokenAlignment` -- cross-tokenizer LET (teacher with its own tokenizer) (:mod:`letkit.token_alignment`).
 """
 
 from letkit.layer_map import STRATEGIES, LayerMap
@@ -23,11 +23,21 @@ from letkit.objective import LETObjective, LETOutput
 from letkit.projector import PROJECTOR_KINDS, LayerMappingProjector
 from letkit.schedulers import SCHEDULES, CosineDecay, ExponentialDecay, LambdaSchedule, LinearDecay, StepDecay
 from letkit.teacher import TeacherFeatureExtractor
-from letkit.tokenization import CrossTokenizerBatch, TokenAlignment, align_tokens, encode_for_alignment, same_tokenizer
+from letkit.token_alignment import (
+    ALIGNMENT_MODES,
+    CrossTokenizerBatch,
+    TeacherTokenizedLoader,
+    TokenAlignment,
+    align_tokens,
+    encode_for_alignment,
+    same_tokenizer,
+    tokenize_for_teacher,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALIGNMENT_MODES",
     "AlignmentLoss",
     "CrossTokenizerBatch",
     "BACKENDS",
@@ -46,10 +56,12 @@ __all__ = [
     "STRATEGIES",
     "StepDecay",
     "TeacherFeatureExtractor",
+    "TeacherTokenizedLoader",
     "TokenAlignment",
     "align_tokens",
     "alignment_loss",
     "encode_for_alignment",
     "interpolate_features",
     "same_tokenizer",
+    "tokenize_for_teacher",
 ]

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from letkit.demo import PRESETS, DemoError, format_report, preset, run_demo
+from letkit.token_alignment import ALIGNMENT_MODES
 
 DEMO_DESCRIPTION = """\
 Late-to-Early Training (LET) against standard training, end to end on this machine's CPU.
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"vocabulary of the trained BPE ({_preset_default('vocab_size')})")
     data.add_argument("--teacher", metavar="DIR",
                       help="teacher checkpoint directory (HF layout); default: pretrain one and cache it")
-    data.add_argument("--cross-tokenizer", nargs="?", const="last", choices=("last", "mean"), metavar="last|mean",
+    data.add_argument("--cross-tokenizer", nargs="?", const="last", choices=ALIGNMENT_MODES, metavar="last|mean",
                       help="let the teacher read its own tokenization of each window's text, features aligned by "
                            "character spans: the last teacher token inside each target token, or their mean "
                            "(default when given: last; off by default: teacher and target share one vocabulary)")

@@ -34,9 +34,7 @@ Loading (:class:`ShardedTokenLoader`): fixed-length windows of ``seq_len + 1`` t
 indices. Every rank reads its own slice of each global batch. The position is a count of global samples consumed, so it is the same on every
 rank, is saved with ``state_dict()``, and resumes exactly (even with another world size).
 
-Cross-tokenizer LET (:class:`TeacherTokenizedLoader`): wraps the loader and adds, per batch, the teacher's own
-tokenization of the windows' text (decoded with :func:`decode_with_offsets`) and the causal alignment of the two,
-prepared in a background thread.
+Cross-tokenizer LET on these shards: :class:`letkit.token_alignment.TeacherTokenizedLoader` wraps the loader.
 """
 
 from __future__ import annotations
@@ -50,6 +48,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -582,141 +581,18 @@ class ShardedTokenLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def decode_with_offsets(ids: Sequence[int] | np.ndarray, tokenizer) -> tuple[str, np.ndarray]:
-    """The text of token ``ids`` (special tokens written out) and each token's character span ``[start, end)`` in it.
-
-    Decoded incrementally (``tokenizers.decoders.DecodeStream``), so the spans tile the text and follow the
-    tokenizer's decoder (leading spaces, byte-level pieces). A token that ends inside a multi-byte character has
-    no text of its own yet and gets the span ``(-1, -1)``; the token completing the character spans all of it.
-    """
-    from tokenizers.decoders import DecodeStream
-
-    stream = DecodeStream(skip_special_tokens=False)
-    offsets = np.full((len(ids), 2), -1, dtype=np.int64)
-    pieces, length = [], 0
-    for t, token in enumerate(ids):
-        piece = stream.step(tokenizer, int(token))
-        if piece:
-            pieces.append(piece)
-            offsets[t] = (length, length + len(piece))
-            length += len(piece)
-    return "".join(pieces), offsets
+_MOVED_TO_TOKEN_ALIGNMENT = ("TeacherTokenizedLoader", "decode_with_offsets", "tokenize_for_teacher")
 
 
-def tokenize_for_teacher(inputs: torch.Tensor, target_tokenizer, teacher_tokenizer, *, mode: str = "last",
-                         teacher_max_length: int | None = None):
-    """The teacher's tokenization of target token rows, and the causal alignment between the two.
+def __getattr__(name: str) -> Any:
+    """Deprecated aliases of the cross-tokenizer names that moved to :mod:`letkit.token_alignment`."""
+    if name in _MOVED_TO_TOKEN_ALIGNMENT:
+        import letkit.token_alignment
 
-    Each row of ``inputs`` [B, T] is decoded back to text with the target tokenizer (:func:`decode_with_offsets`),
-    the texts are encoded with the teacher tokenizer (its special tokens, e.g. a BOS, included but never aligned),
-    cut to ``teacher_max_length`` tokens (None: no limit) and right-padded with id 0. Returns
-    ``(teacher_ids [B, S], alignment)``, the alignment from :func:`letkit.tokenization.align_tokens` with ``mode``.
-    """
-    from letkit.tokenization import align_tokens
-
-    decoded = [decode_with_offsets(row, target_tokenizer) for row in inputs.tolist()]
-    encodings = teacher_tokenizer.encode_batch([text for text, _ in decoded])
-    ids, offsets = [], []
-    for encoding in encodings:
-        real = np.asarray(encoding.attention_mask, dtype=bool)  # the tokenizer's own padding, if any, is dropped
-        row_offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)[real]
-        row_offsets[np.asarray(encoding.special_tokens_mask, dtype=bool)[real]] = -1
-        ids.append(np.asarray(encoding.ids, dtype=np.int64)[real][:teacher_max_length])
-        offsets.append(row_offsets[:teacher_max_length])
-    width = max(1, max(len(row) for row in ids))
-    teacher_ids = np.zeros((len(ids), width), dtype=np.int64)
-    teacher_offsets = np.full((len(ids), width, 2), -1, dtype=np.int64)
-    for i, (row_ids, row_offsets) in enumerate(zip(ids, offsets)):
-        teacher_ids[i, : len(row_ids)] = row_ids
-        teacher_offsets[i, : len(row_ids)] = row_offsets
-    target_offsets = np.stack([row_offsets for _, row_offsets in decoded])
-    alignment = align_tokens(torch.from_numpy(target_offsets), torch.from_numpy(teacher_offsets), mode=mode)
-    return torch.from_numpy(teacher_ids), alignment
-
-
-class TeacherTokenizedLoader:
-    """Cross-tokenizer LET data: wraps a :class:`ShardedTokenLoader` and adds, to each target batch, the teacher's
-    tokenization of the same text and the causal alignment between the two (``letkit.tokenization.align_tokens``).
-
-    Each input row (``batch[:, :-1]``) is decoded back to text with the target tokenizer
-    (:func:`decode_with_offsets`), the texts are encoded with the teacher tokenizer (its special tokens, e.g. a
-    BOS, included but never aligned; a literal ``<|endoftext|>`` written by the target's decoder is read by the
-    teacher as whatever its tokenizer makes of that text), cut to ``teacher_max_length`` tokens and right-padded
-    with id 0. This runs ``prefetch`` batches ahead in a background thread. ``__next__`` returns
-    ``(batch, teacher_ids, alignment)``.
-
-    The state is the wrapped loader's, at the last batch returned (not the prefetched ones), so checkpoints of a
-    run with and without the wrapper are interchangeable and resume exactly.
-
-    Args:
-        loader: the target-token loader.
-        target_tokenizer, teacher_tokenizer: ``tokenizers.Tokenizer`` of the data and of the teacher.
-        mode: ``"last"`` or ``"mean"`` (see :func:`letkit.tokenization.align_tokens`).
-        teacher_max_length: most teacher tokens per row (e.g. its max_position_embeddings); None: no limit.
-        prefetch: batches prepared ahead.
-    """
-
-    def __init__(self, loader: ShardedTokenLoader, target_tokenizer, teacher_tokenizer, *, mode: str = "last",
-                 teacher_max_length: int | None = None, prefetch: int = 2) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from typing import get_args
-
-        from letkit.tokenization import AlignMode
-
-        if mode not in get_args(AlignMode):
-            raise ValueError(f"mode must be one of {get_args(AlignMode)}, got {mode!r}")
-        if teacher_max_length is not None and (isinstance(teacher_max_length, bool) or teacher_max_length < 1):
-            raise ValueError(f"teacher_max_length must be a positive int or None, got {teacher_max_length!r}")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be a positive int, got {prefetch!r}")
-        self.loader, self.target_tokenizer, self.teacher_tokenizer = loader, target_tokenizer, teacher_tokenizer
-        self.mode, self.teacher_max_length, self.prefetch = mode, teacher_max_length, prefetch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-tokenize")
-        self._pending: list[tuple[dict[str, Any], torch.Tensor, Any]] = []  # (loader state after it, batch, future)
-        self._state = loader.state_dict()
-
-    @property
-    def vocab_size(self) -> int:
-        return self.loader.vocab_size
-
-    def tokenize_for_teacher(self, batch: torch.Tensor):
-        """``(teacher_ids [B, S], alignment)`` for the inputs ``batch[:, :-1]`` of a target batch."""
-        return tokenize_for_teacher(batch[:, :-1], self.target_tokenizer, self.teacher_tokenizer, mode=self.mode,
-                                    teacher_max_length=self.teacher_max_length)
-
-    def __iter__(self) -> TeacherTokenizedLoader:
-        return self
-
-    def __next__(self):
-        while len(self._pending) < self.prefetch:
-            batch = next(self.loader)
-            self._pending.append((self.loader.state_dict(), batch, self._executor.submit(self.tokenize_for_teacher, batch)))
-        state, batch, future = self._pending.pop(0)
-        teacher_ids, alignment = future.result()
-        self._state = state
-        return batch, teacher_ids, alignment
-
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapped loader's state after the last batch returned."""
-        return dict(self._state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._drop_pending()
-        self.loader.load_state_dict(state)
-        self._state = self.loader.state_dict()
-
-    def _drop_pending(self) -> None:
-        for _, _, future in self._pending:
-            future.cancel()
-        self._pending.clear()
-
-    def close(self) -> ShardedTokenLoader:
-        """Stop the thread; returns the wrapped loader, positioned after the last batch returned."""
-        self._drop_pending()
-        self._executor.shutdown(wait=True)
-        self.loader.load_state_dict(self._state)
-        return self.loader
+        warnings.warn(f"letkit.data.{name} moved to letkit.token_alignment.{name}; this alias will be removed",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(letkit.token_alignment, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _positive_int(text: str) -> int:

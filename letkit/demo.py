@@ -50,13 +50,13 @@ from letkit.optim import warmup_cosine_lr, weight_decay_groups
 from letkit.projector import LayerMappingProjector
 from letkit.schedulers import LinearDecay
 from letkit.teacher import TeacherFeatureExtractor
-from letkit.tokenization import TokenAlignment, _check_tokenizer, same_tokenizer
+from letkit.token_alignment import ALIGNMENT_MODES as ALIGN_MODES, TokenAlignment, same_tokenizer
+from letkit.token_alignment.encoding import _check_tokenizer
 
 EOS_TOKEN = "<|endoftext|>"
 CACHE_FORMAT = "letkit-demo-cache-v1"
 TEACHER_INFO_FILE = "letkit_demo_teacher.json"
 BIN_DTYPES = ("uint16", "uint32")
-ALIGN_MODES = ("last", "mean")
 # A teacher pretrained on its own (smaller) vocabulary reads a target window's text as more tokens than the target;
 # its context is the average number of its tokens per window times this margin, so few windows are cut.
 TEACHER_CONTEXT_MARGIN = 1.25
@@ -776,7 +776,7 @@ class CrossTokenizerInputs:
         self.seconds = 0.0
 
     def __call__(self, inputs: Tensor) -> tuple[Tensor, TokenAlignment]:
-        from letkit.data import tokenize_for_teacher
+        from letkit.token_alignment import tokenize_for_teacher
 
         t0 = time.perf_counter()
         teacher_ids, alignment = tokenize_for_teacher(inputs, self.target_tokenizer, self.teacher_tokenizer,

@@ -21,7 +21,7 @@ from letkit.module_paths import find_block_list
 from letkit.projector import LayerMappingProjector
 from letkit.schedulers import LambdaSchedule, LinearDecay
 from letkit.teacher import TeacherFeatureExtractor
-from letkit.tokenization import TokenAlignment
+from letkit.token_alignment import TokenAlignment
 
 
 @dataclass
@@ -163,7 +163,7 @@ class LETObjective(nn.Module):
             lm_loss: the target's language-modelling loss; None to get only ``lambda * L_align``.
             step: training step for the schedule (default: ``schedule.current_step``).
             mask: optional ``[B, T]`` token mask (True/nonzero = align this token), e.g. padding.
-            teacher_input_ids, token_alignment: cross-tokenizer LET (see :mod:`letkit.tokenization`):
+            teacher_input_ids, token_alignment: cross-tokenizer LET (see :mod:`letkit.token_alignment`):
                 the ``[B, S]`` teacher tokenisation of the same texts and the alignment that gives each
                 target position the teacher feature for the same text, causally; positions without one
                 are masked out. Leave both None when target and teacher share a tokenizer.

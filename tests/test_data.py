@@ -14,7 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import letkit.atomic
 import letkit.data as data
-from letkit.data import ShardedTokenLoader, TeacherTokenizedLoader, WindowPermutation, decode_with_offsets, load_index, token_dtype, tokenize_corpus
+from letkit.data import ShardedTokenLoader, WindowPermutation, load_index, token_dtype, tokenize_corpus
+from letkit.token_alignment import TeacherTokenizedLoader, decode_with_offsets
 
 WORDS = [f"w{i}" for i in range(60)]
 

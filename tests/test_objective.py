@@ -146,7 +146,7 @@ def test_check_finite_false_with_a_checking_loss_instance_is_refused(tiny_lm):
 
 
 def test_cross_tokenizer_alignment(tiny_lm):
-    from letkit.tokenization import align_tokens
+    from letkit.token_alignment import align_tokens
 
     target, teacher = tiny_lm(layers=4, seed=0), tiny_lm(dim=8, seed=1)
     objective = LETObjective(target, teacher, schedule=LinearDecay(1.0, stop_step=4))

@@ -1,4 +1,4 @@
-"""Tests for letkit.tokenization: causal cross-tokenizer alignment.
+"""Tests for letkit.token_alignment: causal cross-tokenizer alignment.
 
 Tokenizers are trained here on a small generated corpus: two byte-level BPEs (vocab 300 with a BOS
 post-processor, vocab 1000 with an EOS post-processor) and a BERT-like WordPiece ([CLS] ... [SEP],
@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
-from letkit.tokenization import (
+from letkit.token_alignment import (
+    ALIGNMENT_MODES,
     CrossTokenizerBatch,
     TokenAlignment,
     align_tokens,
@@ -26,7 +27,6 @@ from letkit.tokenization import (
 )
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-MODES = ("last", "mean")
 WORDS = [
     "the",
     "quick",
@@ -191,14 +191,12 @@ def reference_alignment(target_offsets, teacher_offsets, features=None):
 
 
 def _check_against_reference(alignment: TokenAlignment, target_offsets, teacher_offsets, mode: str) -> None:
-    lo, hi, mask, owner, _ = reference_alignment(target_offsets, teacher_offsets)
+    _, hi, mask, owner, _ = reference_alignment(target_offsets, teacher_offsets)
     np.testing.assert_array_equal(alignment.mask.numpy(), mask)
     np.testing.assert_array_equal(alignment.hi.numpy(), np.where(mask, hi, 0))
     if mode == "mean":
-        np.testing.assert_array_equal(alignment.lo.numpy(), np.where(mask, lo, 0))
         np.testing.assert_array_equal(alignment.teacher_to_target.numpy(), owner)
     else:
-        np.testing.assert_array_equal(alignment.lo.numpy(), alignment.hi.numpy())
         used = np.full_like(owner, -1)
         for b, t in zip(*np.nonzero(mask), strict=True):
             used[b, hi[b, t]] = t
@@ -248,10 +246,10 @@ def test_hand_worked_example():
     teacher = torch.tensor([[[0, 5], [5, 9], [9, 11], [-1, -1]]])
     last = align_tokens(target, teacher, mode="last")
     assert last.mask.tolist() == [[False, False, True, True]]
-    assert last.hi.tolist() == [[0, 0, 0, 2]] and last.lo.tolist() == last.hi.tolist()
+    assert last.hi.tolist() == [[0, 0, 0, 2]]
     assert last.teacher_to_target.tolist() == [[2, -1, 3, -1]]
     mean = align_tokens(target, teacher, mode="mean")
-    assert mean.lo.tolist() == [[0, 0, 0, 1]] and mean.hi.tolist() == [[0, 0, 0, 2]]
+    assert mean.hi.tolist() == [[0, 0, 0, 2]]
     assert mean.teacher_to_target.tolist() == [[2, 3, 3, -1]]
     features = torch.arange(4.0).view(1, 4, 1)
     assert mean.gather(features).flatten().tolist() == [0.0, 0.0, 0.0, 1.5]
@@ -282,7 +280,7 @@ offsets_rows = st.integers(1, 12).flatmap(
 @given(
     target=st.lists(offsets_rows, min_size=1, max_size=3),
     teacher=st.lists(offsets_rows, min_size=1, max_size=3),
-    mode=st.sampled_from(MODES),
+    mode=st.sampled_from(ALIGNMENT_MODES),
     as_numpy=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -306,7 +304,7 @@ def test_matches_reference_on_arbitrary_offsets(target, teacher, mode, as_numpy,
 @given(
     texts=batches,
     pair=pairs,
-    mode=st.sampled_from(MODES),
+    mode=st.sampled_from(ALIGNMENT_MODES),
     max_length=st.integers(1, 64),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -366,7 +364,7 @@ def _read_bytes(name: str, ids: torch.Tensor, offsets: torch.Tensor, text: str) 
 @given(
     texts=batches,
     pair=pairs,
-    mode=st.sampled_from(MODES),
+    mode=st.sampled_from(ALIGNMENT_MODES),
     max_length=st.integers(1, 48),
     teacher_max_length=st.one_of(st.none(), st.integers(1, 48)),
 )
@@ -388,7 +386,7 @@ def test_no_target_position_receives_a_teacher_feature_that_read_further(
         teacher_read = _read_bytes(teacher_name, batch.teacher_ids[b], batch.teacher_offsets[b], text)
         for j, t in enumerate(alignment.teacher_to_target[b].tolist()):
             if t >= 0:
-                assert alignment.mask[b, t] and alignment.lo[b, t] <= j <= alignment.hi[b, t]
+                assert alignment.mask[b, t] and j <= alignment.hi[b, t]
                 assert teacher_read[j] <= target_read[t], (text, j, t, teacher_read, target_read)
         for t in torch.nonzero(alignment.mask[b]).flatten().tolist():
             assert teacher_read[alignment.hi[b, t]] <= target_read[t]
@@ -405,20 +403,20 @@ def test_identical_tokenizers_give_the_identity(texts, name):
     tokenizer = TOKENIZERS[name]
     copy = Tokenizer.from_str(tokenizer.to_str())
     assert same_tokenizer(tokenizer, copy)
-    for mode in MODES:
+    for mode in ALIGNMENT_MODES:
         batch = encode_for_alignment(texts, tokenizer, copy, max_length=10_000, mode=mode)
         assert torch.equal(batch.target_ids, batch.teacher_ids)
         alignment = batch.alignment
         for b in range(len(texts)):
             offsets = batch.target_offsets[b].numpy()
-            mask, lo, hi = (getattr(alignment, name)[b].numpy() for name in ("mask", "lo", "hi"))
+            mask, hi, owner = (getattr(alignment, name)[b].numpy() for name in ("mask", "hi", "teacher_to_target"))
             content = offsets[:, 0] >= 0
             mid_char = _is_mid_char(offsets)
             whole = content & ~mid_char
             positions = np.arange(len(offsets))
             # every token that ends on a character boundary gets exactly its own twin ...
             assert mask[whole].all() and (hi[whole] == positions[whole]).all()
-            assert (lo[whole] == positions[whole]).all() if mode == "last" else (lo[whole] <= positions[whole]).all()
+            assert (owner[whole] == positions[whole]).all()
             # ... a piece of a character at most an earlier teacher token, special tokens nothing
             assert (hi[mid_char & mask] < positions[mid_char & mask]).all()
             assert not mask[~content].any()
@@ -500,7 +498,7 @@ def test_tokenizer_padding_is_removed():
     padded = Tokenizer.from_str(TOKENIZERS["wordpiece"].to_str())
     padded.enable_padding(pad_id=3, pad_token="[PAD]", length=64)
     texts = ["short", "a somewhat longer text with more words", ""]
-    for mode in MODES:
+    for mode in ALIGNMENT_MODES:
         got = encode_for_alignment(texts, TOKENIZERS["bpe1000"], padded, max_length=32, mode=mode)
         want = encode_for_alignment(texts, TOKENIZERS["bpe1000"], TOKENIZERS["wordpiece"], max_length=32, mode=mode)
         for name in ("target_ids", "teacher_ids", "teacher_attention_mask", "teacher_offsets"):
@@ -508,7 +506,7 @@ def test_tokenizer_padding_is_removed():
         assert torch.equal(got.alignment.teacher_to_target, want.alignment.teacher_to_target)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ALIGNMENT_MODES)
 def test_empty_texts_and_empty_sequences(mode):
     batch = encode_for_alignment(["", ""], TOKENIZERS["bpe1000"], TOKENIZERS["wordpiece"], max_length=8, mode=mode)
     assert not batch.alignment.mask.any()
@@ -530,7 +528,7 @@ def test_to_moves_every_tensor():
     )
     moved = batch.to("meta")
     assert isinstance(moved, CrossTokenizerBatch) and moved.alignment.mode == "mean"
-    tensors = [moved.target_ids, moved.teacher_offsets, moved.alignment.lo, moved.alignment.teacher_to_target]
+    tensors = [moved.target_ids, moved.teacher_offsets, moved.alignment.hi, moved.alignment.teacher_to_target]
     assert all(t.device.type == "meta" for t in tensors)
     assert batch.target_ids.device.type == "cpu"
 
@@ -598,3 +596,22 @@ def test_encode_for_alignment_rejects_bad_arguments():
     truncating.enable_truncation(8)
     with pytest.raises(ValueError, match="target_tokenizer has truncation enabled"):
         encode_for_alignment(["a"], truncating, wordpiece, max_length=4)
+
+
+def test_old_import_paths_still_work_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    import letkit.data
+    import letkit.token_alignment
+
+    sys.modules.pop("letkit.tokenization", None)
+    with pytest.warns(DeprecationWarning, match="letkit.tokenization is deprecated"):
+        old = importlib.import_module("letkit.tokenization")
+    assert old.TokenAlignment is TokenAlignment and old.same_tokenizer is same_tokenizer
+    assert set(old.__all__) == set(letkit.token_alignment.__all__)
+    for name in ("TeacherTokenizedLoader", "decode_with_offsets", "tokenize_for_teacher"):
+        with pytest.warns(DeprecationWarning, match=f"letkit.data.{name} moved to letkit.token_alignment.{name}"):
+            assert getattr(letkit.data, name) is getattr(letkit.token_alignment, name)
+    with pytest.raises(AttributeError, match="module 'letkit.data' has no attribute 'nothing'"):
+        letkit.data.nothing
