@@ -14,7 +14,8 @@ The blocks, each usable on its own:
 * :func:`alignment_loss` / :class:`AlignmentLoss` -- cosine (paper), smooth-L1, MSE; torch or Triton.
 * :class:`LinearDecay` (paper), :class:`CosineDecay`, :class:`StepDecay`, :class:`ExponentialDecay` -- lambda(s).
 * :class:`LETObjective` -- all of the above for any target model, via forward hooks.
-* :func:`encode_for_alignment` / :class:`TokenAlignment` -- cross-tokenizer LET (teacher with its own tokenizer) (:mod:`letkit.token_alignment`).
+* :func:`encode_for_alignment` / :class:`TokenAlignment` -- cross-tokenizer LET (teacher with its own tokenizer),
+  :func:`check_teacher_compatibility` -- whether a teacher can read the data (:mod:`letkit.token_alignment`).
 """
 
 from letkit.layer_map import STRATEGIES, LayerMap
@@ -29,6 +30,7 @@ from letkit.token_alignment import (
     TeacherTokenizedLoader,
     TokenAlignment,
     align_tokens,
+    check_teacher_compatibility,
     encode_for_alignment,
     same_tokenizer,
     tokenize_for_teacher,
@@ -60,6 +62,7 @@ __all__ = [
     "TokenAlignment",
     "align_tokens",
     "alignment_loss",
+    "check_teacher_compatibility",
     "encode_for_alignment",
     "interpolate_features",
     "same_tokenizer",

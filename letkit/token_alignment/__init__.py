@@ -5,9 +5,12 @@
 * :mod:`~letkit.token_alignment.encoding`: tokenizing for both sides, from texts (:func:`encode_for_alignment`)
   or from target token ids (:func:`tokenize_for_teacher`); :func:`same_tokenizer`.
 * :mod:`~letkit.token_alignment.loader`: :class:`TeacherTokenizedLoader`, the same for batches of token shards.
+* :mod:`~letkit.token_alignment.compatibility`: :func:`check_teacher_compatibility`, whether a teacher can read
+  the data, with or without alignment.
 """
 
 from letkit.token_alignment.alignment import ALIGNMENT_MODES, AlignMode, TokenAlignment, align_tokens
+from letkit.token_alignment.compatibility import check_teacher_compatibility
 from letkit.token_alignment.encoding import (
     CrossTokenizerBatch,
     decode_with_offsets,
@@ -25,6 +28,7 @@ __all__ = [
     "TeacherTokenizedLoader",
     "TokenAlignment",
     "align_tokens",
+    "check_teacher_compatibility",
     "decode_with_offsets",
     "encode_for_alignment",
     "same_tokenizer",
