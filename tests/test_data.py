@@ -81,13 +81,12 @@ def test_parallel_workers_write_the_same_shards(corpus, tmp_path):
         assert (tmp_path / "serial" / s["path"]).read_bytes() == (tmp_path / "parallel" / s["path"]).read_bytes()
 
 
-def test_interrupted_run_resumes_after_its_last_finished_shard(corpus, tmp_path, monkeypatch):
-    src, tok, expected = corpus
-    out = tmp_path / "out"
+def crash_on_fourth_shard(monkeypatch) -> list[str]:
+    """Make the fourth shard write raise KeyboardInterrupt; returns the names of the shards written before it."""
     real_write = data.atomic_write
     written = []
 
-    def crash_on_fourth_shard(path, write):
+    def write_or_crash(path, write):
         if path.suffix == ".npy":
             if len(written) == 3:
                 raise KeyboardInterrupt("simulated crash")
@@ -95,7 +94,15 @@ def test_interrupted_run_resumes_after_its_last_finished_shard(corpus, tmp_path,
         real_write(path, write)
 
     for module in (data, letkit.atomic):  # shards directly, JSON files through atomic_write_json
-        monkeypatch.setattr(module, "atomic_write", crash_on_fourth_shard)
+        monkeypatch.setattr(module, "atomic_write", write_or_crash)
+    return written
+
+
+def test_interrupted_run_resumes_after_its_last_finished_shard(corpus, tmp_path, monkeypatch):
+    src, tok, expected = corpus
+    out = tmp_path / "out"
+    real_write = data.atomic_write
+    written = crash_on_fourth_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
     assert not (out / "index.json").exists()
@@ -154,17 +161,7 @@ def test_rerun_over_other_files_reuses_each_unchanged_file(corpus, tmp_path, cap
 def test_source_deleted_mid_run_is_left_out_and_the_rest_resumes(corpus, tmp_path, monkeypatch, caplog):
     src, tok, _ = corpus
     out = tmp_path / "out"
-    real_write = data.atomic_write
-    written = []
-
-    def crash_on_fourth_shard(path, write):
-        if path.suffix == ".npy":
-            if len(written) == 3:
-                raise KeyboardInterrupt("simulated crash")
-            written.append(path.name)
-        real_write(path, write)
-
-    monkeypatch.setattr(data, "atomic_write", crash_on_fourth_shard)
+    written = crash_on_fourth_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
     monkeypatch.undo()

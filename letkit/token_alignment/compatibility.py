@@ -10,7 +10,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from letkit.token_alignment.alignment import ALIGNMENT_MODES, AlignMode
-from letkit.token_alignment.encoding import _check_tokenizer, tokenizer_differences
+from letkit.token_alignment.encoding import _check_positive_int, _check_tokenizer, tokenizer_differences
 
 TokenizerSpec = Tokenizer | str | os.PathLike | None
 
@@ -31,13 +31,6 @@ def _load_tokenizer(spec: TokenizerSpec, name: str) -> tuple[Tokenizer | None, s
     except Exception as e:  # tokenizers raises its own exception type for malformed files
         raise ValueError(f"{name} {str(path)!r} is not a tokenizers tokenizer.json ({type(e).__name__}: {e})") from None
     return tokenizer, hashlib.sha256(data).hexdigest()
-
-
-def _check_count(name: str, value: int | None, *, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
 def check_teacher_compatibility(
@@ -92,10 +85,10 @@ def check_teacher_compatibility(
     """
     if alignment is not None and alignment not in ALIGNMENT_MODES:
         raise ValueError(f"alignment must be None or one of {ALIGNMENT_MODES}, got {alignment!r}")
-    _check_count("teacher_vocab_size", teacher_vocab_size, optional=True)
-    _check_count("teacher_max_positions", teacher_max_positions, optional=True)
-    _check_count("data_vocab_size", data_vocab_size, optional=False)
-    _check_count("seq_len", seq_len, optional=False)
+    _check_positive_int("teacher_vocab_size", teacher_vocab_size, optional=True)
+    _check_positive_int("teacher_max_positions", teacher_max_positions, optional=True)
+    _check_positive_int("data_vocab_size", data_vocab_size)
+    _check_positive_int("seq_len", seq_len)
     if data_tokenizer_sha256 is not None and not (
             isinstance(data_tokenizer_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", data_tokenizer_sha256)):
         raise ValueError(f"data_tokenizer_sha256 must be 64 lowercase hex digits or None, got {data_tokenizer_sha256!r}")

@@ -49,6 +49,14 @@ class CrossTokenizerBatch:
         return replace(self, **moved)
 
 
+def _check_positive_int(name: str, value: object, *, optional: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int >= 1 (or None, when ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+
+
 def _state(component: object) -> object:
     return None if component is None else json.loads(component.__getstate__())
 
@@ -167,14 +175,8 @@ def encode_for_alignment(
     not_str = [i for i, text in enumerate(texts) if not isinstance(text, str)]
     if not_str:
         raise TypeError(f"texts must all be str; texts[{not_str[0]}] is {type(texts[not_str[0]]).__name__}")
-    for name, value, allow_none in (
-        ("max_length", max_length, False),
-        ("teacher_max_length", teacher_max_length, True),
-    ):
-        if value is None and allow_none:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_positive_int("max_length", max_length)
+    _check_positive_int("teacher_max_length", teacher_max_length, optional=True)
     if mode not in ALIGNMENT_MODES:
         raise ValueError(f"mode must be one of {ALIGNMENT_MODES}, got {mode!r}")
     _check_tokenizer(target_tokenizer, "target_tokenizer")
