@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import letkit.atomic
-import letkit.data as data
+import letkit.data.shards as shard_writer
 from letkit.data import ShardedTokenLoader, WindowPermutation, load_index, token_dtype, tokenize_corpus
 from letkit.token_alignment import TeacherTokenizedLoader, decode_with_offsets
 
@@ -83,7 +83,7 @@ def test_parallel_workers_write_the_same_shards(corpus, tmp_path):
 
 def crash_on_fourth_shard(monkeypatch) -> list[str]:
     """Make the fourth shard write raise KeyboardInterrupt; returns the names of the shards written before it."""
-    real_write = data.atomic_write
+    real_write = shard_writer.atomic_write
     written = []
 
     def write_or_crash(path, write):
@@ -93,7 +93,7 @@ def crash_on_fourth_shard(monkeypatch) -> list[str]:
             written.append(path.name)
         real_write(path, write)
 
-    for module in (data, letkit.atomic):  # shards directly, JSON files through atomic_write_json
+    for module in (shard_writer, letkit.atomic):  # shards directly, JSON files through atomic_write_json
         monkeypatch.setattr(module, "atomic_write", write_or_crash)
     return written
 
@@ -101,7 +101,7 @@ def crash_on_fourth_shard(monkeypatch) -> list[str]:
 def test_interrupted_run_resumes_after_its_last_finished_shard(corpus, tmp_path, monkeypatch):
     src, tok, expected = corpus
     out = tmp_path / "out"
-    real_write = data.atomic_write
+    real_write = shard_writer.atomic_write
     written = crash_on_fourth_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
@@ -111,7 +111,7 @@ def test_interrupted_run_resumes_after_its_last_finished_shard(corpus, tmp_path,
     first_run = {name: (out / "parts" / name).stat().st_mtime_ns for name in written}
 
     rewritten = []
-    for module in (data, letkit.atomic):
+    for module in (shard_writer, letkit.atomic):
         monkeypatch.setattr(module, "atomic_write",
                             lambda path, write: (rewritten.append(Path(path).name), real_write(path, write)))
     tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
@@ -167,14 +167,14 @@ def test_source_deleted_mid_run_is_left_out_and_the_rest_resumes(corpus, tmp_pat
     monkeypatch.undo()
     finished = {name: (out / "parts" / name).stat().st_mtime_ns for name in written}
     (src / "sub" / "b.txt").unlink()  # not started yet (a.txt and c.jsonl come first in sorted order)
-    listed = data.find_sources
+    listed = shard_writer.find_sources
 
     def delete_after_listing(inputs):  # c.jsonl is deleted after the run has listed it
         sources = listed(inputs)
         (src / "c.jsonl").unlink()
         return sources
 
-    monkeypatch.setattr(data, "find_sources", delete_after_listing)
+    monkeypatch.setattr(shard_writer, "find_sources", delete_after_listing)
     resumed = tokenize_corpus([src], out, tok, shard_tokens=40, num_workers=1)
     monkeypatch.undo()
     assert f"{src / 'c.jsonl'}: deleted during the run, left out" in caplog.text
@@ -313,7 +313,7 @@ def test_loader_errors(shards, tmp_path):
 
 def test_cli(corpus, tmp_path):
     src, tok, expected = corpus
-    assert data.main([str(src), "--tokenizer", str(tok), "--output", str(tmp_path / "cli"), "--workers", "1",
+    assert shard_writer.main([str(src), "--tokenizer", str(tok), "--output", str(tmp_path / "cli"), "--workers", "1",
                       "--shard-tokens", "80"]) == 0
     stream, _ = read_stream(tmp_path / "cli")
     np.testing.assert_array_equal(stream, expected)
@@ -452,11 +452,11 @@ def test_letkit_tokenize_bad_input_is_a_one_line_error(corpus, tmp_path, capsys)
 
 SLOW_TOKENIZE = """
 import sys, time
-import letkit.data
+import letkit.data.shards
 from letkit.cli import main
 
-write = letkit.data.atomic_write
-letkit.data.atomic_write = lambda path, data: (time.sleep(0.1), write(path, data))  # workers fork with this
+write = letkit.data.shards.atomic_write
+letkit.data.shards.atomic_write = lambda path, data: (time.sleep(0.1), write(path, data))  # workers fork with this
 sys.exit(main(["tokenize", *sys.argv[1:]]))
 """
 
