@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import letkit.atomic
 import letkit.data.shards as shard_writer
 from letkit.data import ShardedTokenLoader, WindowPermutation, load_index, token_dtype, tokenize_corpus
-from letkit.token_alignment import TeacherTokenizedLoader, decode_with_offsets
+from letkit.token_alignment import TeacherTokenizedLoader, decode_with_offsets, tokenize_for_teacher
 
 WORDS = [f"w{i}" for i in range(60)]
 
@@ -384,6 +384,19 @@ def test_decode_with_offsets_spans_tile_the_text():
     text, offsets = decode_with_offsets(ids, tokenizer)
     assert text == "w0 w1 <|endoftext|> w38 w3"
     assert [text[a:b] for a, b in offsets] == ["w0", " w1", " <|endoftext|>", " w38", " w3"]
+
+
+def test_tokenize_for_teacher_refuses_bad_inputs():
+    target, teacher = make_tokenizer_object(), teacher_tokenizer()
+    with pytest.raises(ValueError, match=re.escape("inputs must be a [B, T] tensor of token ids, got Tensor (5,)")):
+        tokenize_for_teacher(torch.tensor([2, 3, 1, 40, 5]), target, teacher)
+    with pytest.raises(ValueError, match="inputs must be a \\[B, T\\] tensor of token ids, got list"):
+        tokenize_for_teacher([[2, 3]], target, teacher)
+    with pytest.raises(ValueError, match="teacher_max_length must be a positive int or None, got 0"):
+        tokenize_for_teacher(torch.tensor([[2, 3]]), target, teacher, teacher_max_length=0)
+    teacher_ids, alignment = tokenize_for_teacher(torch.tensor([[2, 3]]), target, teacher, teacher_max_length=1)
+    assert teacher_ids.shape == (1, 1)  # 'w' of 'w0': it ends inside the first target token; the rest was cut
+    assert alignment.mask.tolist() == [[True, False]] and alignment.hi.tolist() == [[0, 0]]
 
 
 def make_tokenizer_object():

@@ -249,6 +249,10 @@ def tokenize_for_teacher(
     cut to ``teacher_max_length`` tokens (None: no limit) and right-padded with id 0 (at least one column).
     Returns ``(teacher_ids [B, S], alignment)``, the alignment from :func:`align_tokens` with ``mode``.
     """
+    if not isinstance(inputs, Tensor) or inputs.dim() != 2 or inputs.is_floating_point() or inputs.is_complex():
+        raise ValueError(f"inputs must be a [B, T] tensor of token ids, got {type(inputs).__name__} "
+                         f"{tuple(getattr(inputs, 'shape', ()))} {getattr(inputs, 'dtype', '')}")
+    _check_positive_int("teacher_max_length", teacher_max_length, optional=True)
     decoded = [decode_with_offsets(row, target_tokenizer) for row in inputs.tolist()]
     ids, offsets = [], []
     for encoding in teacher_tokenizer.encode_batch([text for text, _ in decoded]):
