@@ -1,4 +1,5 @@
-"""The ``letkit`` command line: ``letkit demo`` and ``letkit tokenize`` (``--help`` on each); ``python -m letkit.cli`` works too."""
+"""The ``letkit`` command line: ``letkit demo``, ``letkit tokenize``, ``letkit export`` and ``letkit eval`` (``--help`` on each);
+``python -m letkit.cli`` works too."""
 
 from __future__ import annotations
 
@@ -104,7 +105,98 @@ def build_parser() -> argparse.ArgumentParser:
         "tokenize", add_help=False,
         help="tokenize text files into token shards for pretraining (letkit tokenize --help)",
     )
+    _add_export_parser(commands)
+    _add_eval_parser(commands)
     return parser
+
+
+def _add_export_parser(commands) -> None:
+    export = commands.add_parser(
+        "export", help="a training checkpoint (DCP, any world size) -> a Hugging Face checkpoint directory",
+        description="Write the target model of RUN_DIR/checkpoints/step_N (examples/pretrain_fsdp.py) as config.json "
+                    "+ model.safetensors + tokenizer.json, loadable by transformers' AutoModelForCausalLM and "
+                    "letkit.models.load_pretrained. Nothing appears at OUT_DIR unless the export completes.",
+    )
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a step_N directory of a run's checkpoints/")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="the directory to create")
+    export.add_argument("--tokenizer", metavar="FILE",
+                        help="tokenizer.json to include (default: the one kept with the run's token shards)")
+    export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                        help="dtype of the saved weights (default bfloat16)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+
+
+def _add_eval_parser(commands) -> None:
+    from letkit.evaluation import PAPER_TASK_GROUP, PAPER_TASKS
+
+    evaluate = commands.add_parser(
+        "eval", help="downstream-task accuracy of a checkpoint with lm-evaluation-harness (pip install 'letkit[eval]')",
+        description=f"Score a Hugging Face checkpoint directory (a run's final_model/ or a `letkit export`ed step) "
+                    f"with lm-evaluation-harness. The default task group {PAPER_TASK_GROUP} holds "
+                    f"{', '.join(PAPER_TASKS)}, 1-shot; their data comes from the Hugging Face hub (or its cache).",
+    )
+    evaluate.add_argument("model_dir", metavar="MODEL_DIR", help="config.json + model.safetensors + tokenizer.json")
+    evaluate.add_argument("--tasks", default=None, metavar="T1,T2",
+                          help=f"comma-separated lm-eval task or group names (default {PAPER_TASK_GROUP}, unless "
+                               "--task-file is given)")
+    evaluate.add_argument("--task-file", action="append", default=[], metavar="FILE.jsonl",
+                          help='a local multiple-choice task: JSONL lines {"context": str, "choices": [str, ...], '
+                               '"label": int} (repeatable; no hub needed)')
+    evaluate.add_argument("--num-fewshot", type=int, default=1, metavar="K", help="in-context examples (default 1)")
+    evaluate.add_argument("--batch-size", type=int, default=8, metavar="N", help="default 8")
+    evaluate.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    evaluate.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float32 (default auto)")
+    evaluate.add_argument("--limit", type=int, default=None, metavar="N",
+                          help="only the first N items per task (a quick look, not a comparable score)")
+    evaluate.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                          help="extra directory of lm-eval task configs (repeatable)")
+    evaluate.add_argument("--output", metavar="FILE.json", help="write the scores as JSON (atomically)")
+
+
+def export_main(args: argparse.Namespace) -> int:
+    """``letkit export``."""
+    import torch
+
+    from letkit.export import export_checkpoint
+    from letkit.models.hub import CheckpointError
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, tokenizer=args.tokenizer,
+                                dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        print(f"letkit export: error: {e}", file=sys.stderr)
+        return 2
+    has_tokenizer = (out / "tokenizer.json").is_file()
+    print(f"exported {args.checkpoint} -> {out}" + ("" if has_tokenizer else
+          " (no tokenizer.json: pass --tokenizer FILE to include one; evaluation needs it)"))
+    return 0
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """``letkit eval``."""
+    import tempfile
+
+    from letkit.atomic import atomic_write_json
+    from letkit.evaluation import PAPER_TASK_GROUP, evaluate_checkpoint, local_choice_task
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="letkit-eval-tasks-") as local_dir:
+            tasks = [local_choice_task(path, local_dir) for path in args.task_file]
+            if args.tasks or not tasks:
+                tasks += (args.tasks or PAPER_TASK_GROUP).split(",")
+            scores = evaluate_checkpoint(args.model_dir, tasks, num_fewshot=args.num_fewshot,
+                                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                                         limit=args.limit, include_paths=[local_dir, *args.include_path])
+    except (ValueError, ImportError) as e:
+        print(f"letkit eval: error: {e}", file=sys.stderr)
+        return 2
+    for task, metrics in scores["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr"))
+        print(f"{task}: {shown}")
+    if args.output:
+        atomic_write_json(args.output, scores)
+        print(f"scores: {args.output}")
+    return 0
 
 
 def demo_config_from_args(args: argparse.Namespace):
@@ -150,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "export":
+        return export_main(args)
+    if args.command == "eval":
+        return eval_main(args)
     try:
         config = demo_config_from_args(args)
         metrics = run_demo(config, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -162,6 +162,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer
             (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             (tmp / TOKENIZER_NAME).write_text(tokenizer.to_str())
+            _write_tokenizer_config(tmp, tokenizer, model)
         tmp.chmod(0o755)  # mkdtemp makes it private
         if target.exists():
             target.rmdir()  # empty, checked above
@@ -170,6 +171,23 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _write_tokenizer_config(directory: Path, tokenizer: Any, model: nn.Module) -> None:
+    """``tokenizer_config.json`` (and ``generation_config.json``) naming the end-of-text token, which
+    transformers' AutoTokenizer cannot infer from ``tokenizer.json`` and lm-evaluation-harness needs."""
+    from letkit.data import EOS_CANDIDATES
+
+    eos = next((t for t in EOS_CANDIDATES if tokenizer.token_to_id(t) is not None), None)
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_positions:
+        config["model_max_length"] = max_positions
+    if eos is not None:
+        config.update(eos_token=eos, bos_token=eos)
+        generation = {"bos_token_id": tokenizer.token_to_id(eos), "eos_token_id": tokenizer.token_to_id(eos)}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _family_of(model: nn.Module) -> Family:
