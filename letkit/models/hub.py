@@ -176,7 +176,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer
 def _write_tokenizer_config(directory: Path, tokenizer: Any, model: nn.Module) -> None:
     """``tokenizer_config.json`` (and ``generation_config.json``) naming the end-of-text token, which
     transformers' AutoTokenizer cannot infer from ``tokenizer.json`` and lm-evaluation-harness needs."""
-    from letkit.data import EOS_CANDIDATES
+    from letkit.data.shards import EOS_CANDIDATES
 
     eos = next((t for t in EOS_CANDIDATES if tokenizer.token_to_id(t) is not None), None)
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
