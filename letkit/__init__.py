@@ -14,15 +14,17 @@ The blocks, each usable on its own:
 * :func:`alignment_loss` / :class:`AlignmentLoss` -- cosine (paper), smooth-L1, MSE; torch or Triton.
 * :class:`LinearDecay` (paper), :class:`CosineDecay`, :class:`StepDecay`, :class:`ExponentialDecay` -- lambda(s).
 * :class:`LETObjective` -- all of the above for any target model, via forward hooks.
+* :class:`LogitDistillation` / :func:`logit_distillation_loss` -- the SALT and RKD baselines (KL to the teacher's logits).
 * :func:`encode_for_alignment` / :class:`TokenAlignment` -- cross-tokenizer LET (teacher with its own tokenizer),
   :func:`check_teacher_compatibility` -- whether a teacher can read the data (:mod:`letkit.token_alignment`).
 """
 
+from letkit.distillation import DistillationOutput, LogitDistillation, logit_distillation_loss
 from letkit.layer_map import STRATEGIES, LayerMap
 from letkit.losses import BACKENDS, LOSS_KINDS, PROJECTIONS, AlignmentLoss, alignment_loss, interpolate_features
 from letkit.objective import LETObjective, LETOutput
 from letkit.projector import PROJECTOR_KINDS, LayerMappingProjector
-from letkit.schedulers import SCHEDULES, CosineDecay, ExponentialDecay, LambdaSchedule, LinearDecay, StepDecay
+from letkit.schedulers import SCHEDULES, ConstantWeight, CosineDecay, ExponentialDecay, LambdaSchedule, LinearDecay, StepDecay
 from letkit.teacher import TeacherFeatureExtractor
 from letkit.token_alignment import (
     ALIGNMENT_MODES,
@@ -43,7 +45,9 @@ __all__ = [
     "AlignmentLoss",
     "CrossTokenizerBatch",
     "BACKENDS",
+    "ConstantWeight",
     "CosineDecay",
+    "DistillationOutput",
     "ExponentialDecay",
     "LETObjective",
     "LETOutput",
@@ -52,6 +56,7 @@ __all__ = [
     "LayerMap",
     "LayerMappingProjector",
     "LinearDecay",
+    "LogitDistillation",
     "PROJECTIONS",
     "PROJECTOR_KINDS",
     "SCHEDULES",
@@ -65,6 +70,7 @@ __all__ = [
     "check_teacher_compatibility",
     "encode_for_alignment",
     "interpolate_features",
+    "logit_distillation_loss",
     "same_tokenizer",
     "tokenize_for_teacher",
 ]

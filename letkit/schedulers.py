@@ -103,6 +103,17 @@ class CosineDecay(LambdaSchedule):
         return 0.5 * (1.0 + math.cos(math.pi * elapsed / length))
 
 
+class ConstantWeight(LambdaSchedule):
+    """``lambda0`` (after the optional warmup) until ``stop_step``, then 0: no decay.
+
+    The logit-distillation baselines (:mod:`letkit.distillation`): RKD with ``stop_step`` = the run's length,
+    SALT's abrupt switch to plain training with ``stop_step`` = the end of its distillation phase.
+    """
+
+    def decay(self, elapsed: int, length: int) -> float:
+        return 1.0
+
+
 class StepDecay(LambdaSchedule):
     """Piecewise constant: multiplied by ``gamma`` every ``step_size`` steps of the decay phase, 0 at ``stop_step``."""
 
