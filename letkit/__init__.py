@@ -14,7 +14,8 @@ The blocks, each usable on its own:
 * :func:`alignment_loss` / :class:`AlignmentLoss` -- cosine (paper), smooth-L1, MSE; torch or Triton.
 * :class:`LinearDecay` (paper), :class:`CosineDecay`, :class:`StepDecay`, :class:`ExponentialDecay` -- lambda(s).
 * :class:`LETObjective` -- all of the above for any target model, via forward hooks.
-* :class:`LogitDistillation` / :func:`logit_distillation_loss` -- the SALT and RKD baselines (KL to the teacher's logits).
+* :class:`LogitDistillation` / :func:`logit_distillation_loss` -- the SALT and RKD baselines (KL to the teacher's
+  logits), weighted e.g. by :class:`ConstantWeight`.
 * :func:`encode_for_alignment` / :class:`TokenAlignment` -- cross-tokenizer LET (teacher with its own tokenizer),
   :func:`check_teacher_compatibility` -- whether a teacher can read the data (:mod:`letkit.token_alignment`).
 """

@@ -192,6 +192,19 @@ def test_objective_matches_the_teachers_own_logits(tiny_lm):
     assert list(objective.parameters()) == [] and objective.state_dict() == {}  # holds neither model's weights
 
 
+def test_objective_on_letkit_llama_models():
+    from letkit.models import from_preset
+
+    torch.manual_seed(0)
+    target, teacher = from_preset("tiny"), from_preset("tiny", hidden_size=32, num_hidden_layers=1)
+    objective = LogitDistillation(target, teacher, schedule=ConstantWeight(1.0, stop_step=2), chunk_size=7)
+    ids = torch.randint(0, 256, (2, 9))
+    logits = target(ids)
+    with torch.no_grad():
+        want = reference_loss(logits, teacher(ids))
+    torch.testing.assert_close(objective(ids, step=0).distill_loss, want)
+
+
 def test_objective_without_lm_loss_and_with_a_mask(tiny_lm):
     target, teacher = tiny_lm(seed=0), tiny_lm(dim=8, seed=1)
     objective = LogitDistillation(target, TeacherFeatureExtractor(teacher), schedule=ConstantWeight(2.0, stop_step=3))
