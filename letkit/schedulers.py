@@ -14,40 +14,68 @@ torch's LR schedulers (``.step()``, ``.current_step``, ``state_dict()`` / ``load
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Any
+
+
+def _check_int(value: object, name: str, *, minimum: int) -> int:
+    """``value`` as an int (Python, NumPy or 0-d torch integers), or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 class LambdaSchedule:
     """Base class: warmup, hold, then a decay ``decay(progress)`` from 1 at progress 0 to 0 at progress 1."""
 
     def __init__(self, lambda0: float, stop_step: int, *, warmup_steps: int = 0, hold_steps: int = 0) -> None:
-        if not isinstance(stop_step, int) or isinstance(stop_step, bool):
+        if isinstance(stop_step, bool) or not isinstance(stop_step, numbers.Integral):
             raise TypeError(f"stop_step must be an int, got {type(stop_step).__name__} ({stop_step!r})")
         if stop_step <= 0:
             raise ValueError(f"stop_step (S_stop) must be positive, got {stop_step}")
+        if isinstance(lambda0, bool) or not isinstance(lambda0, numbers.Real):
+            raise TypeError(f"lambda0 must be a float, got {type(lambda0).__name__} ({lambda0!r})")
         if not math.isfinite(lambda0) or lambda0 < 0:
             raise ValueError(f"lambda0 must be finite and >= 0, got {lambda0}")
-        if warmup_steps < 0 or hold_steps < 0:
-            raise ValueError(f"warmup_steps and hold_steps must be >= 0, got {warmup_steps} and {hold_steps}")
+        warmup_steps = _check_int(warmup_steps, "warmup_steps", minimum=0)
+        hold_steps = _check_int(hold_steps, "hold_steps", minimum=0)
         if warmup_steps + hold_steps >= stop_step:
             raise ValueError(
                 f"warmup_steps + hold_steps must be shorter than stop_step: {warmup_steps} + {hold_steps} >= {stop_step}"
             )
         self.lambda0 = float(lambda0)
-        self.stop_step = stop_step
+        self.stop_step = int(stop_step)
         self.warmup_steps = warmup_steps
         self.hold_steps = hold_steps
-        self.current_step = 0
+        self._current_step = 0
+
+    @property
+    def current_step(self) -> int:
+        """The schedule's step counter: the step :meth:`__call__` and :meth:`is_done` use when given none, advanced
+        by :meth:`step` and set by :class:`~letkit.LETObjective` from its ``step=`` argument."""
+        return self._current_step
+
+    @current_step.setter
+    def current_step(self, value: int) -> None:
+        self._current_step = _check_int(value, "current_step", minimum=0)
 
     def decay(self, elapsed: int, length: int) -> float:
         """Decay factor ``elapsed`` steps into a decay phase of ``length`` steps: 1 at 0, approaching 0 at ``length``."""
         raise NotImplementedError
 
+    def _resolve_step(self, step: int | None) -> int:
+        return self._current_step if step is None else _check_int(step, "step", minimum=0)
+
     def __call__(self, step: int | None = None) -> float:
-        """lambda at ``step`` (default: the schedule's own ``current_step``)."""
-        step = self.current_step if step is None else step
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        """lambda at ``step`` (an int >= 0; default: the schedule's own ``current_step``)."""
+        step = self._resolve_step(step)
         if step >= self.stop_step:
             return 0.0
         if step < self.warmup_steps:
@@ -59,33 +87,43 @@ class LambdaSchedule:
 
     def step(self) -> None:
         """Advance the internal step counter by one."""
-        self.current_step += 1
+        self._current_step += 1
 
     def is_done(self, step: int | None = None) -> bool:
         """True once lambda is 0 for good (``step >= stop_step``): the teacher is no longer needed."""
-        step = self.current_step if step is None else step
-        return step >= self.stop_step
+        return self._resolve_step(step) >= self.stop_step
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def state_dict(self) -> dict[str, Any]:
-        """The step counter and the hyperparameters (``lambda0``, ``stop_step``, ...), all plain numbers (JSON-safe),
-        for :meth:`load_state_dict` to restore and check."""
-        return dict(vars(self))
+        """The schedule's class name, step counter and hyperparameters (``lambda0``, ``stop_step``, ...), all plain
+        values (JSON-safe), for :meth:`load_state_dict` to restore and check."""
+        return {"schedule": type(self).__name__, "current_step": self._current_step, **self._hyperparameters()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the step counter. The hyperparameters must equal this schedule's: a resumed run whose
-        config changed S_stop or lambda0 gets an error, not a silently different schedule (to change them on
-        purpose, build the new schedule and set ``current_step``)."""
-        unknown = set(state_dict) - set(vars(self))
+        """Restore the step counter. The schedule class and hyperparameters must equal this schedule's: a resumed
+        run whose config changed the schedule, S_stop or lambda0 gets an error, not a silently different schedule
+        (to change them on purpose, build the new schedule and set ``current_step``). States saved before the class
+        name was recorded (no ``"schedule"`` key) are checked on their hyperparameters only."""
+        saved_class = state_dict.get("schedule", type(self).__name__)
+        if saved_class != type(self).__name__:
+            raise ValueError(f"the saved state is of a {saved_class}, not of this {type(self).__name__}: build a "
+                             f"{saved_class} with the saved hyperparameters to resume it")
+        hyperparameters = self._hyperparameters()
+        unknown = set(state_dict) - set(hyperparameters) - {"schedule", "current_step"}
         if unknown:
             raise ValueError(f"state_dict has keys this {type(self).__name__} does not know: {sorted(unknown)}")
-        changed = {k: (v, getattr(self, k)) for k, v in state_dict.items() if k != "current_step" and v != getattr(self, k)}
+        if "current_step" not in state_dict:
+            raise ValueError(f"state_dict has no 'current_step' (keys: {sorted(state_dict)})")
+        changed = {k: (state_dict[k], v) for k, v in hyperparameters.items() if k in state_dict and state_dict[k] != v}
         if changed:
             described = ", ".join(f"{k}: saved {saved!r} vs {now!r}" for k, (saved, now) in changed.items())
             raise ValueError(f"the saved {type(self).__name__} has different hyperparameters ({described})")
         self.current_step = state_dict["current_step"]
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        args = ", ".join(f"{k}={v!r}" for k, v in {**self._hyperparameters(), "current_step": self._current_step}.items())
         return f"{type(self).__name__}({args})"
 
 
@@ -128,8 +166,7 @@ class StepDecay(LambdaSchedule):
         hold_steps: int = 0,
     ) -> None:
         super().__init__(lambda0, stop_step, warmup_steps=warmup_steps, hold_steps=hold_steps)
-        if step_size <= 0:
-            raise ValueError(f"step_size must be positive, got {step_size}")
+        step_size = _check_int(step_size, "step_size", minimum=1)
         if not 0 <= gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         self.step_size = step_size

@@ -112,7 +112,56 @@ def test_bad_types_and_steps():
         LinearDecay(0.1, 10.0)
     with pytest.raises(ValueError, match="step must be >= 0, got -1"):
         LinearDecay(0.1, 10)(-1)
-    with pytest.raises(ValueError, match="step_size must be positive"):
+    with pytest.raises(ValueError, match="step_size must be >= 1, got 0"):
         StepDecay(0.1, 10, step_size=0)
     with pytest.raises(ValueError, match="final_ratio must be in"):
         ExponentialDecay(0.1, 10, final_ratio=0.0)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: LinearDecay(0.1, 10, warmup_steps=math.nan), r"warmup_steps must be an int, got float \(nan\)"),
+        (lambda: LinearDecay(0.1, 10, hold_steps=2.5), r"hold_steps must be an int, got float \(2.5\)"),
+        (lambda: StepDecay(0.1, 10, step_size=math.nan), r"step_size must be an int, got float \(nan\)"),
+        (lambda: LinearDecay(0.1, 10)(math.nan), r"step must be an int, got float \(nan\)"),
+        (lambda: LinearDecay(0.1, 10)(4.0), r"step must be an int, got float \(4.0\)"),
+        (lambda: LinearDecay(0.1, 10).is_done(math.nan), r"step must be an int, got float \(nan\)"),
+        (lambda: LinearDecay("0.1", 10), r"lambda0 must be a float, got str"),
+    ],
+)
+def test_nan_and_non_integer_steps_are_refused(build, match):
+    with pytest.raises(TypeError, match=match):
+        build()
+
+
+def test_integer_steps_of_other_types_are_accepted():
+    numpy = pytest.importorskip("numpy")
+    import torch
+
+    s = LinearDecay(0.5, 10, warmup_steps=numpy.int64(2))
+    assert s(numpy.int64(6)) == s(torch.tensor(6)) == s(6) == pytest.approx(0.25)
+
+
+def test_negative_current_step_is_refused():
+    s = LinearDecay(0.1, 10)
+    with pytest.raises(ValueError, match="current_step must be >= 0, got -1"):
+        s.current_step = -1
+    with pytest.raises(ValueError, match="current_step must be >= 0, got -3"):
+        s.load_state_dict({**s.state_dict(), "current_step": -3})
+    with pytest.raises(TypeError, match=r"current_step must be an int, got float \(nan\)"):
+        s.current_step = math.nan
+    assert s.current_step == 0 and s() == pytest.approx(0.1)
+
+
+def test_a_state_loads_only_into_the_same_schedule_class():
+    linear = LinearDecay(0.1, 10)
+    linear.step()
+    with pytest.raises(ValueError, match="the saved state is of a LinearDecay, not of this CosineDecay"):
+        CosineDecay(0.1, 10).load_state_dict(linear.state_dict())
+    restored = LinearDecay(0.1, 10)
+    restored.load_state_dict(linear.state_dict())
+    assert restored.current_step == 1
+    legacy = {k: v for k, v in linear.state_dict().items() if k != "schedule"}  # saved before the name was recorded
+    restored.load_state_dict(legacy)
+    assert restored.current_step == 1
