@@ -1,6 +1,6 @@
 """Alignment losses: the L_align term of LET, with the projector folded in.
 
-    L_align = sum_t m_t * loss(P(h_target[t]), h_teacher[t]) / max(1, sum_t m_t)
+    L_align = sum_t m_t * loss(P(h_target[t]), h_teacher[t]) / max(1, sum_t m_t),   m_t in {0, 1} (the token mask)
 
 The projection P maps target features (d_target) into the teacher's space (d_teacher):
 
@@ -102,12 +102,13 @@ def _torch_alignment_loss(
         h = interpolate_features(h, teacher.shape[-1])
     teacher = teacher.to(compute_dtype)
     if mask is not None:  # masked tokens (e.g. padding) must not reach the loss, not even as NaN
-        dropped = (mask == 0).unsqueeze(-1)
+        kept = mask != 0
+        dropped = ~kept.unsqueeze(-1)
         h, teacher = h.masked_fill(dropped, 0), teacher.masked_fill(dropped, 0)
     losses = per_token_loss(h, teacher, kind)
     if mask is None:
         return losses.mean() if losses.numel() else losses.sum()
-    keep = mask.to(compute_dtype)
+    keep = kept.to(compute_dtype)
     return (losses * keep).sum() / keep.sum().clamp_min(1)
 
 
@@ -160,6 +161,12 @@ def check_alignment_inputs(
         raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    for name, features in (("target", target), ("teacher", teacher)):
+        if not features.is_floating_point():
+            raise TypeError(f"{name} features must be a floating-point tensor, got dtype {features.dtype}")
+    if target.device != teacher.device:
+        raise ValueError(f"target and teacher features must be on one device, got target on {target.device} and "
+                         f"teacher on {teacher.device}")
     if target.dim() < 1 or teacher.dim() < 1:
         raise ValueError(f"target and teacher need a feature dimension, got shapes {tuple(target.shape)} and {tuple(teacher.shape)}")
     if target.shape[:-1] != teacher.shape[:-1]:
@@ -178,6 +185,10 @@ def check_alignment_inputs(
             )
         if bias is not None and tuple(bias.shape) != (d_teacher,):
             raise ValueError(f"bias must have shape ({d_teacher},), got {tuple(bias.shape)}")
+        for name, tensor in (("weight", weight), ("bias", bias)):
+            if tensor is not None and tensor.device != target.device:
+                raise ValueError(f"{name} must be on the target features' device, got target on {target.device} and "
+                                 f"{name} on {tensor.device}")
     else:
         if weight is not None or bias is not None:
             raise ValueError(f"weight/bias are only used with projection='linear', got projection={projection!r}")
@@ -186,10 +197,34 @@ def check_alignment_inputs(
                 f"projection='identity' needs equal feature dims, got target dim {d_target} and teacher dim {d_teacher}: "
                 "use projection='interpolate' or 'linear'"
             )
-    if mask is not None and tuple(mask.shape) != tuple(target.shape[:-1]):
-        raise ValueError(
-            f"mask must have the token shape of the features {tuple(target.shape[:-1])}, got {tuple(mask.shape)}"
-        )
+    if mask is not None:
+        check_mask(mask, tuple(target.shape[:-1]), target.device)
+
+
+def check_mask(mask: object, token_shape: tuple[int, ...], device: torch.device) -> None:
+    """Raise a TypeError/ValueError naming ``mask`` unless it is a tensor of ``token_shape`` on ``device`` holding
+    only True/False or 0/1.
+
+    A bool mask is accepted as it is. An integer or floating mask has its values checked, which on a GPU costs one
+    host-device sync: pass a bool mask to avoid it. The value check is skipped inside ``torch.compile``d code
+    (a data-dependent check would break the graph); the losses then keep the tokens whose mask is nonzero.
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of bools (or of 0s and 1s), got {type(mask).__name__}: "
+                        "convert it with torch.as_tensor(mask, dtype=torch.bool)")
+    if tuple(mask.shape) != tuple(token_shape):
+        raise ValueError(f"mask must have the token shape of the features {tuple(token_shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the target features' device, got target on {device} and mask on {mask.device}")
+    if mask.dtype == torch.bool:
+        return
+    if mask.is_complex():
+        raise TypeError(f"mask must be a bool tensor (or hold only 0 and 1), got dtype {mask.dtype}")
+    if not torch.compiler.is_compiling():
+        outside = mask[(mask != 0) & (mask != 1)]
+        if outside.numel():
+            raise ValueError(f"mask must hold only 0 and 1 (or be a bool tensor: True keeps a token), got "
+                             f"{outside.numel()} other values, e.g. {outside[:4].tolist()}")
 
 
 def check_teacher_finite(teacher: Tensor) -> None:
@@ -222,8 +257,9 @@ def alignment_loss(
         kind: ``"cosine"`` (paper), ``"smooth_l1"`` (on layer-normalised features) or ``"mse"``.
         projection: ``"identity"``, ``"interpolate"`` (parameter-free, paper) or ``"linear"``.
         weight, bias: the linear projector, ``(d_teacher, d_target)`` and ``(d_teacher,)``.
-        mask: optional ``(...)`` tensor over tokens; nonzero/True keeps a token (e.g. non-padding).
-            With every token masked the loss is 0.
+        mask: optional ``(...)`` tensor over tokens on the features' device, bool or holding only 0 and 1;
+            True/1 keeps a token (e.g. non-padding). With every token masked the loss is 0. Non-bool masks have
+            their values checked (a host-device sync on GPUs; see :func:`check_mask`).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         check_finite: raise if the teacher features hold NaN/Inf (costs a device sync; skipped inside
             ``torch.compile``d code, where a data-dependent check would break the graph).

@@ -43,13 +43,13 @@ def check_against_reference(target, teacher, kind, projection, mask=None, grad_s
 
 
 def random_mask(draw, tokens):
-    pattern = draw(st.sampled_from(["none", "random", "all_masked", "weights"]))
+    pattern = draw(st.sampled_from(["none", "random", "all_masked", "float_0_1"]))
     if pattern == "none":
         return None
     if pattern == "all_masked":
         return torch.zeros(tokens, dtype=torch.bool, device=DEVICE)
-    if pattern == "weights":
-        return torch.rand(tokens, device=DEVICE) * 2
+    if pattern == "float_0_1":
+        return (torch.rand(tokens, device=DEVICE) < 0.6).float()
     return torch.rand(tokens, device=DEVICE) < 0.6
 
 

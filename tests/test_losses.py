@@ -199,3 +199,57 @@ def test_triton_backend_unavailable_on_cpu_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='triton' is not available for tensors on cpu"):
         alignment_loss(a, a, backend="triton")
     assert torch.equal(alignment_loss(a, a, backend="auto"), alignment_loss(a, a, backend="torch"))
+
+
+@pytest.mark.parametrize(
+    "bad, dtype",
+    [(-1.0, torch.float32), (2.0, torch.float32), (0.5, torch.float32), (float("nan"), torch.float32),
+     (-1, torch.int64), (2, torch.int64)],
+)
+def test_error_mask_values_outside_zero_and_one(bad, dtype):
+    target, teacher = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.ones(2, 3, dtype=dtype)
+    mask[1, 2] = bad
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 \(or be a bool tensor: True keeps a token\), got 1 "
+                                         rf"other values, e.g. \[{bad}\]"):
+        alignment_loss(target, teacher, mask=mask)
+
+
+def test_masks_of_bools_and_of_zeros_and_ones_agree():
+    torch.manual_seed(4)
+    target, teacher = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    keep = torch.rand(2, 5) > 0.5
+    want = alignment_loss(target, teacher, mask=keep)
+    for mask in (keep.long(), keep.float(), keep.to(torch.uint8), keep.double()):
+        assert torch.equal(alignment_loss(target, teacher, mask=mask), want)
+
+
+def test_error_mask_not_a_tensor():
+    target, teacher = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    numpy = pytest.importorskip("numpy")
+    for mask in ([[1, 1, 0], [1, 0, 1]], numpy.ones((2, 3), dtype=bool)):
+        with pytest.raises(TypeError, match=r"mask must be a torch.Tensor of bools \(or of 0s and 1s\), got (list|ndarray): "
+                                            r"convert it with torch.as_tensor\(mask, dtype=torch.bool\)"):
+            alignment_loss(target, teacher, mask=mask)
+    with pytest.raises(TypeError, match="mask must be a bool tensor .*got dtype torch.complex64"):
+        alignment_loss(target, teacher, mask=torch.ones(2, 3, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.bool])
+def test_error_non_floating_features(dtype):
+    good = torch.randn(2, 3, 4)
+    bad = torch.ones(2, 3, 4, dtype=dtype)
+    with pytest.raises(TypeError, match=f"target features must be a floating-point tensor, got dtype {dtype}"):
+        alignment_loss(bad, good)
+    with pytest.raises(TypeError, match=f"teacher features must be a floating-point tensor, got dtype {dtype}"):
+        alignment_loss(good, bad)
+
+
+def test_error_features_on_different_devices():
+    target, teacher = torch.randn(2, 3, 4), torch.randn(2, 3, 4, device="meta")
+    with pytest.raises(ValueError, match="one device, got target on cpu and teacher on meta"):
+        alignment_loss(target, teacher, check_finite=False)
+    with pytest.raises(ValueError, match="mask must be on the target features' device, got target on cpu and mask on meta"):
+        alignment_loss(target, target, mask=torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="weight must be on the target features' device, got target on cpu and weight on meta"):
+        alignment_loss(target, torch.randn(2, 3, 5), projection="linear", weight=torch.randn(5, 4, device="meta"))
