@@ -1,10 +1,12 @@
-"""Finding a model's transformer blocks, final norm and submodules by path, for any ``nn.Module``."""
+"""Finding a model's transformer blocks, final norm and submodules by path, and the hidden state in what a module
+returns, for any ``nn.Module``."""
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
 FINAL_NORM_NAMES = ("final_norm", "norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
@@ -21,9 +23,13 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
 def find_block_list(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
     """The model's list of transformer blocks and its path.
 
-    With ``path`` given, that submodule (it must be an ``nn.ModuleList``). Otherwise the longest
-    ``nn.ModuleList`` whose entries all share one type: ``blocks`` in letkit's models, ``model.layers``
-    in transformers' Llama, ``gpt_neox.layers``, ``model.decoder.layers``, ``transformer.h``, ...
+    With ``path`` given, that submodule (it must be an ``nn.ModuleList``). Otherwise the outermost non-empty
+    ``nn.ModuleList`` whose entries all share one type: ``blocks`` in letkit's models, ``model.layers`` in
+    transformers' Llama, ``gpt_neox.layers``, ``model.decoder.layers``, ``transformer.h``, ... Lists nested in
+    another candidate's entries (a mixture-of-experts block's ``experts``) are never chosen, and lists of leaf
+    modules (e.g. ``nn.Linear`` heads) only when there is no list of composite blocks. When several candidates
+    remain (an encoder and a decoder, a vision tower and a language model), a ValueError lists them: pass
+    ``block_list=`` (the argument of :class:`~letkit.TeacherFeatureExtractor` and :class:`~letkit.LETObjective`).
     """
     interface_blocks = getattr(model, "blocks", None)  # letkit's model interface (may alias a nested list)
     if path is None and isinstance(interface_blocks, nn.ModuleList):
@@ -38,12 +44,21 @@ def find_block_list(model: nn.Module, path: str | None = None) -> tuple[str, nn.
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
     ]
-    if not candidates:
+    outermost = [(name, m) for name, m in candidates if not any(name.startswith(other + ".") for other, _ in candidates)]
+    composite = [(name, m) for name, m in outermost if any(True for _ in m[0].children())]
+    plausible = composite or outermost
+    if len(plausible) == 1:
+        return plausible[0]
+    if not plausible:
         raise ValueError(
             f"could not find a list of transformer blocks (an nn.ModuleList) in {type(model).__name__}: "
-            "pass the block list's module path explicitly"
+            "pass the block list's module path as block_list="
         )
-    return max(candidates, key=lambda c: len(c[1]))
+    described = ", ".join(f"{name!r} ({len(m)} x {type(m[0]).__name__})" for name, m in plausible)
+    raise ValueError(
+        f"{type(model).__name__} has several lists of blocks that could be its transformer blocks: {described}. "
+        f"Pass the one to use as block_list=, e.g. block_list={plausible[0][0]!r}"
+    )
 
 
 def find_final_norm(model: nn.Module, block_list_path: str) -> list[str]:
@@ -65,3 +80,23 @@ def find_final_norm(model: nn.Module, block_list_path: str) -> list[str]:
         and not name.startswith(block_list_path + ".")
         and not isinstance(module, nn.Identity)
     ]
+
+
+def module_output_tensor(output: object) -> Tensor | None:
+    """The hidden state in what a module returned: the tensor itself, or the first item of a tuple/list when that
+    is a tensor (transformers' blocks return ``(hidden_states, ...)``); None for anything else."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output if isinstance(output, Tensor) else None
+
+
+def describe_output(output: object) -> str:
+    """A short description of a module's return value for error messages (``"a dict with keys ['x', 'aux']"``)."""
+    if output is None:
+        return "None"
+    if isinstance(output, Mapping):
+        return f"a {type(output).__name__} with keys {list(output)[:8]}"
+    if isinstance(output, (tuple, list)):
+        items = ", ".join(type(item).__name__ for item in output[:4]) + (", ..." if len(output) > 4 else "")
+        return f"a {type(output).__name__} of ({items})"
+    return f"a {type(output).__name__}"

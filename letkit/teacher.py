@@ -10,7 +10,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from letkit.module_paths import find_block_list, find_final_norm, get_submodule
+from letkit.module_paths import describe_output, find_block_list, find_final_norm, get_submodule, module_output_tensor
 
 LayerSelector = Union[int, str]
 """A block index over the model's block list (negative counts from the end) or a module path."""
@@ -172,7 +172,16 @@ class TeacherFeatureExtractor:
         wanted = {id(m) for m in self._modules}
 
         def capture(module: nn.Module, args: Any, output: Any) -> None:
-            captured[id(module)] = output[0] if isinstance(output, (tuple, list)) else output
+            hidden = module_output_tensor(output)
+            if hidden is None:
+                layers = [layer for layer, m in zip(self.layers, self._modules) if m is module]
+                path = next(name for name, m in model.named_modules() if m is module)
+                raise TypeError(
+                    f"teacher layer {layers[0]!r} (module {path!r}, {type(module).__name__}) returned "
+                    f"{describe_output(output)}, not a tensor or a tuple/list whose first item is one: pass the module "
+                    f"path of the submodule whose output is the hidden state instead, e.g. layers=[{path + '.<child>'!r}]"
+                )
+            captured[id(module)] = hidden
             if self.stop_early and wanted.issubset(captured):
                 raise _AllLayersCaptured
 

@@ -115,3 +115,90 @@ def test_ambiguous_final_norm_is_an_error_not_a_silent_choice():
     with pytest.raises(ValueError, match=r"several final-norm candidates \['norm', 'ln_f'\]"):
         TeacherFeatureExtractor(TwoNorms(), layers=[-1])
     assert TeacherFeatureExtractor(TwoNorms(), layers=["ln_f"]).layers == ["ln_f"]
+
+
+class Experts(torch.nn.Module):
+    def __init__(self, dim, count):
+        super().__init__()
+        self.router = torch.nn.Linear(dim, count)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(count))
+
+    def forward(self, x):
+        weights = self.router(x).softmax(-1)
+        return x + sum(w.unsqueeze(-1) * expert(x) for w, expert in zip(weights.unbind(-1), self.experts))
+
+
+class Stack(torch.nn.Module):
+    """Embeddings, then the lists named in ``lists`` applied in order; optional extra lists of leaf modules."""
+
+    def __init__(self, lists, leaf_lists=()):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.order = list(lists)
+        for name, count in lists.items():
+            setattr(self, name, torch.nn.ModuleList(Experts(8, 6) for _ in range(count)))
+        for name, count in dict(leaf_lists).items():
+            setattr(self, name, torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(count)))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for name in self.order:
+            for block in getattr(self, name):
+                x = block(x)
+        return x
+
+
+def test_block_discovery_prefers_the_outermost_list_over_a_longer_nested_one():
+    extractor = TeacherFeatureExtractor(Stack({"layers": 2}), layers=[0])  # each block holds 6 experts
+    assert extractor.block_list_path == "layers" and extractor.num_layers == 2
+
+
+def test_block_discovery_prefers_blocks_over_a_longer_list_of_leaf_modules():
+    extractor = TeacherFeatureExtractor(Stack({"layers": 2}, leaf_lists={"heads": 5}), layers=[0])
+    assert extractor.block_list_path == "layers"
+
+
+def test_block_discovery_refuses_to_guess_between_two_lists_of_blocks():
+    model = Stack({"encoder": 3, "decoder": 2})
+    with pytest.raises(ValueError, match=r"Stack has several lists of blocks that could be its transformer blocks: "
+                                         r"'encoder' \(3 x Experts\), 'decoder' \(2 x Experts\). Pass the one to use as "
+                                         r"block_list=, e.g. block_list='encoder'"):
+        TeacherFeatureExtractor(model)
+    assert TeacherFeatureExtractor(model, block_list="decoder").num_layers == 2
+
+
+class Wrapping(torch.nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        self.inner = torch.nn.Linear(8, 8)
+        self.wrap = wrap
+
+    def forward(self, x):
+        return self.wrap(self.inner(x))
+
+
+@pytest.mark.parametrize(
+    "wrap, described",
+    [
+        (lambda h: {"hidden": h, "aux": h.sum()}, r"a dict with keys \['hidden', 'aux'\]"),
+        (lambda h: None, "None"),
+        (lambda h: ("hidden", h), r"a tuple of \(str, Tensor\)"),
+    ],
+)
+def test_a_layer_returning_no_tensor_is_named_with_the_fix(wrap, described):
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 8)
+            self.blocks = torch.nn.ModuleList(Wrapping(wrap) for _ in range(2))
+
+        def forward(self, ids):
+            return self.blocks[1](self.blocks[0](self.embed(ids)))  # never reached past the first block here
+
+    ids = torch.randint(0, 50, (1, 4))
+    with pytest.raises(TypeError, match=rf"teacher layer 0 \(module 'blocks.0', Wrapping\) returned {described}, not a tensor "
+                                        r"or a tuple/list whose first item is one: pass the module path of the submodule "
+                                        r"whose output is the hidden state instead, e.g. layers=\['blocks.0.<child>'\]"):
+        TeacherFeatureExtractor(Model(), layers=[0], check_causal=False)(ids)
+    (features,) = TeacherFeatureExtractor(Model(), layers=["blocks.0.inner"], check_causal=False)(ids)
+    assert features.shape == (1, 4, 8)
