@@ -8,6 +8,7 @@ teacher runs only while lambda(s) > 0 and is released for good once the schedule
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from letkit.layer_map import LayerMap, PairSpec
-from letkit.losses import AlignmentLoss
-from letkit.module_paths import find_block_list
+from letkit.losses import AlignmentLoss, check_mask
+from letkit.module_paths import describe_output, find_block_list, module_output_tensor
 from letkit.projector import LayerMappingProjector
-from letkit.schedulers import LambdaSchedule, LinearDecay
+from letkit.schedulers import LambdaSchedule
 from letkit.teacher import TeacherFeatureExtractor
 from letkit.token_alignment import TokenAlignment
 
@@ -36,28 +37,40 @@ class LETOutput:
     lm_loss: Tensor | None
     align_loss: Tensor | None
     lambda_: float
-    step: int
 
 
 class LETObjective(nn.Module):
     """Late-to-Early Training objective for any target ``nn.Module``.
 
+    Building it runs neither model when the feature sizes are known: from ``target_dims`` / ``teacher_dims``,
+    or else from each model's ``config.hidden_size`` (letkit's and transformers' models have one). Only a
+    model with neither is run once on a two-token input to measure them.
+
     Args:
-        target: the model being trained. Its blocks are found automatically (or give ``target_block_list``).
-        teacher: a :class:`TeacherFeatureExtractor`, or a plain frozen ``nn.Module`` to wrap in one. The
-            layer map decides which of its layers are used.
+        target: the model being trained. Its blocks are found automatically (or give ``block_list``).
+        teacher: a :class:`TeacherFeatureExtractor`, or a plain frozen ``nn.Module`` to wrap in one (wrapping
+            runs the extractor's causality probe; pass an extractor built with ``check_causal=False`` to skip
+            it). It must not share parameters with ``target``. The layer map decides which of its layers are
+            used. None only when ``schedule`` is already done (a run resumed at or after S_stop): the objective
+            is then finished from the start, needs no teacher and returns the LM loss.
+        schedule: the lambda schedule, required: S_stop (``stop_step``) is the knob the paper leaves open, e.g.
+            ``letkit.LinearDecay(0.1, stop_step=20_000)`` for the paper's schedule. Its ``current_step`` is the
+            objective's step counter (see :meth:`forward`).
         layer_map: a :class:`LayerMap` or anything its constructor takes (default ``"L2E"``).
-        projector: a :class:`LayerMappingProjector`, or its kind (``"interpolate"``, ``"linear"``,
-            ``"mlp"``). With a kind, the feature sizes are discovered by running both models once on a
-            two-token input.
+        projector: a :class:`LayerMappingProjector`, or its kind (``"interpolate"``, ``"linear"``, ``"mlp"``)
+            to build one for the sizes below.
         loss: an :class:`AlignmentLoss` or its kind (``"cosine"``, ``"smooth_l1"``, ``"mse"``).
-        schedule: the lambda schedule (default: the paper's ``LinearDecay(0.1, stop_step=10_000)``; pass
-            your own S_stop).
-        target_block_list: module path of the target's block list, when automatic discovery is wrong.
+        target_dims, teacher_dims: hidden size of each pair's target / teacher layer (an int for all pairs, or
+            one per pair), for building the projector from its kind. Default: the model's
+            ``config.hidden_size``; pass them when that is not the size of the aligned layers. Without a
+            teacher, ``teacher_dims`` is required (the projector is rebuilt so a checkpoint's state loads).
+        block_list: module path of the target's block list, when automatic discovery is wrong or ambiguous
+            (the same argument as :class:`TeacherFeatureExtractor`'s for the teacher).
         check_finite: raise a ValueError on any step where the teacher's features hold NaN/Inf (a broken
             teacher, or one overflowing in its dtype) instead of training on them. The check reads a flag back
             from the device: one host-device sync per step on GPUs; pass False to skip it where the loss is
             checked anyway. Applies when ``loss`` is a kind; an :class:`AlignmentLoss` keeps its own setting.
+        target_block_list: deprecated alias of ``block_list``.
 
     Typical use, inside any training loop::
 
@@ -71,79 +84,168 @@ class LETObjective(nn.Module):
     projector needs its gradients synchronised like the model's: shard it with ``fully_shard`` and
     ``register_fsdp_forward_method(projector, "loss")`` as examples/pretrain_fsdp.py does (DDP's reducer is
     bypassed because the fused loss calls ``projector.loss``). The lambda schedule's state is not part of
-    this module's ``state_dict()``: checkpoint ``objective.schedule.state_dict()`` or pass ``step=``.
+    this module's ``state_dict()``: checkpoint ``objective.schedule.state_dict()``.
     """
 
     def __init__(
         self,
         target: nn.Module,
-        teacher: TeacherFeatureExtractor | nn.Module,
+        teacher: TeacherFeatureExtractor | nn.Module | None,
         *,
+        schedule: LambdaSchedule | None = None,
         layer_map: LayerMap | PairSpec | Sequence[PairSpec] = "L2E",
         projector: LayerMappingProjector | str = "interpolate",
         loss: AlignmentLoss | str = "cosine",
-        schedule: LambdaSchedule | None = None,
-        target_block_list: str | None = None,
+        target_dims: int | Sequence[int] | None = None,
+        teacher_dims: int | Sequence[int] | None = None,
+        block_list: str | None = None,
         check_finite: bool = True,
+        target_block_list: str | None = None,
     ) -> None:
         super().__init__()
+        if schedule is None:
+            raise TypeError(
+                "LETObjective needs schedule=, e.g. schedule=letkit.LinearDecay(0.1, stop_step=...): S_stop (stop_step), "
+                "the step at which the teacher is dropped, is the paper's open knob, so letkit does not guess it"
+            )
+        if not isinstance(schedule, LambdaSchedule):
+            raise TypeError(f"schedule must be a letkit LambdaSchedule (e.g. letkit.LinearDecay), got {type(schedule).__name__}")
+        if target_block_list is not None:
+            warnings.warn("LETObjective(target_block_list=...) is deprecated: pass block_list=... (the teacher's name "
+                          "for it too)", DeprecationWarning, stacklevel=2)
+            if block_list is not None and block_list != target_block_list:
+                raise ValueError(f"block_list={block_list!r} and its deprecated alias target_block_list="
+                                 f"{target_block_list!r} disagree: pass only block_list")
+            block_list = target_block_list
         if isinstance(loss, AlignmentLoss) and loss.check_finite and not check_finite:
             raise ValueError("check_finite=False has no effect on the AlignmentLoss passed as loss (it has "
                              "check_finite=True): pass AlignmentLoss(..., check_finite=False) or a loss kind")
-        if not isinstance(teacher, TeacherFeatureExtractor):
-            teacher = TeacherFeatureExtractor(teacher)
-        self.teacher = teacher
+        self.schedule = schedule
         self.layer_map = layer_map if isinstance(layer_map, LayerMap) else LayerMap(layer_map)
         self.loss_fn = loss if isinstance(loss, AlignmentLoss) else AlignmentLoss(loss, check_finite=check_finite)
-        self.schedule = schedule if schedule is not None else LinearDecay(0.1, stop_step=10_000)
-        self.target_block_list_path, target_blocks = find_block_list(target, target_block_list)
-        self.pairs = self.layer_map.resolve(teacher.num_layers, len(target_blocks))
-        teacher.select_layers([t for t, _ in self.pairs])
-        self.target_layers = [s for _, s in self.pairs]
-        self._captured: dict[int, Tensor] = {}
-        self._hooks = [
-            target_blocks[k].register_forward_hook(self._capture_hook(k, target_blocks[k]))
-            for k in sorted(set(self.target_layers))
-        ]
+        # by grad mode: a no-grad forward (evaluation) must not replace the features of the training forward
+        self._captured: dict[bool, dict[int, tuple[Tensor, Tensor | None]]] = {True: {}, False: {}}
+        self._forward_ids: Tensor | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        if teacher is None:
+            if not schedule.is_done():
+                raise ValueError(
+                    f"teacher=None is only for a run at or after S_stop, but the schedule is at step "
+                    f"{schedule.current_step} < stop_step {schedule.stop_step}: pass the teacher"
+                )
+            if isinstance(projector, str) and teacher_dims is None:
+                raise ValueError("without a teacher, pass teacher_dims= (and target_dims= unless target.config.hidden_size "
+                                 "has it) so the projector is rebuilt and a checkpoint's state loads into it")
+            self.teacher: TeacherFeatureExtractor | None = None
+            self.block_list_path: str | None = None
+            self.pairs: list[tuple[int, int]] = []
+            self.target_layers: list[int] = []
+            num_pairs = len(self.layer_map.pairs)
+        else:
+            if isinstance(teacher, nn.Module):
+                _refuse_shared_parameters(target, teacher, wrapped=False)
+            elif isinstance(teacher, TeacherFeatureExtractor):
+                _refuse_shared_parameters(target, teacher.model, wrapped=True)
+            if not isinstance(teacher, TeacherFeatureExtractor):
+                teacher = TeacherFeatureExtractor(teacher)
+            self.teacher = teacher
+            self.block_list_path, target_blocks = find_block_list(target, block_list)
+            self.pairs = self.layer_map.resolve(teacher.num_layers, len(target_blocks))
+            teacher.select_layers([t for t, _ in self.pairs])
+            self.target_layers = [s for _, s in self.pairs]
+            self._hooks = [
+                target.register_forward_pre_hook(self._record_batch_hook(target), with_kwargs=True),
+                target.register_forward_hook(self._forget_batch_hook(target), always_call=True),
+                *(target_blocks[k].register_forward_hook(self._capture_hook(k, target_blocks[k], self.block_list_path))
+                  for k in sorted(set(self.target_layers))),
+            ]
+            num_pairs = len(self.pairs)
         if isinstance(projector, str):
-            projector = self._build_projector(target, projector)
+            projector = self._build_projector(target, projector, num_pairs, target_dims, teacher_dims)
+        else:
+            if target_dims is not None or teacher_dims is not None:
+                raise ValueError("target_dims/teacher_dims size a projector built from its kind; the "
+                                 "LayerMappingProjector passed as projector has its own sizes: pass one or the other")
+            if len(projector.target_dims) != num_pairs:
+                raise ValueError(f"the projector has {len(projector.target_dims)} layer pairs, but the layer map "
+                                 f"{self.layer_map.pairs} has {num_pairs}")
         self.projector = projector
 
-    def _capture_hook(self, layer: int, block: nn.Module):
+    def _record_batch_hook(self, root: nn.Module):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if module is not root:  # a deep copy of the target carries this hook along
+                return
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            # token ids only (not embeddings): what the objective's input_ids are compared with
+            self._forward_ids = ids if isinstance(ids, Tensor) and not ids.is_floating_point() else None
+
+        return record
+
+    def _forget_batch_hook(self, root: nn.Module):
+        def forget(module: nn.Module, args: Any, output: Any) -> None:
+            if module is root:
+                self._forward_ids = None
+
+        return forget
+
+    def _capture_hook(self, layer: int, block: nn.Module, block_list_path: str):
         def capture(module: nn.Module, args: Any, output: Any) -> None:
             if module is not block:  # a deep copy of the target (EMA, eval copy) carries this hook along
                 return
-            self._captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
+            hidden = module_output_tensor(output)
+            if hidden is None:
+                raise TypeError(
+                    f"target block {layer} ({block_list_path}.{layer}, {type(block).__name__}) returned "
+                    f"{describe_output(output)}, not a tensor or a tuple/list whose first item is one: LET aligns the "
+                    "hidden state a block returns; pass block_list= naming a list of blocks that return it"
+                )
+            self._captured[torch.is_grad_enabled()][layer] = (hidden, self._forward_ids)
 
         return capture
 
-    def _build_projector(self, target: nn.Module, kind: str) -> LayerMappingProjector:
+    def _build_projector(
+        self,
+        target: nn.Module,
+        kind: str,
+        num_pairs: int,
+        target_dims: int | Sequence[int] | None,
+        teacher_dims: int | Sequence[int] | None,
+    ) -> LayerMappingProjector:
         parameter = next(target.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
+        target_dims = _dims("target_dims", target_dims, num_pairs) or _dims_from_config(target, num_pairs)
+        if target_dims is None and self.teacher is None:
+            raise ValueError(f"without a teacher, pass target_dims= ({type(target).__name__} has no config.hidden_size)")
+        teacher_dims = _dims("teacher_dims", teacher_dims, num_pairs) or _dims_from_config(self.teacher.model, num_pairs)
         probe = torch.zeros(1, 2, dtype=torch.long, device=device)
-        was_training = target.training
-        # eager and in eval mode: the probe must neither mark a compiled target's shapes dynamic nor run dropout
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            target.eval()
-            target(probe)
-        target.train(was_training)
-        target_dims = [self._captured[k].shape[-1] for k in self.target_layers]
-        self._captured.clear()
-        teacher_dims = self.teacher.feature_dims(probe.to(_device_of(self.teacher.model, device)))
+        if target_dims is None:
+            was_training = target.training
+            # eager and in eval mode: the probe must neither mark a compiled target's shapes dynamic nor run dropout
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                target.eval()
+                target(probe)
+            target.train(was_training)
+            target_dims = [self._captured[False][k][0].shape[-1] for k in self.target_layers]
+            self._captured[False].clear()
+        if teacher_dims is None:
+            teacher_dims = self.teacher.feature_dims(probe.to(_device_of(self.teacher.model, device)))
         return LayerMappingProjector(target_dims, teacher_dims, kind).to(device)
 
     @property
     def finished(self) -> bool:
-        """True once the schedule is done and the teacher and hooks are gone."""
-        return self.teacher.released
+        """True once the schedule is done and the teacher and hooks are gone (from the start without a teacher)."""
+        return self.teacher is None or self.teacher.released
 
     def finish(self) -> None:
         """Release the teacher and remove the target hooks (called automatically once lambda is 0 for good)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._captured.clear()
-        self.teacher.release()
+        for captured in self._captured.values():
+            captured.clear()
+        self._forward_ids = None
+        if self.teacher is not None:
+            self.teacher.release()
 
     def forward(
         self,
@@ -157,47 +259,71 @@ class LETObjective(nn.Module):
     ) -> LETOutput:
         """Combine the LM loss with the alignment term for the target forward pass that just ran.
 
+        The step counter is ``self.schedule.current_step``, the only one: passing ``step=`` sets it, leaving it
+        out uses it (advance it with ``objective.schedule.step()`` once per optimizer step). A step is an
+        optimizer step: with gradient accumulation, call the objective once per micro-batch, right after that
+        micro-batch's target forward, with the same ``step`` (lambda and the teacher's release depend on the step
+        only, so repeated calls at one step agree). The target features come from the latest forward run in the
+        same grad mode as this call: an evaluation forward under ``torch.no_grad()`` in between does not replace
+        the training forward's features.
+
         Args:
             input_ids: the ``[B, T]`` token ids the target was just run on; the teacher reads the same
                 unless the teacher has its own tokenizer.
             lm_loss: the target's language-modelling loss; None to get only ``lambda * L_align``.
-            step: training step for the schedule (default: ``schedule.current_step``).
-            mask: optional ``[B, T]`` token mask (True/nonzero = align this token), e.g. padding.
+            step: the training (optimizer) step; sets ``schedule.current_step``.
+            mask: optional ``[B, T]`` token mask, bool or 0/1 (True/1 = align this token), e.g. padding.
             teacher_input_ids, token_alignment: cross-tokenizer LET (see :mod:`letkit.token_alignment`):
                 the ``[B, S]`` teacher tokenisation of the same texts and the alignment that gives each
                 target position the teacher feature for the same text, causally; positions without one
                 are masked out. Leave both None when target and teacher share a tokenizer.
+
+        Raises:
+            RuntimeError: lambda > 0 but no target forward ran in this grad mode since the last call, or the
+                features carry no gradient under grad mode (LET would not train the target), or the teacher
+                is gone.
+            ValueError: the captured features are not those of ``input_ids`` (another batch ran through the
+                target since), or bad masks / cross-tokenizer inputs.
         """
+        lam = self.schedule(step)  # checks step
         step = self.schedule.current_step if step is None else step
-        lam = self.schedule(step)
+        if lam > 0.0 and self.finished:
+            how = "was built without one" if self.teacher is None else "was released at the end of the schedule"
+            raise RuntimeError(f"lambda({step}) = {lam} > 0, but the objective's teacher {how}")
+        self.schedule.current_step = step
+        grad_mode = torch.is_grad_enabled()
+        captured = self._captured[grad_mode]
         if lam == 0.0:
             if self.schedule.is_done(step) and not self.finished:
                 self.finish()
-            self._captured.clear()
+            captured.clear()
             total = lm_loss if lm_loss is not None else torch.zeros((), device=input_ids.device)
-            return LETOutput(total, lm_loss, None, 0.0, step)
-        if self.finished:
-            raise RuntimeError(
-                f"lambda({step}) = {lam} > 0, but the teacher was already released at the end of the schedule"
-            )
-        missing = [k for k in self.target_layers if k not in self._captured]
+            return LETOutput(total, lm_loss, None, 0.0)
+        missing = [k for k in self.target_layers if k not in captured]
         if missing:
+            mode = "with grad enabled" if grad_mode else "under no_grad/inference_mode"
             raise RuntimeError(
-                f"no target features captured for target layers {missing}: run the target model's forward pass on "
-                "this batch before calling the objective"
+                f"no target features captured {mode} for target layers {missing}: run the target model's forward pass "
+                "on this batch, in the same grad mode, before calling the objective (under reentrant activation "
+                "checkpointing a block runs without grad: use use_reentrant=False)"
             )
-        target_features = [self._captured[k] for k in self.target_layers]
-        self._captured.clear()
-        if target_features[0].shape[:2] != input_ids.shape[:2]:
-            raise ValueError(
-                f"input_ids {tuple(input_ids.shape)} is not the batch the target just ran on "
-                f"(its layer-{self.target_layers[0]} features are {tuple(target_features[0].shape)})"
+        target_features, forward_ids = zip(*(captured[k] for k in self.target_layers))
+        captured.clear()
+        self._check_features_belong_to(input_ids, target_features[0], forward_ids[0])
+        if grad_mode and not all(f.requires_grad for f in target_features):
+            raise RuntimeError(
+                f"the target's layer-{self.target_layers[0]} features carry no gradient although grad mode is on: the "
+                "blocks up to it are frozen or their output was detached, so LET would not train the target. Call the "
+                "objective under torch.no_grad() to only measure the alignment"
             )
         if (teacher_input_ids is None) != (token_alignment is None):
             raise ValueError("cross-tokenizer LET needs both teacher_input_ids and token_alignment (or neither)")
+        device = target_features[0].device
+        if mask is not None:
+            check_mask(mask, tuple(target_features[0].shape[:-1]), device)
         teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
-        teacher_features = self.teacher(teacher_ids.to(_device_of(self.teacher.model, input_ids.device)))
-        teacher_features = [f.to(input_ids.device) for f in teacher_features]
+        teacher_features = self.teacher(teacher_ids.to(_device_of(self.teacher.model, device)))
+        teacher_features = [f.to(device) for f in teacher_features]
         if token_alignment is not None:
             expected = (tuple(input_ids.shape[:2]), tuple(teacher_input_ids.shape[:2]))
             got = (tuple(token_alignment.mask.shape), (token_alignment.mask.shape[0], token_alignment.teacher_length))
@@ -206,12 +332,60 @@ class LETObjective(nn.Module):
                     f"token_alignment covers target {got[0]} and teacher {got[1]} tokens, but input_ids is "
                     f"{tuple(input_ids.shape)} and teacher_input_ids is {tuple(teacher_input_ids.shape)}"
                 )
-            token_alignment = token_alignment.to(input_ids.device)
+            token_alignment = token_alignment.to(device)
             teacher_features = [token_alignment.gather(f) for f in teacher_features]
-            mask = token_alignment.mask if mask is None else token_alignment.mask & mask.bool()
+            mask = token_alignment.mask if mask is None else token_alignment.mask & (mask != 0)
         align = self.projector.alignment_loss(target_features, teacher_features, self.loss_fn, mask)
         total = lam * align if lm_loss is None else lm_loss + lam * align
-        return LETOutput(total, lm_loss, align, lam, step)
+        return LETOutput(total, lm_loss, align, lam)
+
+    def _check_features_belong_to(self, input_ids: Tensor, features: Tensor, forward_ids: Tensor | None) -> None:
+        """ValueError unless ``features`` were computed from ``input_ids``. Free when the target ran on the same
+        tensor (or a view of the same memory); a different tensor is compared by value (a sync on GPUs). Features
+        from a forward that did not go through the target's own ``forward`` (no ids recorded) are checked on
+        their shape only."""
+        if features.shape[:2] != input_ids.shape[:2]:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} is not the batch the target just ran on "
+                f"(its layer-{self.target_layers[0]} features are {tuple(features.shape)})"
+            )
+        if forward_ids is None or forward_ids is input_ids:
+            return
+        same_memory = (forward_ids.device == input_ids.device and forward_ids.data_ptr() == input_ids.data_ptr()
+                       and forward_ids.shape == input_ids.shape and forward_ids.stride() == input_ids.stride())
+        if not same_memory and not (forward_ids.shape == input_ids.shape
+                                    and torch.equal(forward_ids, input_ids.to(forward_ids))):
+            raise ValueError(
+                f"the target's latest forward in this grad mode ran on other token ids than the input_ids given to the "
+                f"objective: its layer-{self.target_layers[0]} features belong to another batch. Call the objective "
+                "right after the target's forward on the same batch"
+            )
+
+
+def _refuse_shared_parameters(target: nn.Module, teacher: nn.Module, *, wrapped: bool) -> None:
+    teacher_parameters = {id(p) for p in teacher.parameters()}
+    shared = [name for name, p in target.named_parameters() if id(p) in teacher_parameters]
+    if shared:
+        frozen = (" The TeacherFeatureExtractor already froze them (requires_grad=False): set it back on the target."
+                  if wrapped else "")
+        raise ValueError(
+            f"the teacher shares {len(shared)} parameters with the target (e.g. {shared[:3]}): LET's teacher is a separate "
+            f"frozen model, and freezing it would freeze the target. Pass another model, or copy.deepcopy(target).{frozen}"
+        )
+
+
+def _dims(name: str, dims: int | Sequence[int] | None, num_pairs: int) -> list[int] | None:
+    if dims is None:
+        return None
+    values = [dims] * num_pairs if isinstance(dims, int) and not isinstance(dims, bool) else dims
+    if not isinstance(values, Sequence) or len(values) != num_pairs or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in values):
+        raise ValueError(f"{name} must be a positive int or {num_pairs} of them (one per layer pair), got {dims!r}")
+    return list(values)
+
+
+def _dims_from_config(model: nn.Module, num_pairs: int) -> list[int] | None:
+    size = getattr(getattr(model, "config", None), "hidden_size", None)
+    return [size] * num_pairs if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 def _device_of(module: nn.Module, default: torch.device) -> torch.device:
