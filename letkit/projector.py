@@ -85,7 +85,8 @@ class LayerMappingProjector(nn.Module):
         target_dims: hidden size of each pair's target layer.
         teacher_dims: hidden size of each pair's teacher layer (same length as ``target_dims``).
         kind: ``"interpolate"`` (paper, no parameters), ``"linear"`` or ``"mlp"``.
-        mlp_hidden: hidden width of the ``"mlp"`` projector (default ``max(d_target, d_teacher)``).
+        mlp_hidden: hidden width of the ``"mlp"`` projectors (default ``max(d_target, d_teacher)`` per pair); pass
+            the projector built with it to :class:`~letkit.LETObjective` as ``projector=``.
 
     ``projector(target_features)`` returns the projected features; :meth:`alignment_loss` computes
     ``mean over pairs of loss_fn(P_i(target_i), teacher_i)`` with the projection fused into the loss, through
@@ -110,6 +111,10 @@ class LayerMappingProjector(nn.Module):
             )
         if any(d < 1 for d in target_dims + teacher_dims):
             raise ValueError(f"dims must be positive, got target_dims={target_dims}, teacher_dims={teacher_dims}")
+        if mlp_hidden is not None and kind != "mlp":
+            raise ValueError(f"mlp_hidden is the hidden width of kind='mlp' projectors, got kind={kind!r}")
+        if mlp_hidden is not None and (isinstance(mlp_hidden, bool) or not isinstance(mlp_hidden, int) or mlp_hidden < 1):
+            raise ValueError(f"mlp_hidden must be a positive int, got {mlp_hidden!r}")
         self.kind = kind
         self.target_dims, self.teacher_dims = target_dims, teacher_dims
         if kind == "interpolate":

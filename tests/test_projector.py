@@ -48,3 +48,15 @@ def test_errors():
         projector.alignment_loss([torch.randn(3, 16)], [torch.randn(3, 6)], AlignmentLoss())
     with pytest.raises(ValueError, match="expected 1 target feature tensors"):
         projector([torch.randn(3, 16), torch.randn(3, 16)])
+
+
+def test_mlp_hidden_width():
+    projector = LayerMappingProjector([6, 12], [4, 4], "mlp", mlp_hidden=10)
+    assert [(p.fc_in.out_features, p.fc_out.in_features) for p in projector.projectors] == [(10, 10), (10, 10)]
+    default = LayerMappingProjector([6, 12], [4, 4], "mlp")
+    assert [p.fc_in.out_features for p in default.projectors] == [6, 12]
+    with pytest.raises(ValueError, match="mlp_hidden is the hidden width of kind='mlp' projectors, got kind='linear'"):
+        LayerMappingProjector([6], [4], "linear", mlp_hidden=10)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"mlp_hidden must be a positive int, got {bad!r}"):
+            LayerMappingProjector([6], [4], "mlp", mlp_hidden=bad)
