@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from letkit import AlignmentLoss, LayerMappingProjector, LETObjective, LinearDecay, TeacherFeatureExtractor, alignment_loss
+from nested_block_lists import Experts, Stack
 
 
 def lm_loss_of(logits, ids):
@@ -365,41 +366,14 @@ def test_bad_masks_are_named(tiny_lm):
         objective(ids, step=0, mask=torch.tensor([[1.0] * 6, [1.0] * 5 + [-1.0]]))
 
 
-class MoEBlock(torch.nn.Module):
-    def __init__(self, dim, experts):
-        super().__init__()
-        self.router = torch.nn.Linear(dim, experts)
-        self.experts = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(experts))
-
-    def forward(self, x):
-        weights = self.router(x).softmax(-1)
-        return x + sum(w.unsqueeze(-1) * expert(x) for w, expert in zip(weights.unbind(-1), self.experts))
-
-
-class MoELM(torch.nn.Module):
-    """A mixture-of-experts model: its longest ModuleList is a block's experts, not the blocks."""
-
-    def __init__(self, dim=16, layers=2, experts=8):
-        super().__init__()
-        self.embed = torch.nn.Embedding(50, dim)
-        self.layers = torch.nn.ModuleList(MoEBlock(dim, experts) for _ in range(layers))
-        self.norm = torch.nn.LayerNorm(dim)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
-
-
 def test_block_discovery_on_a_mixture_of_experts_target(tiny_lm):
-    target = MoELM(layers=3)
+    target = Stack({"layers": 3})  # each block holds 6 experts
     objective = LETObjective(target, tiny_lm(dim=8, seed=1), layer_map="L2L", schedule=LinearDecay(1.0, stop_step=4))
     assert objective.block_list_path == "layers" and objective.pairs == [(2, 2)]
 
 
 def test_block_list_argument_and_its_deprecated_alias(tiny_lm):
-    target, teacher = MoELM(layers=3), tiny_lm(dim=8, seed=1)
+    target, teacher = Stack({"layers": 3}), tiny_lm(dim=8, seed=1)
     objective = LETObjective(target, teacher, block_list="layers.1.experts", schedule=LinearDecay(1.0, stop_step=4))
     assert objective.block_list_path == "layers.1.experts"
     with pytest.warns(DeprecationWarning, match=r"target_block_list=...\) is deprecated: pass block_list="):
@@ -413,15 +387,15 @@ def test_a_target_block_returning_no_tensor_is_named(tiny_lm):
     class DictBlocks(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed = torch.nn.Embedding(50, 16)
-            self.blocks = torch.nn.ModuleList(MoEBlock(16, 2) for _ in range(2))
+            self.embed = torch.nn.Embedding(50, 8)
+            self.blocks = torch.nn.ModuleList(Experts(8, 2) for _ in range(2))
 
         def forward(self, ids):
             return self.blocks[0](self.embed(ids))
 
     target = DictBlocks()
     target.blocks[0].register_forward_hook(lambda module, args, output: {"hidden": output})
-    objective = LETObjective(target, tiny_lm(dim=8, seed=1), target_dims=16, schedule=LinearDecay(1.0, stop_step=4))
-    with pytest.raises(TypeError, match=r"target block 0 \(blocks.0, MoEBlock\) returned a dict with keys \['hidden'\], not a tensor"):
+    objective = LETObjective(target, tiny_lm(dim=8, seed=1), target_dims=8, schedule=LinearDecay(1.0, stop_step=4))
+    with pytest.raises(TypeError, match=r"target block 0 \(blocks.0, Experts\) returned a dict with keys \['hidden'\], not a tensor"):
         target(torch.randint(0, 50, (2, 6)))
     assert objective.pairs == [(2, 0)]

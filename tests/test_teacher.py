@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from letkit import TeacherFeatureExtractor
+from nested_block_lists import Stack
 
 
 def test_features_of_blocks_paths_and_final_hidden_state(tiny_lm):
@@ -115,37 +116,6 @@ def test_ambiguous_final_norm_is_an_error_not_a_silent_choice():
     with pytest.raises(ValueError, match=r"several final-norm candidates \['norm', 'ln_f'\]"):
         TeacherFeatureExtractor(TwoNorms(), layers=[-1])
     assert TeacherFeatureExtractor(TwoNorms(), layers=["ln_f"]).layers == ["ln_f"]
-
-
-class Experts(torch.nn.Module):
-    def __init__(self, dim, count):
-        super().__init__()
-        self.router = torch.nn.Linear(dim, count)
-        self.experts = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(count))
-
-    def forward(self, x):
-        weights = self.router(x).softmax(-1)
-        return x + sum(w.unsqueeze(-1) * expert(x) for w, expert in zip(weights.unbind(-1), self.experts))
-
-
-class Stack(torch.nn.Module):
-    """Embeddings, then the lists named in ``lists`` applied in order; optional extra lists of leaf modules."""
-
-    def __init__(self, lists, leaf_lists=()):
-        super().__init__()
-        self.embed = torch.nn.Embedding(50, 8)
-        self.order = list(lists)
-        for name, count in lists.items():
-            setattr(self, name, torch.nn.ModuleList(Experts(8, 6) for _ in range(count)))
-        for name, count in dict(leaf_lists).items():
-            setattr(self, name, torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(count)))
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for name in self.order:
-            for block in getattr(self, name):
-                x = block(x)
-        return x
 
 
 def test_block_discovery_prefers_the_outermost_list_over_a_longer_nested_one():
