@@ -141,7 +141,8 @@ def test_cached_teacher_is_reused_and_reloads_with_identical_features(tmp_path, 
     again = demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
     assert again.cached and again.path == info.path and again.val_loss == info.val_loss and len(saved) == 1
     assert sorted(p.name for p in Path(info.path).iterdir()) == [
-        "config.json", demo.TEACHER_INFO_FILE, "model.safetensors", "tokenizer.json"]
+        "config.json", "generation_config.json", demo.TEACHER_INFO_FILE, "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
 
     reloaded = TeacherFeatureExtractor.from_pretrained(info.path, layers=[0, -1])
     original = TeacherFeatureExtractor(saved[0], layers=[0, -1])
