@@ -72,7 +72,7 @@ from letkit import SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, Tea
 from letkit.atomic import atomic_write_json
 from letkit.data import ShardedTokenLoader
 from letkit.hardware import datasheet_peaks
-from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, save_pretrained
+from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, resolve_pretrained, save_pretrained
 from letkit.optim import warmup_cosine_lr, weight_decay_groups
 from letkit.token_alignment import ALIGNMENT_MODES, TeacherTokenizedLoader, same_tokenizer
 
@@ -93,7 +93,8 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     path: str = field(default="none", metadata={
-        "help": "teacher checkpoint dir; 'random:<shape>[,field=value...]' for a random one (shapes: "
+        "help": "teacher checkpoint dir, or hub name (org/name) read offline from the Hugging Face cache; "
+                "'random:<shape>[,field=value...]' for a random one (shapes: "
                 "smollm-135m or a letkit.models preset); 'none' trains the baseline without LET"})
     layer_map: str = field(default="L2E", metadata={"help": "comma-separated LayerMap specs (L2E, L2M, 0.25, ...)"})
     projector: str = field(default="interpolate", metadata={"help": "interpolate (paper), linear or mlp"})
@@ -319,7 +320,7 @@ def build_teacher(spec: str, data_vocab: int, device: torch.device, seed: int, *
     reads its own tokenization of the text: it needs a tokenizer.json, and the data's tokenizer must be at hand."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if cross_tokenizer:
-        if spec.startswith("random:") or not (Path(spec) / "tokenizer.json").is_file():
+        if spec.startswith("random:") or not (resolve_pretrained(spec) / "tokenizer.json").is_file():
             raise ValueError(f"teacher.alignment (cross-tokenizer LET) needs a teacher checkpoint directory with a "
                              f"tokenizer.json, got teacher.path {spec!r}")
         if data_tokenizer_file is None:
@@ -327,7 +328,7 @@ def build_teacher(spec: str, data_vocab: int, device: torch.device, seed: int, *
                              "python -m letkit.data, which keep a copy of it as <data.path>/tokenizer.json")
         return TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
     if not spec.startswith("random:"):
-        directory = Path(spec)
+        directory = resolve_pretrained(spec)
         config_file, tokenizer_file = directory / "config.json", directory / "tokenizer.json"
         teacher_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         check_teacher_data(spec, teacher_config, tokenizer_file if tokenizer_file.is_file() else None, data_vocab,

@@ -86,13 +86,14 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
 _TEMPORARY_NAME = re.compile(r"^\.+tmp-.+-(?P<pid>\d+)-[a-z0-9_]+(\.tmp-[a-z0-9_]+)?(\.png)?$")
 
 
-def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
-    """Delete the ``.tmp-*`` leftovers below ``root`` of processes that no longer run; returns what was removed."""
+def remove_stale_temporaries(root: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Delete the ``.tmp-*`` leftovers below ``root`` (directly in it if not ``recursive``) of processes that no
+    longer run; returns what was removed."""
     root = Path(root)
     removed: list[Path] = []
     if not root.is_dir():
         return removed
-    for tmp in root.rglob("*.tmp-*"):
+    for tmp in (root.rglob if recursive else root.glob)("*.tmp-*"):
         match = _TEMPORARY_NAME.match(tmp.name)
         if match is None or _process_alive(int(match["pid"])):
             continue

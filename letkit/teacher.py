@@ -99,18 +99,21 @@ class TeacherFeatureExtractor:
         path: str | os.PathLike,
         layers: Sequence[LayerSelector] = (-1,),
         *,
+        revision: str | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         stop_early: bool = True,
         check_causal: bool = True,
     ) -> TeacherFeatureExtractor:
-        """Load a Hugging Face-layout checkpoint directory (config.json + safetensors) as a teacher.
+        """Load a Hugging Face-layout checkpoint directory (config.json + safetensors), or a hub name such as
+        ``"HuggingFaceTB/SmolLM-135M"`` already in the local Hugging Face cache (``revision``: its branch, tag or
+        commit), as a teacher.
 
         Supported families load natively (no transformers needed); see :func:`letkit.models.load_pretrained`.
         """
         from letkit.models import load_pretrained
 
-        loaded = load_pretrained(path, dtype=dtype, device=device)
+        loaded = load_pretrained(path, revision=revision, dtype=dtype, device=device)
         return cls(loaded.model, layers, stop_early=stop_early, tokenizer=loaded.tokenizer, check_causal=check_causal)
 
     @property

@@ -15,8 +15,11 @@ Every letkit model class follows one interface (the teacher feature extractor an
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,34 @@ class ModelOutput:
 
     logits: Tensor | None
     hidden_states: tuple[Tensor, ...]
+
+
+def check_config_fields(config: Any) -> None:
+    """ValueError naming the first field of the config dataclass ``config`` whose value has the wrong kind.
+
+    In every family's config, an ``int`` field is a size or a count (a positive int, never a bool), a ``float``
+    field an epsilon, a rotary base, a fraction or an init std (a positive, finite number), a ``bool`` a bool and a
+    ``str`` a str; a field annotated ``... | None`` may also be None.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kind, *rest = (part.strip() for part in str(f.type).split("|"))
+        optional = rest == ["None"]
+        if value is None and optional:
+            continue
+        if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            expected = "a positive int"
+        elif kind == "float" and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        ):
+            expected = "a positive, finite number"
+        elif kind == "bool" and not isinstance(value, bool):
+            expected = "true or false"
+        elif kind == "str" and not isinstance(value, str):
+            expected = "a string"
+        else:
+            continue
+        raise ValueError(f"{f.name} must be {expected}{' or None' if optional else ''}, got {value!r}")
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from letkit.models.base import ModelOutput, TensorMapping, activation, init_normal_weights, same, transposed
+from letkit.models.base import (
+    ModelOutput,
+    TensorMapping,
+    activation,
+    check_config_fields,
+    init_normal_weights,
+    same,
+    transposed,
+)
 
 
 @dataclass
@@ -36,6 +44,7 @@ class GPT2Config:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        check_config_fields(self)
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         if self.hidden_size % self.num_attention_heads:

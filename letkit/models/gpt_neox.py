@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from letkit.models.base import ModelOutput, TensorMapping, activation, init_normal_weights, same
+from letkit.models.base import ModelOutput, TensorMapping, activation, check_config_fields, init_normal_weights, same
 from letkit.models.rope import apply_rotary, check_rope_scaling, rope_scaling_from_hf, rotary_cos_sin
 
 
@@ -41,6 +41,7 @@ class GPTNeoXConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        check_config_fields(self)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"

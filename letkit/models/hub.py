@@ -2,11 +2,16 @@
 ``transformers`` and without ever unpickling a file.
 
 A checkpoint is a local directory with ``config.json`` and ``model.safetensors`` (or shards listed in
-``model.safetensors.index.json``), optionally ``tokenizer.json``. ``config.json``'s ``model_type`` picks the
-family: llama / mistral / qwen2 -> :mod:`letkit.models.llama`, gpt_neox -> :mod:`letkit.models.gpt_neox`,
+``model.safetensors.index.json``), optionally ``tokenizer.json``; or a hub name (``org/name``) already in the local
+Hugging Face cache (:func:`resolve_pretrained`; nothing is ever downloaded). ``config.json``'s ``model_type`` picks
+the family: llama / mistral / qwen2 -> :mod:`letkit.models.llama`, gpt_neox -> :mod:`letkit.models.gpt_neox`,
 opt -> :mod:`letkit.models.opt`, gpt2 -> :mod:`letkit.models.gpt2`. Every other model_type is loaded with
-``transformers`` (if installed) and wrapped in :class:`TransformersModel`. Loading is all-or-nothing: a missing,
-unexpected or wrongly shaped tensor, or an unreadable file, raises :class:`CheckpointError` naming file and tensor.
+``transformers`` (if installed) and wrapped in :class:`TransformersModel`.
+
+Loading is all-or-nothing, in both paths: a missing, unexpected or wrongly shaped tensor, a NaN/Inf weight, an
+unreadable file, a config that does not fit the weights, or an index naming a file outside the directory raises
+:class:`CheckpointError` naming the file and the tensor or field. The config is checked against the checkpoint's
+tensor list before any module is built, so a config.json asking for a billion layers fails at once.
 """
 
 from __future__ import annotations
@@ -14,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from letkit.atomic import atomic_directory, remove_stale_temporaries
 from letkit.models import gpt2, gpt_neox, llama, opt
 from letkit.models.base import ModelOutput, TensorMapping, materialize
 
@@ -85,48 +89,128 @@ class PretrainedModel:
     family: str
 
 
-def load_pretrained(
-    path: str | os.PathLike[str], *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> PretrainedModel:
-    """Load the checkpoint in directory ``path`` (see the module docstring).
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
+_REVISION = re.compile(r"[\w.-]+(?:/[\w.-]+)*", re.ASCII)
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_cache_dir() -> Path:
+    """The local Hugging Face hub cache, where ``hf download`` puts models: ``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expandvars(os.environ["HF_HUB_CACHE"])).expanduser()
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    hf_home = os.environ.get("HF_HOME") or os.path.join(cache_home, "huggingface")
+    return Path(os.path.expandvars(hf_home)).expanduser() / "hub"
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike[str], *, revision: str | None = None) -> Path:
+    """The local checkpoint directory for ``name_or_path``: the directory itself if it exists, else the snapshot of
+    hub model ``org/name`` in the Hugging Face cache (:func:`hub_cache_dir`), read offline and never downloaded.
+
+    The cache layout is ``models--org--name/snapshots/<commit>/`` (files there are symlinks into ``blobs/``), with
+    ``refs/<branch or tag>`` holding the commit of each revision downloaded.
 
     Args:
-        path: local checkpoint directory (download hub models first, e.g. ``huggingface-cli download NAME
-            --local-dir DIR``).
+        name_or_path: a checkpoint directory, or a hub name such as ``"HuggingFaceTB/SmolLM-135M"``.
+        revision: for hub names: a branch or tag (its commit read from ``refs/``) or a 40-hex commit hash;
+            None means ``main``.
+
+    Raises:
+        FileNotFoundError: neither a directory nor a model in the cache (the message says where it looked and the
+            command that downloads it), or a cached snapshot without config.json (an incomplete download).
+        ValueError: a ``revision`` for a local directory, or one that is not a plain branch, tag or commit name.
+        CheckpointError: a cache ``refs/`` file that does not hold a commit hash.
+    """
+    if Path(name_or_path).is_dir():
+        if revision is not None:
+            raise ValueError(
+                f"revision={revision!r} applies to hub names, but {str(name_or_path)!r} is a local directory"
+            )
+        return Path(name_or_path)
+    name = os.fspath(name_or_path)
+    if not _REPO_ID.fullmatch(name) or "--" in name or ".." in name:
+        raise FileNotFoundError(
+            f"{name!r} is not a directory, nor a hub model name of the form 'org/name': pass a local checkpoint "
+            "directory (config.json + *.safetensors) or the name of a model in the Hugging Face cache"
+        )
+    if revision is not None and (not isinstance(revision, str) or not _REVISION.fullmatch(revision)
+                                 or ".." in revision.split("/")):
+        raise ValueError(f"revision must be a branch, tag or commit name, got {revision!r}")
+    rev = revision or "main"
+    download = f"`hf download {name}{f' --revision {rev}' if revision else ''}` (or `huggingface-cli download ...`)"
+    cache = hub_cache_dir()
+    repo = cache / f"models--{name.replace('/', '--')}"
+    if not repo.is_dir():
+        raise FileNotFoundError(
+            f"{name!r} is not a local directory, and the Hugging Face cache {cache} has no {repo.name} (the cache is "
+            "$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub). letkit reads local files only: run "
+            f"{download} where the hub is reachable, with the same cache settings, or pass the checkpoint directory"
+        )
+    commit = rev
+    if not _COMMIT_HASH.fullmatch(rev):
+        ref = repo / "refs" / rev
+        if not ref.is_file():
+            snapshots = sorted(p.name for p in (repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
+            raise FileNotFoundError(
+                f"{name!r}: the Hugging Face cache has no revision {rev!r} ({ref} does not exist; cached snapshots: "
+                f"{snapshots or 'none'}). Run {download}, or pass revision=<one of the cached commits>"
+            )
+        commit = ref.read_text(errors="replace").strip()
+        if not _COMMIT_HASH.fullmatch(commit):
+            raise CheckpointError(f"{ref} should hold a 40-hex commit hash, got {commit[:80]!r}")
+    snapshot = repo / "snapshots" / commit
+    if not (snapshot / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{name!r} revision {rev!r}: {snapshot} has no {CONFIG_NAME} (not downloaded, or the download is "
+            f"incomplete). Run {download}"
+        )
+    return snapshot
+
+
+def load_pretrained(
+    path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> PretrainedModel:
+    """Load the checkpoint in directory ``path``, or hub model ``path`` from the local cache (see the module
+    docstring).
+
+    Args:
+        path: local checkpoint directory, or a hub name (``"org/name"``) already downloaded into the Hugging Face
+            cache (:func:`resolve_pretrained`).
+        revision: for hub names: branch, tag or commit (None: ``main``).
         dtype: parameter dtype; None keeps float32 whatever the checkpoint stores.
         device: where the parameters live; None means CPU. Tensors are copied one at a time, so peak host memory
             stays near one tensor when loading onto a GPU.
 
     Raises:
-        FileNotFoundError: ``path`` is not a directory, or has no config.json or weights.
-        CheckpointError: only pickle weights (``*.bin``...), an unreadable or truncated safetensors file, a
-            missing / unexpected / mis-shaped tensor, or an unsupported config.
+        FileNotFoundError: ``path`` is neither a directory nor a cached hub model, or has no config.json or weights.
+        CheckpointError: only pickle weights (``*.bin``...), an unreadable, corrupt or truncated file, a missing /
+            unexpected / mis-shaped / non-finite tensor, a shard path outside the directory, or an invalid or
+            unsupported config.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"load_pretrained expects a local checkpoint directory, got path={str(path)!r}; download hub models "
-            "first, e.g. `huggingface-cli download NAME --local-dir DIR`"
-        )
+    directory = resolve_pretrained(path, revision=revision)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
-    if "model_type" not in hf_config:
-        raise CheckpointError(f"{config_path} has no model_type")
+    hf_config = _read_json(config_path)
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object, got a {type(hf_config).__name__}")
+    if not isinstance(hf_config.get("model_type"), str):
+        raise CheckpointError(f"{config_path} has no model_type (a string), got {hf_config.get('model_type')!r}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
-    weight_files, weight_map = _find_weight_files(directory)
+    reader = _SafetensorsReader(directory)
     family = FAMILIES.get(hf_config["model_type"])
     if family is None:
-        model = _load_with_transformers(directory, hf_config, dtype, device)
+        model = _load_with_transformers(directory, hf_config, reader, dtype, device)
     else:
-        model = _load_family(family, directory, hf_config, weight_files, weight_map, dtype, device)
+        model = _load_family(family, directory, hf_config, reader, dtype, device)
     family_name = family.name if family else "transformers"
     return PretrainedModel(model.eval(), _load_tokenizer(directory), hf_config, family_name)
 
@@ -135,9 +219,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer
     """Write ``model`` as a Hugging Face checkpoint directory: ``config.json`` (HF keys; model_type llama for the
     target), ``model.safetensors`` (HF tensor names, tied LM head stored once) and, if given, ``tokenizer.json``.
 
-    The directory is written under a temporary name next to ``path`` and renamed into place, so ``path`` never
-    holds a half-written checkpoint. ``path`` must not exist yet (or be an empty directory). ``model`` may be
-    wrapped by ``torch.compile``. Returns the checkpoint directory.
+    The directory is written under a temporary name next to ``path`` and renamed into place
+    (:func:`letkit.atomic.atomic_directory`), so ``path`` never holds a half-written checkpoint; temporaries that
+    killed saves left in the same parent directory are removed first. ``path`` must not exist yet (or be an empty
+    directory). ``model`` may be wrapped by ``torch.compile``. Returns the checkpoint directory.
     """
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     target = Path(path)
@@ -145,13 +230,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer
         raise FileExistsError(f"save_pretrained path={str(target)!r} exists and is not an empty directory")
     if tokenizer is not None and not hasattr(tokenizer, "to_str"):
         raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        if isinstance(model, TransformersModel):
+    family = None if isinstance(model, TransformersModel) else _family_of(model)
+    remove_stale_temporaries(target.parent, recursive=False)
+    with atomic_directory(target) as tmp:
+        if family is None:
             model.hf_model.save_pretrained(tmp, safe_serialization=True)
         else:
-            family = _family_of(model)
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
             hf_config = {**model.config.to_hf(), "torch_dtype": dtype}
             tensors = {}
@@ -163,13 +247,6 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], *, tokenizer
         if tokenizer is not None:
             (tmp / TOKENIZER_NAME).write_text(tokenizer.to_str())
             _write_tokenizer_config(tmp, tokenizer, model)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -198,14 +275,36 @@ def _family_of(model: nn.Module) -> Family:
                     f"TransformersModel, got {type(model).__name__}")
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text: {e}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
 def _find_weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of the checkpoint and, if sharded, the index's tensor -> file map."""
     index_path = directory / WEIGHTS_INDEX_NAME
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and isinstance(file, str) for name, file in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{index_path}: 'weight_map' must be an object mapping tensor names to shard file names, got "
+                f"{type(weight_map).__name__ if weight_map is not None else 'none'}"
+            )
+        for name, file in weight_map.items():
+            # Checked on the name, not the resolved path: shards may be symlinks (the Hugging Face cache's are).
+            shard = Path(file)
+            if shard.is_absolute() or ".." in shard.parts:
+                raise CheckpointError(
+                    f"{index_path} maps tensor {name} to {file!r}, a path outside the checkpoint directory "
+                    f"{directory}: refused (shard names must be relative and stay inside it)"
+                )
         return [directory / name for name in sorted(set(weight_map.values()))], weight_map
     if (directory / WEIGHTS_NAME).is_file():
         return [directory / WEIGHTS_NAME], None
@@ -222,9 +321,12 @@ def _find_weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | No
 
 
 class _SafetensorsReader:
-    """Lazy, read-only view of one checkpoint's tensors spread over one or more safetensors files."""
+    """Lazy, read-only view of one checkpoint's tensors spread over one or more safetensors files (only the
+    headers are read up front)."""
 
-    def __init__(self, files: list[Path], weight_map: dict[str, str] | None, index_path: Path) -> None:
+    def __init__(self, directory: Path) -> None:
+        files, weight_map = _find_weight_files(directory)
+        index_path = directory / WEIGHTS_INDEX_NAME
         self.handles: dict[str, Any] = {}  # tensor name -> open safe_open handle
         self.files: dict[str, Path] = {}  # tensor name -> file
         self.stored_names: dict[str, str] = {}  # tensor name -> name inside the file (see `rename`)
@@ -240,8 +342,18 @@ class _SafetensorsReader:
                     raise CheckpointError(f"tensor {name} is stored twice, in {self.files[name]} and {file}")
                 self.handles[name], self.files[name], self.stored_names[name] = handle, file, name
         for name, file_name in (weight_map or {}).items():
-            if self.files.get(name, Path()).name != file_name:
+            if self.files.get(name) != directory / file_name:
                 raise CheckpointError(f"{index_path} maps tensor {name} to {file_name}, which does not contain it")
+        self.description = ", ".join(str(f) for f in files)
+
+    def check_layer_count(self, num_layers: int, config_path: Path) -> None:
+        """CheckpointError unless the checkpoint can hold ``num_layers`` blocks (each stores at least one tensor):
+        run before building the model, whose module tree grows with the layer count whatever the device."""
+        if num_layers > len(self.files):
+            raise CheckpointError(
+                f"{config_path} asks for {num_layers} layers (num_hidden_layers), but {self.description} holds only "
+                f"{len(self.files)} tensors, at least one per layer: the config does not match the weights"
+            )
 
     def rename(self, old: str, new: str) -> None:
         for table in (self.handles, self.files, self.stored_names):
@@ -251,32 +363,44 @@ class _SafetensorsReader:
         return tuple(self.handles[name].get_slice(self.stored_names[name]).get_shape())
 
     def get(self, name: str) -> Tensor:
+        """The tensor ``name``; CheckpointError if it cannot be read or holds NaN/Inf values."""
         try:
-            return self.handles[name].get_tensor(self.stored_names[name])
+            tensor = self.handles[name].get_tensor(self.stored_names[name])
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {self.stored_names[name]} from {self.files[name]}: {e}") from e
+        _check_finite(tensor, f"tensor {self.stored_names[name]} in {self.files[name]}")
+        return tensor
+
+
+def _check_finite(tensor: Tensor, what: str) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{what} holds {bad} NaN/Inf value(s) of {tensor.numel()}: the checkpoint is corrupt")
+
+
+def _listing(names: list[str]) -> str:
+    return f"{names[:8]}{' ...' if len(names) > 8 else ''} ({len(names)} in all)"
 
 
 def _load_family(
     family: Family,
     directory: Path,
     hf_config: dict[str, Any],
-    weight_files: list[Path],
-    weight_map: dict[str, str] | None,
+    reader: _SafetensorsReader,
     dtype: torch.dtype,
     device: torch.device,
 ) -> nn.Module:
+    config_path = directory / CONFIG_NAME
     try:
         config = family.config_cls.from_hf(hf_config)
     except KeyError as e:
-        raise CheckpointError(f"{directory / CONFIG_NAME} lacks key {e} needed for model_type {family.name}") from e
+        raise CheckpointError(f"{config_path} lacks key {e} needed for model_type {family.name}") from e
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
+        raise CheckpointError(f"{config_path}: {e}") from e
+    reader.check_layer_count(config.num_hidden_layers, config_path)
     with torch.device("meta"):
         model = family.model_cls(config).to(dtype)
     mappings = family.mapping(model)
-    reader = _SafetensorsReader(weight_files, weight_map, directory / WEIGHTS_INDEX_NAME)
-    files = ", ".join(str(f) for f in weight_files)
 
     # Checkpoints of the bare base model (GPT-2's original files, OPTModel...) lack the *ForCausalLM prefix.
     if not any(name.startswith(family.base_prefix) for name in reader.files):
@@ -288,23 +412,22 @@ def _load_family(
     missing = [name for name in needed if name not in reader.files]
     if missing:
         raise CheckpointError(
-            f"{files}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all) "
-            f"needed for the {family.name} config in {directory / CONFIG_NAME}"
+            f"{reader.description}: missing tensor(s) {_listing(missing)} needed for the {family.name} config in "
+            f"{config_path}"
         )
     unexpected = [n for n in reader.files if n not in needed and not (tied_head and n == family.head)
                   and not (family.ignored and re.search(family.ignored, n))]
     if unexpected:
         raise CheckpointError(
-            f"unexpected tensor(s) {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} in {files} "
-            f"({len(unexpected)} in all): the checkpoint does not match its {CONFIG_NAME} "
-            f"(model_type {hf_config.get('model_type')!r})"
+            f"unexpected tensor(s) {_listing(unexpected)} in {reader.description}: the checkpoint does not match its "
+            f"{CONFIG_NAME} (model_type {hf_config.get('model_type')!r})"
         )
     for m in mappings:
         for hf_name, expected in zip(m.hf_names, m.split(model.get_parameter(m.name))):
             if reader.shape(hf_name) != tuple(expected.shape):
                 raise CheckpointError(
                     f"tensor {hf_name} in {reader.files[hf_name]} has shape {list(reader.shape(hf_name))}, expected "
-                    f"{list(expected.shape)} from {directory / CONFIG_NAME}"
+                    f"{list(expected.shape)} from {config_path}"
                 )
 
     materialize(model, device)
@@ -373,19 +496,48 @@ def _has_submodule(module: nn.Module, name: str) -> bool:
 
 
 def _load_with_transformers(
-    directory: Path, hf_config: dict[str, Any], dtype: torch.dtype, device: torch.device
+    directory: Path, hf_config: dict[str, Any], reader: _SafetensorsReader, dtype: torch.dtype, device: torch.device
 ) -> TransformersModel:
     model_type = hf_config["model_type"]
+    config_path = directory / CONFIG_NAME
     try:
         import transformers
     except ImportError:
         raise CheckpointError(
-            f"{directory / CONFIG_NAME} has model_type {model_type!r}; without transformers installed letkit loads "
+            f"{config_path} has model_type {model_type!r}; without transformers installed letkit loads "
             f"only {sorted(FAMILIES)}"
         ) from None
-    # dtype at load time (not .to(dtype) afterwards), so transformers keeps buffers such as rotary inv_freq in fp32
     try:
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=dtype)
-    except ValueError:  # no causal-LM class for this model type: take the bare model
-        hf_model = transformers.AutoModel.from_pretrained(directory, use_safetensors=True, dtype=dtype)
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except Exception as e:  # transformers' config classes raise assorted errors of their own
+        raise CheckpointError(f"{config_path}: transformers {transformers.__version__} cannot read it: {e}") from e
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(num_layers, int):
+        reader.check_layer_count(num_layers, config_path)
+    # A causal LM if the checkpoint holds one completely; else the bare model (a checkpoint saved without its LM
+    # head, e.g. an encoder's). Whatever transformers would initialise randomly is refused.
+    failures = []
+    for auto_class in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        try:
+            # dtype at load time (not .to(dtype) afterwards), so transformers keeps buffers such as rotary inv_freq
+            # in fp32
+            hf_model, info = auto_class.from_pretrained(
+                directory, config=config, use_safetensors=True, dtype=dtype, output_loading_info=True
+            )
+        except ValueError as e:  # no model class of this kind for the model type
+            failures.append(f"{auto_class.__name__}: {e}")
+            continue
+        problems = [f"{kind.removesuffix('_keys')} tensor(s) {_listing(sorted(map(str, info[kind])))}"
+                    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
+        problems += [str(message) for message in info.get("error_msgs") or ()]
+        if not problems:
+            break
+        failures.append(f"as {type(hf_model).__name__}: {', '.join(problems)}")
+    else:
+        raise CheckpointError(
+            f"{reader.description} does not hold exactly the weights of the {model_type} model described by "
+            f"{config_path} (transformers would fill the gaps with random values): {'; '.join(failures)}"
+        )
+    for name, param in hf_model.named_parameters():
+        _check_finite(param.detach(), f"parameter {name} loaded from {directory}")
     return TransformersModel(hf_model.to(device=device))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from letkit.models.base import ModelOutput, TensorMapping, fused, same
+from letkit.models.base import ModelOutput, TensorMapping, check_config_fields, fused, same
 from letkit.models.rope import apply_rotary, check_rope_scaling, rope_scaling_from_hf, rotary_cos_sin
 
 
@@ -51,6 +51,7 @@ class LlamaConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        check_config_fields(self)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -60,10 +61,6 @@ class LlamaConfig:
                     " (or pass head_dim)"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -71,8 +68,6 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
         check_rope_scaling(self.rope_scaling)
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)  # our own copy: callers' dicts get mutated elsewhere

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from letkit.models.base import ModelOutput, TensorMapping, activation, fused, init_normal_weights, same
+from letkit.models.base import (
+    ModelOutput,
+    TensorMapping,
+    activation,
+    check_config_fields,
+    fused,
+    init_normal_weights,
+    same,
+)
 
 POSITION_OFFSET = 2
 
@@ -43,6 +51,7 @@ class OPTConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        check_config_fields(self)
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
         if self.hidden_size % self.num_attention_heads:
