@@ -127,6 +127,21 @@ class LambdaSchedule:
         return f"{type(self).__name__}({args})"
 
 
+def require_schedule(schedule: object, *, objective: str, example: str) -> LambdaSchedule:
+    """``schedule`` when it is a :class:`LambdaSchedule`, else a TypeError naming ``objective`` and showing
+    ``example`` (e.g. ``"letkit.LinearDecay(0.1, stop_step=...)"``). An objective's schedule is never defaulted:
+    when the teacher's term ends is the knob the user must choose."""
+    if schedule is None:
+        raise TypeError(
+            f"{objective} needs schedule=, e.g. schedule={example}: stop_step, the step at which the teacher is dropped "
+            "(S_stop, which the LET paper leaves open), is yours to choose, so letkit does not guess it"
+        )
+    if not isinstance(schedule, LambdaSchedule):
+        raise TypeError(f"schedule must be a letkit LambdaSchedule (e.g. {example.split('(')[0]}), got "
+                        f"{type(schedule).__name__}")
+    return schedule
+
+
 class LinearDecay(LambdaSchedule):
     """Linear decay to 0 at ``stop_step`` (the paper's schedule)."""
 
@@ -142,10 +157,11 @@ class CosineDecay(LambdaSchedule):
 
 
 class ConstantWeight(LambdaSchedule):
-    """``lambda0`` (after the optional warmup) until ``stop_step``, then 0: no decay.
+    """``lambda0`` (after the optional warmup) until ``stop_step``, then 0: no decay (``SCHEDULES["constant"]``).
 
     The logit-distillation baselines (:mod:`letkit.distillation`): RKD with ``stop_step`` = the run's length,
-    SALT's abrupt switch to plain training with ``stop_step`` = the end of its distillation phase.
+    SALT's abrupt switch to plain training with ``stop_step`` = the end of its distillation phase. For LET, an
+    abrupt stop at S_stop instead of the paper's linear fade.
     """
 
     def decay(self, elapsed: int, length: int) -> float:
@@ -200,6 +216,7 @@ class ExponentialDecay(LambdaSchedule):
 SCHEDULES: dict[str, type[LambdaSchedule]] = {
     "linear": LinearDecay,
     "cosine": CosineDecay,
+    "constant": ConstantWeight,
     "step": StepDecay,
     "exponential": ExponentialDecay,
 }

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from letkit import CosineDecay, ExponentialDecay, LinearDecay, StepDecay
+from letkit import ConstantWeight, CosineDecay, ExponentialDecay, LinearDecay, StepDecay
 from letkit.schedulers import SCHEDULES
 
 
@@ -35,7 +35,10 @@ def test_warmup_and_hold(name):
     assert s(0) == 0.0
     assert s(5) == pytest.approx(0.25)
     assert s(10) == pytest.approx(0.5) and s(14) == pytest.approx(0.5)
-    assert 0 < s(50) < 0.5 and s(100) == 0.0
+    if name == "constant":
+        assert s(50) == 0.5 and s(99) == 0.5 and s(100) == 0.0
+    else:
+        assert 0 < s(50) < 0.5 and s(100) == 0.0
 
 
 @settings(max_examples=30, deadline=None)
@@ -49,6 +52,12 @@ def test_monotone_after_warmup(name, stop, warmup_frac, hold_frac):
     assert all(a <= b + 1e-12 for a, b in zip(up, up[1:]))
     assert all(a >= b - 1e-12 for a, b in zip(down, down[1:]))
     assert all(0 <= v <= 0.5 + 1e-12 for v in values)
+
+
+def test_constant_weight_is_constant_until_stop():
+    s = ConstantWeight(0.7, stop_step=5, warmup_steps=2)
+    assert [s(i) for i in range(7)] == pytest.approx([0.0, 0.35, 0.7, 0.7, 0.7, 0.0, 0.0])
+    assert not s.is_done(4) and s.is_done(5)
 
 
 def test_specific_shapes():
@@ -105,6 +114,24 @@ def test_step_decay_drops_exactly_every_step_size_steps(stop, step_size, hold, d
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LinearDecay(**kwargs)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(lambda0=math.nan), ValueError, "lambda0 must be finite and >= 0, got nan"),
+        (dict(lambda0=-0.5), ValueError, "lambda0 must be finite and >= 0, got -0.5"),
+        (dict(lambda0="0.5"), TypeError, "lambda0 must be a float, got str"),
+        (dict(stop_step=100.0), TypeError, r"stop_step must be an int, got float \(100.0\)"),
+        (dict(stop_step=-3), ValueError, "stop_step .* must be positive, got -3"),
+        (dict(warmup_steps=math.nan), TypeError, r"warmup_steps must be an int, got float \(nan\)"),
+        (dict(hold_steps=-1), ValueError, "hold_steps must be >= 0, got -1"),
+    ],
+)
+def test_every_schedule_validates_its_arguments(name, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make(name, **kwargs)
 
 
 def test_bad_types_and_steps():
