@@ -201,9 +201,10 @@ def check_alignment_inputs(
         check_mask(mask, tuple(target.shape[:-1]), target.device)
 
 
-def check_mask(mask: object, token_shape: tuple[int, ...], device: torch.device) -> None:
+def check_mask(mask: object, token_shape: tuple[int, ...], device: torch.device, *, of: str = "features") -> None:
     """Raise a TypeError/ValueError naming ``mask`` unless it is a tensor of ``token_shape`` on ``device`` holding
-    only True/False or 0/1.
+    only True/False or 0/1. ``of`` names the target's tensor the mask selects tokens of (``"logits"`` for logit
+    distillation) in the messages.
 
     A bool mask is accepted as it is. An integer or floating mask has its values checked, which on a GPU costs one
     host-device sync: pass a bool mask to avoid it. The value check is skipped inside ``torch.compile``d code
@@ -213,9 +214,9 @@ def check_mask(mask: object, token_shape: tuple[int, ...], device: torch.device)
         raise TypeError(f"mask must be a torch.Tensor of bools (or of 0s and 1s), got {type(mask).__name__}: "
                         "convert it with torch.as_tensor(mask, dtype=torch.bool)")
     if tuple(mask.shape) != tuple(token_shape):
-        raise ValueError(f"mask must have the token shape of the features {tuple(token_shape)}, got {tuple(mask.shape)}")
+        raise ValueError(f"mask must have the token shape of the {of} {tuple(token_shape)}, got {tuple(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"mask must be on the target features' device, got target on {device} and mask on {mask.device}")
+        raise ValueError(f"mask must be on the target {of}' device, got target on {device} and mask on {mask.device}")
     if mask.dtype == torch.bool:
         return
     if mask.is_complex():

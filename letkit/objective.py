@@ -20,7 +20,8 @@ from letkit.layer_map import LayerMap, PairSpec
 from letkit.losses import AlignmentLoss, check_mask
 from letkit.module_paths import describe_output, find_block_list, module_output_tensor
 from letkit.projector import LayerMappingProjector
-from letkit.schedulers import LambdaSchedule
+from letkit.schedulers import LambdaSchedule, require_schedule
+from letkit.target_capture import OutputExtractor, TargetCapture
 from letkit.teacher import TeacherFeatureExtractor
 from letkit.token_alignment import TokenAlignment
 
@@ -103,13 +104,6 @@ class LETObjective(nn.Module):
         target_block_list: str | None = None,
     ) -> None:
         super().__init__()
-        if schedule is None:
-            raise TypeError(
-                "LETObjective needs schedule=, e.g. schedule=letkit.LinearDecay(0.1, stop_step=...): S_stop (stop_step), "
-                "the step at which the teacher is dropped, is the paper's open knob, so letkit does not guess it"
-            )
-        if not isinstance(schedule, LambdaSchedule):
-            raise TypeError(f"schedule must be a letkit LambdaSchedule (e.g. letkit.LinearDecay), got {type(schedule).__name__}")
         if target_block_list is not None:
             warnings.warn("LETObjective(target_block_list=...) is deprecated: pass block_list=... (the teacher's name "
                           "for it too)", DeprecationWarning, stacklevel=2)
@@ -120,13 +114,10 @@ class LETObjective(nn.Module):
         if isinstance(loss, AlignmentLoss) and loss.check_finite and not check_finite:
             raise ValueError("check_finite=False has no effect on the AlignmentLoss passed as loss (it has "
                              "check_finite=True): pass AlignmentLoss(..., check_finite=False) or a loss kind")
-        self.schedule = schedule
+        self.schedule = require_schedule(schedule, objective="LETObjective", example="letkit.LinearDecay(0.1, stop_step=...)")
         self.layer_map = layer_map if isinstance(layer_map, LayerMap) else LayerMap(layer_map)
         self.loss_fn = loss if isinstance(loss, AlignmentLoss) else AlignmentLoss(loss, check_finite=check_finite)
-        # by grad mode: a no-grad forward (evaluation) must not replace the features of the training forward
-        self._captured: dict[bool, dict[int, tuple[Tensor, Tensor | None]]] = {True: {}, False: {}}
-        self._forward_ids: Tensor | None = None
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._capture: TargetCapture | None = None
         if teacher is None:
             if not schedule.is_done():
                 raise ValueError(
@@ -142,10 +133,7 @@ class LETObjective(nn.Module):
             self.target_layers: list[int] = []
             num_pairs = len(self.layer_map.pairs)
         else:
-            if isinstance(teacher, nn.Module):
-                _refuse_shared_parameters(target, teacher, wrapped=False)
-            elif isinstance(teacher, TeacherFeatureExtractor):
-                _refuse_shared_parameters(target, teacher.model, wrapped=True)
+            refuse_shared_parameters(target, teacher)
             if not isinstance(teacher, TeacherFeatureExtractor):
                 teacher = TeacherFeatureExtractor(teacher)
             self.teacher = teacher
@@ -153,12 +141,12 @@ class LETObjective(nn.Module):
             self.pairs = self.layer_map.resolve(teacher.num_layers, len(target_blocks))
             teacher.select_layers([t for t, _ in self.pairs])
             self.target_layers = [s for _, s in self.pairs]
-            self._hooks = [
-                target.register_forward_pre_hook(self._record_batch_hook(target), with_kwargs=True),
-                target.register_forward_hook(self._forget_batch_hook(target), always_call=True),
-                *(target_blocks[k].register_forward_hook(self._capture_hook(k, target_blocks[k], self.block_list_path))
-                  for k in sorted(set(self.target_layers))),
-            ]
+            self._capture = TargetCapture(
+                target,
+                {k: (target_blocks[k], _block_hidden_state(k, target_blocks[k], self.block_list_path))
+                 for k in sorted(set(self.target_layers))},
+                what="features",
+            )
             num_pairs = len(self.pairs)
         if isinstance(projector, str):
             projector = self._build_projector(target, projector, num_pairs, target_dims, teacher_dims)
@@ -170,38 +158,6 @@ class LETObjective(nn.Module):
                 raise ValueError(f"the projector has {len(projector.target_dims)} layer pairs, but the layer map "
                                  f"{self.layer_map.pairs} has {num_pairs}")
         self.projector = projector
-
-    def _record_batch_hook(self, root: nn.Module):
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if module is not root:  # a deep copy of the target carries this hook along
-                return
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            # token ids only (not embeddings): what the objective's input_ids are compared with
-            self._forward_ids = ids if isinstance(ids, Tensor) and not ids.is_floating_point() else None
-
-        return record
-
-    def _forget_batch_hook(self, root: nn.Module):
-        def forget(module: nn.Module, args: Any, output: Any) -> None:
-            if module is root:
-                self._forward_ids = None
-
-        return forget
-
-    def _capture_hook(self, layer: int, block: nn.Module, block_list_path: str):
-        def capture(module: nn.Module, args: Any, output: Any) -> None:
-            if module is not block:  # a deep copy of the target (EMA, eval copy) carries this hook along
-                return
-            hidden = module_output_tensor(output)
-            if hidden is None:
-                raise TypeError(
-                    f"target block {layer} ({block_list_path}.{layer}, {type(block).__name__}) returned "
-                    f"{describe_output(output)}, not a tensor or a tuple/list whose first item is one: LET aligns the "
-                    "hidden state a block returns; pass block_list= naming a list of blocks that return it"
-                )
-            self._captured[torch.is_grad_enabled()][layer] = (hidden, self._forward_ids)
-
-        return capture
 
     def _build_projector(
         self,
@@ -224,9 +180,9 @@ class LETObjective(nn.Module):
             with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 target.eval()
                 target(probe)
+                features = self._capture.take(probe)
             target.train(was_training)
-            target_dims = [self._captured[False][k][0].shape[-1] for k in self.target_layers]
-            self._captured[False].clear()
+            target_dims = [features[k].shape[-1] for k in self.target_layers]
         if teacher_dims is None:
             teacher_dims = self.teacher.feature_dims(probe.to(_device_of(self.teacher.model, device)))
         return LayerMappingProjector(target_dims, teacher_dims, kind).to(device)
@@ -238,12 +194,8 @@ class LETObjective(nn.Module):
 
     def finish(self) -> None:
         """Release the teacher and remove the target hooks (called automatically once lambda is 0 for good)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        for captured in self._captured.values():
-            captured.clear()
-        self._forward_ids = None
+        if self._capture is not None:
+            self._capture.close()
         if self.teacher is not None:
             self.teacher.release()
 
@@ -291,31 +243,15 @@ class LETObjective(nn.Module):
             how = "was built without one" if self.teacher is None else "was released at the end of the schedule"
             raise RuntimeError(f"lambda({step}) = {lam} > 0, but the objective's teacher {how}")
         self.schedule.current_step = step
-        grad_mode = torch.is_grad_enabled()
-        captured = self._captured[grad_mode]
         if lam == 0.0:
             if self.schedule.is_done(step) and not self.finished:
                 self.finish()
-            captured.clear()
+            if self._capture is not None:
+                self._capture.discard()
             total = lm_loss if lm_loss is not None else torch.zeros((), device=input_ids.device)
             return LETOutput(total, lm_loss, None, 0.0)
-        missing = [k for k in self.target_layers if k not in captured]
-        if missing:
-            mode = "with grad enabled" if grad_mode else "under no_grad/inference_mode"
-            raise RuntimeError(
-                f"no target features captured {mode} for target layers {missing}: run the target model's forward pass "
-                "on this batch, in the same grad mode, before calling the objective (under reentrant activation "
-                "checkpointing a block runs without grad: use use_reentrant=False)"
-            )
-        target_features, forward_ids = zip(*(captured[k] for k in self.target_layers))
-        captured.clear()
-        self._check_features_belong_to(input_ids, target_features[0], forward_ids[0])
-        if grad_mode and not all(f.requires_grad for f in target_features):
-            raise RuntimeError(
-                f"the target's layer-{self.target_layers[0]} features carry no gradient although grad mode is on: the "
-                "blocks up to it are frozen or their output was detached, so LET would not train the target. Call the "
-                "objective under torch.no_grad() to only measure the alignment"
-            )
+        captured = self._capture.take(input_ids)
+        target_features = [captured[k] for k in self.target_layers]
         if (teacher_input_ids is None) != (token_alignment is None):
             raise ValueError("cross-tokenizer LET needs both teacher_input_ids and token_alignment (or neither)")
         device = target_features[0].device
@@ -339,37 +275,35 @@ class LETObjective(nn.Module):
         total = lam * align if lm_loss is None else lm_loss + lam * align
         return LETOutput(total, lm_loss, align, lam)
 
-    def _check_features_belong_to(self, input_ids: Tensor, features: Tensor, forward_ids: Tensor | None) -> None:
-        """ValueError unless ``features`` were computed from ``input_ids``. Free when the target ran on the same
-        tensor (or a view of the same memory); a different tensor is compared by value (a sync on GPUs). Features
-        from a forward that did not go through the target's own ``forward`` (no ids recorded) are checked on
-        their shape only."""
-        if features.shape[:2] != input_ids.shape[:2]:
-            raise ValueError(
-                f"input_ids {tuple(input_ids.shape)} is not the batch the target just ran on "
-                f"(its layer-{self.target_layers[0]} features are {tuple(features.shape)})"
+
+def _block_hidden_state(layer: int, block: nn.Module, block_list_path: str) -> OutputExtractor:
+    def hidden_state(output: Any) -> Tensor:
+        hidden = module_output_tensor(output)
+        if hidden is None:
+            raise TypeError(
+                f"target block {layer} ({block_list_path}.{layer}, {type(block).__name__}) returned "
+                f"{describe_output(output)}, not a tensor or a tuple/list whose first item is one: LET aligns the "
+                "hidden state a block returns; pass block_list= naming a list of blocks that return it"
             )
-        if forward_ids is None or forward_ids is input_ids:
-            return
-        same_memory = (forward_ids.device == input_ids.device and forward_ids.data_ptr() == input_ids.data_ptr()
-                       and forward_ids.shape == input_ids.shape and forward_ids.stride() == input_ids.stride())
-        if not same_memory and not (forward_ids.shape == input_ids.shape
-                                    and torch.equal(forward_ids, input_ids.to(forward_ids))):
-            raise ValueError(
-                f"the target's latest forward in this grad mode ran on other token ids than the input_ids given to the "
-                f"objective: its layer-{self.target_layers[0]} features belong to another batch. Call the objective "
-                "right after the target's forward on the same batch"
-            )
+        return hidden
+
+    return hidden_state
 
 
-def _refuse_shared_parameters(target: nn.Module, teacher: nn.Module, *, wrapped: bool) -> None:
-    teacher_parameters = {id(p) for p in teacher.parameters()}
+def refuse_shared_parameters(target: nn.Module, teacher: TeacherFeatureExtractor | nn.Module) -> None:
+    """ValueError when the teacher (a model, or a :class:`TeacherFeatureExtractor`'s model) shares parameters with
+    ``target``: freezing the teacher would freeze the target. Call it before wrapping a model in an extractor."""
+    wrapped = isinstance(teacher, TeacherFeatureExtractor)
+    model = teacher.model if wrapped else teacher
+    if not isinstance(model, nn.Module):  # not a model: TeacherFeatureExtractor's constructor names its type
+        return
+    teacher_parameters = {id(p) for p in model.parameters()}
     shared = [name for name, p in target.named_parameters() if id(p) in teacher_parameters]
     if shared:
         frozen = (" The TeacherFeatureExtractor already froze them (requires_grad=False): set it back on the target."
                   if wrapped else "")
         raise ValueError(
-            f"the teacher shares {len(shared)} parameters with the target (e.g. {shared[:3]}): LET's teacher is a separate "
+            f"the teacher shares {len(shared)} parameters with the target (e.g. {shared[:3]}): the teacher is a separate "
             f"frozen model, and freezing it would freeze the target. Pass another model, or copy.deepcopy(target).{frozen}"
         )
 
