@@ -36,7 +36,8 @@ figures.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,8 +45,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from letkit.losses import check_mask
 from letkit.module_paths import get_submodule
-from letkit.schedulers import LambdaSchedule
+from letkit.objective import refuse_shared_parameters
+from letkit.schedulers import LambdaSchedule, require_schedule
+from letkit.target_capture import TargetCapture
 from letkit.teacher import TeacherFeatureExtractor
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -65,17 +69,13 @@ def _check_chunk_size(chunk_size: int) -> int:
     return chunk_size
 
 
-def _token_weights(
-    mask: Tensor | None, leading_shape: torch.Size, num_tokens: int, device: torch.device, dtype: torch.dtype
-) -> Tensor:
+def _token_weights(mask: Tensor | None, leading_shape: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Per-token weights ``m_t / max(1, sum m)``: the loss is their weighted sum of per-token KLs."""
+    num_tokens = math.prod(leading_shape)
     if mask is None:
         return torch.full((num_tokens,), 1.0 / max(1, num_tokens), device=device, dtype=dtype)
-    if tuple(mask.shape) != tuple(leading_shape):
-        raise ValueError(f"mask must have the token shape of the logits {tuple(leading_shape)}, got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"mask must be bool or hold only 0 and 1, got values {mask.unique()[:8].tolist()}")
-    keep = mask.reshape(-1).to(device=device, dtype=dtype)
+    check_mask(mask, tuple(leading_shape), device, of="logits")
+    keep = (mask.reshape(-1) != 0).to(dtype)
     return keep / keep.sum().clamp_min(1)
 
 
@@ -183,8 +183,9 @@ def logit_distillation_loss(
         teacher_hidden: the teacher's final hidden state ``(..., d_teacher)`` over the same tokens (a constant).
         head_weight, head_bias: the teacher's LM head, ``(V_teacher, d_teacher)`` and ``(V_teacher,)``.
         temperature: ``T > 0``; see the module docstring for the ``T^2`` convention.
-        mask: optional ``(...)`` tensor over tokens, bool or 0/1; True/1 keeps a token. With every token
-            masked the loss is 0.
+        mask: optional ``(...)`` tensor over tokens on the logits' device, bool or holding only 0 and 1;
+            True/1 keeps a token. With every token masked the loss is 0. A non-bool mask has its values checked
+            (a host-device sync on GPUs; see :func:`letkit.losses.check_mask`).
         vocab_size: the shared vocabulary, when one side's logits are padded beyond it: the KL is taken over
             the first ``vocab_size`` entries of both (padding entries get no gradient). None: the two sizes
             must be equal.
@@ -215,7 +216,7 @@ def logit_distillation_loss(
     vocab_size = _shared_vocab_size(head_weight.shape[0], target_logits.shape[-1], vocab_size)
     compute_dtype = torch.float64 if target_logits.dtype == torch.float64 else torch.float32
     num_tokens = target_logits[..., 0].numel()
-    weights = _token_weights(mask, target_logits.shape[:-1], num_tokens, target_logits.device, compute_dtype)
+    weights = _token_weights(mask, target_logits.shape[:-1], target_logits.device, compute_dtype)
     return _ChunkedDistillationKL.apply(
         target_logits.reshape(num_tokens, target_logits.shape[-1]),
         teacher_hidden.detach().reshape(num_tokens, teacher_hidden.shape[-1]),
@@ -264,7 +265,14 @@ class DistillationOutput:
     lm_loss: Tensor | None
     distill_loss: Tensor | None
     lambda_: float
-    step: int
+    _step: int = field(default=0, repr=False, compare=False)
+
+    @property
+    def step(self) -> int:
+        """Deprecated: the step is the schedule's ``current_step``, which the objective's ``step=`` sets."""
+        warnings.warn("DistillationOutput.step is deprecated: read objective.schedule.current_step (the one step "
+                      "counter, which step= sets)", DeprecationWarning, stacklevel=2)
+        return self._step
 
 
 def _logits_of(output: Any) -> Tensor:
@@ -289,7 +297,7 @@ class LogitDistillation(nn.Module):
         rkd = LogitDistillation(model, small_lm, schedule=letkit.ConstantWeight(0.5, stop_step=total_steps))
 
     Called like :class:`letkit.LETObjective`, after the target's forward pass (a forward hook on ``target``
-    keeps a reference to the logits it returned)::
+    keeps a reference to the logits it returned, as :class:`letkit.target_capture.TargetCapture` describes)::
 
         logits = model(input_ids)
         lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
@@ -308,9 +316,13 @@ class LogitDistillation(nn.Module):
             output with ``.logits``).
         teacher: a :class:`TeacherFeatureExtractor` or a plain frozen ``nn.Module`` (a causal LM whose forward
             returns its logits). This objective builds its own extractor of the teacher's final hidden state
-            around the same model (a given extractor's layer choice is left alone).
-        schedule: the lambda schedule (required: say when distillation ends). The teacher is released once
-            ``schedule.is_done(step)``.
+            around the same model (a given extractor's layer choice is left alone). It must not share parameters
+            with ``target``. None only when ``schedule`` is already done (a run resumed at or after its
+            ``stop_step``): the objective is then finished from the start, needs no teacher and returns the LM loss.
+        schedule: the lambda schedule, required: when distillation ends is yours to choose (SALT: the end of its
+            distillation phase, RKD: the run's length). The teacher is released once ``schedule.is_done(step)``.
+            Its ``current_step`` is the objective's step counter (see :meth:`forward`); its state is not part of
+            this module's ``state_dict()``: checkpoint ``objective.schedule.state_dict()``.
         temperature: ``T > 0`` (default 1).
         lm_head: module path of the teacher's LM head (an ``nn.Linear``-like module with ``weight``
             ``(V, d)`` and optional ``bias``). Default: ``get_output_embeddings()`` when the model has it
@@ -344,9 +356,9 @@ class LogitDistillation(nn.Module):
     def __init__(
         self,
         target: nn.Module,
-        teacher: TeacherFeatureExtractor | nn.Module,
+        teacher: TeacherFeatureExtractor | nn.Module | None,
         *,
-        schedule: LambdaSchedule,
+        schedule: LambdaSchedule | None = None,
         temperature: float = 1.0,
         lm_head: str | None = None,
         vocab_size: int | None = None,
@@ -354,12 +366,24 @@ class LogitDistillation(nn.Module):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(schedule, LambdaSchedule):
-            raise TypeError(f"schedule must be a letkit LambdaSchedule, got {type(schedule).__name__}")
-        self.schedule = schedule
+        self.schedule = require_schedule(
+            schedule, objective="LogitDistillation", example="letkit.ConstantWeight(0.5, stop_step=...)"
+        )
         self.temperature = _check_temperature(temperature)
         self.chunk_size = _check_chunk_size(chunk_size)
         self.check_finite = check_finite
+        self._capture: TargetCapture | None = None
+        if teacher is None:
+            if not self.schedule.is_done():
+                raise ValueError(
+                    f"teacher=None is only for a run at or after the end of the schedule, but the schedule is at step "
+                    f"{self.schedule.current_step} < stop_step {self.schedule.stop_step}: pass the teacher"
+                )
+            self.teacher: TeacherFeatureExtractor | None = None
+            self.lm_head_path: str | None = None
+            self.vocab_size = None if vocab_size is None else _check_vocab_size(vocab_size)
+            return
+        refuse_shared_parameters(target, teacher)
         if isinstance(teacher, TeacherFeatureExtractor):
             teacher = TeacherFeatureExtractor(teacher.model, [-1], block_list=teacher.block_list_path)
         else:
@@ -371,16 +395,7 @@ class LogitDistillation(nn.Module):
             raise ValueError(f"vocab_size={vocab_size} is larger than the teacher's LM head ({teacher_vocab} outputs)")
         self.vocab_size = vocab_size
         self._check_head_reproduces_logits()
-        self._captured: Tensor | None = None
-        self._hook = target.register_forward_hook(self._capture_hook(target))
-
-    def _capture_hook(self, target: nn.Module):
-        def capture(module: nn.Module, args: Any, output: Any) -> None:
-            if module is not target:  # a deep copy of the target (EMA, eval copy) carries this hook along
-                return
-            self._captured = _logits_of(output)
-
-        return capture
+        self._capture = TargetCapture(target, {None: (target, _logits_of)}, what="logits")
 
     def _head(self) -> nn.Module:
         return self.teacher.model.get_submodule(self.lm_head_path)
@@ -404,47 +419,55 @@ class LogitDistillation(nn.Module):
 
     @property
     def finished(self) -> bool:
-        """True once the schedule is done and the teacher and the hook are gone."""
-        return self.teacher.released
+        """True once the schedule is done and the teacher and hooks are gone (from the start without a teacher)."""
+        return self.teacher is None or self.teacher.released
 
     def finish(self) -> None:
-        """Release the teacher and remove the target hook (called automatically once lambda is 0 for good)."""
-        self._hook.remove()
-        self._captured = None
-        self.teacher.release()
+        """Release the teacher and remove the target hooks (called automatically once lambda is 0 for good)."""
+        if self._capture is not None:
+            self._capture.close()
+        if self.teacher is not None:
+            self.teacher.release()
 
     def forward(
         self, input_ids: Tensor, *, lm_loss: Tensor | None = None, step: int | None = None, mask: Tensor | None = None
     ) -> DistillationOutput:
         """Combine the LM loss with the distillation term for the target forward pass that just ran.
 
+        The contract is :meth:`letkit.LETObjective.forward`'s: ``step=`` sets ``schedule.current_step``, the one
+        step counter, and leaving it out uses it; with gradient accumulation, call the objective once per
+        micro-batch right after its target forward, with the optimizer's step. The logits are those of the
+        latest target forward in this call's grad mode, so an evaluation forward under ``torch.no_grad()`` in
+        between does not replace the training forward's.
+
         Args:
             input_ids: the ``[B, T]`` token ids the target was just run on; the teacher reads the same.
             lm_loss: the target's language-modelling loss; None to get only ``lambda * L_KD``.
-            step: training step for the schedule (default: ``schedule.current_step``).
-            mask: optional ``[B, T]`` token mask, bool or 0/1 (True/1 = distil this token), e.g. padding.
+            step: the training (optimizer) step; sets ``schedule.current_step``.
+            mask: optional ``[B, T]`` token mask on the logits' device, bool or 0/1 (True/1 = distil this
+                token), e.g. padding.
+
+        Raises:
+            RuntimeError: lambda > 0 but no target forward ran in this grad mode since the last call, or the
+                logits carry no gradient under grad mode (the objective would not train the target), or the
+                teacher is gone.
+            ValueError: the captured logits are not those of ``input_ids`` (another batch ran through the target
+                since), a bad mask, a vocabulary mismatch, or NaN/Inf teacher logits (with ``check_finite``).
         """
+        lam = self.schedule(step)  # checks step
         step = self.schedule.current_step if step is None else step
-        lam = self.schedule(step)
-        logits, self._captured = self._captured, None
+        if lam > 0.0 and self.finished:
+            how = "was built without one" if self.teacher is None else "was released at the end of the schedule"
+            raise RuntimeError(f"lambda({step}) = {lam} > 0, but the objective's teacher {how}")
+        self.schedule.current_step = step
         if lam == 0.0:
             if self.schedule.is_done(step) and not self.finished:
                 self.finish()
+            if self._capture is not None:
+                self._capture.discard()
             total = lm_loss if lm_loss is not None else torch.zeros((), device=input_ids.device)
             return DistillationOutput(total, lm_loss, None, 0.0, step)
-        if self.finished:
-            raise RuntimeError(
-                f"lambda({step}) = {lam} > 0, but the teacher was already released at the end of the schedule"
-            )
-        if logits is None:
-            raise RuntimeError(
-                "no target logits captured: run the target model's forward pass on this batch before calling the objective"
-            )
-        if logits.shape[:2] != input_ids.shape[:2]:
-            raise ValueError(
-                f"input_ids {tuple(input_ids.shape)} is not the batch the target just ran on "
-                f"(its logits are {tuple(logits.shape)})"
-            )
+        (logits,) = self._capture.take(input_ids).values()
         head = self._head()
         (hidden,) = self.teacher(input_ids.to(head.weight.device))
         distill = logit_distillation_loss(

@@ -147,7 +147,8 @@ def test_bad_inputs_name_the_argument():
         logit_distillation_loss(target, hidden, torch.randn(12, 7, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"vocab_size=12 is larger than the teacher's \(11\) or the target's \(11\)"):
         logit_distillation_loss(target, hidden, weight, bias, vocab_size=12)
-    with pytest.raises(ValueError, match=r"mask must be bool or hold only 0 and 1, got values \[0, 1, 2\]"):
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 \(or be a bool tensor: True keeps a token\), got 1 "
+                                         r"other values, e.g. \[2\]"):
         logit_distillation_loss(target, hidden, weight, bias, mask=torch.tensor([[0, 1, 2, 1, 1], [1, 1, 1, 1, 1]]))
     with pytest.raises(ValueError, match=r"mask must have the token shape of the logits \(2, 5\), got \(2, 4\)"):
         logit_distillation_loss(target, hidden, weight, bias, mask=torch.ones(2, 4))
@@ -183,7 +184,9 @@ def test_objective_matches_the_teachers_own_logits(tiny_lm):
     out = objective(ids, lm_loss=lm, step=4)
     with torch.no_grad():
         want = reference_loss(logits, teacher(ids), temperature=2.0)
-    assert out.lambda_ == pytest.approx(0.3) and out.step == 4
+    assert out.lambda_ == pytest.approx(0.3) and objective.schedule.current_step == 4
+    with pytest.warns(DeprecationWarning, match="DistillationOutput.step is deprecated: read objective.schedule.current_step"):
+        assert out.step == 4
     torch.testing.assert_close(out.distill_loss, want)
     torch.testing.assert_close(out.loss, lm + 0.3 * want)
     out.loss.backward()
@@ -231,16 +234,11 @@ def test_schedule_end_releases_the_teacher_and_unhooks_the_target(tiny_lm):
     assert len(calls) == 3 and objective.finished
     gc.collect()
     assert teacher_ref() is None  # nothing holds the teacher's memory any more
-    target(ids)
-    assert objective._captured is None  # and the target's logits are no longer captured
-    with pytest.raises(RuntimeError, match="already released"):
+    logits = weakref.ref(target(ids))
+    gc.collect()
+    assert logits() is None  # and the target's logits are no longer captured
+    with pytest.raises(RuntimeError, match=r"lambda\(1\) = 1.0 > 0, but the objective's teacher was released at the end of the schedule"):
         objective(ids, step=1)
-
-
-def test_constant_weight_is_constant_until_stop():
-    s = ConstantWeight(0.7, stop_step=5, warmup_steps=2)
-    assert [s(i) for i in range(7)] == pytest.approx([0.0, 0.35, 0.7, 0.7, 0.7, 0.0, 0.0])
-    assert not s.is_done(4) and s.is_done(5)
 
 
 def test_vocabulary_mismatch_and_padding(tiny_lm):
@@ -263,8 +261,6 @@ def test_vocabulary_mismatch_and_padding(tiny_lm):
 
 def test_objective_errors(tiny_lm):
     target, teacher = tiny_lm(seed=0), tiny_lm(dim=8, seed=1)
-    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'schedule'"):
-        LogitDistillation(target, teacher)
     with pytest.raises(ValueError, match="temperature must be finite and > 0, got nan"):
         LogitDistillation(target, teacher, schedule=ConstantWeight(1.0, 3), temperature=float("nan"))
     objective = LogitDistillation(target, teacher, schedule=ConstantWeight(1.0, 3))
@@ -349,3 +345,139 @@ def test_let_and_logit_distillation_combine_with_one_shared_teacher(tiny_lm):
             torch.testing.assert_close(both[step][name], want, rtol=1e-5, atol=1e-7)
     # distillation ended at step 2 and released its teacher reference; LET ran on the same model at step 3
     assert kd.finished
+
+
+# ---- the conventions LogitDistillation shares with LETObjective -------------------------------------------------
+
+
+OBJECTIVES = {"LETObjective": LETObjective, "LogitDistillation": LogitDistillation}
+
+
+@pytest.mark.parametrize("objective_class", OBJECTIVES.values(), ids=OBJECTIVES)
+def test_one_step_counter(tiny_lm, objective_class):
+    target = tiny_lm()
+    schedule = LinearDecay(1.0, stop_step=4)
+    objective = objective_class(target, tiny_lm(dim=8, seed=1), schedule=schedule)
+    ids = torch.randint(0, 50, (2, 6))
+    target(ids)
+    assert objective(ids, step=2).lambda_ == pytest.approx(0.5)
+    assert schedule.current_step == 2 and schedule.state_dict()["current_step"] == 2  # what a checkpoint saves
+    target(ids)
+    assert objective(ids).lambda_ == pytest.approx(0.5)  # without step=, the same counter
+    schedule.step()
+    for _ in range(3):  # gradient accumulation: one call per micro-batch, all at the optimizer's step
+        target(ids)
+        assert objective(ids).lambda_ == pytest.approx(0.25) and schedule.current_step == 3
+    with pytest.raises(TypeError, match=r"step must be an int, got float \(nan\)"):
+        objective(ids, step=float("nan"))
+    assert schedule.current_step == 3
+
+
+def test_an_evaluation_forward_in_between_does_not_replace_the_training_logits(tiny_lm):
+    target, teacher = tiny_lm(seed=0), tiny_lm(dim=8, seed=1)
+    objective = LogitDistillation(target, teacher, schedule=ConstantWeight(1.0, stop_step=4))
+    train_ids, eval_ids = torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (2, 6))
+
+    def expected(ids):
+        with torch.no_grad():
+            return reference_loss(target(ids), teacher(ids))
+
+    target(train_ids)
+    with torch.no_grad():
+        target(eval_ids)
+    out = objective(train_ids, step=0)
+    assert out.distill_loss.requires_grad  # distillation still trains the target
+    torch.testing.assert_close(out.distill_loss, expected(train_ids))
+    with torch.no_grad():  # measuring the distillation loss of an evaluation batch stays possible
+        target(eval_ids)
+        torch.testing.assert_close(objective(eval_ids, step=0).distill_loss, expected(eval_ids))
+
+
+def test_an_evaluation_batchs_logits_are_not_held_once_training_resumes(tiny_lm):
+    target = tiny_lm()
+    LogitDistillation(target, tiny_lm(dim=8, seed=1), schedule=ConstantWeight(1.0, stop_step=4))
+    with torch.no_grad():
+        eval_logits = weakref.ref(target(torch.randint(0, 50, (2, 6))))
+    gc.collect()
+    assert eval_logits() is not None  # kept for an objective call under no_grad
+    target(torch.randint(0, 50, (2, 6)))
+    gc.collect()
+    assert eval_logits() is None
+
+
+@pytest.mark.parametrize("objective_class", OBJECTIVES.values(), ids=OBJECTIVES)
+def test_outputs_of_another_batch_are_refused(tiny_lm, objective_class):
+    target = tiny_lm()
+    objective = objective_class(target, tiny_lm(dim=8, seed=1), schedule=ConstantWeight(1.0, stop_step=4))
+    batch = torch.randint(0, 50, (2, 7))
+    target(batch[:, :-1])
+    target(torch.randint(0, 50, (2, 6)))
+    with pytest.raises(ValueError, match="the target's latest forward in this grad mode ran on other token ids than the input_ids"):
+        objective(batch[:, :-1], step=0)
+    target(batch[:, :-1].clone())
+    objective(batch[:, :-1], step=0)  # another tensor holding the same ids
+
+
+@pytest.mark.parametrize("objective_class", OBJECTIVES.values(), ids=OBJECTIVES)
+def test_outputs_without_grad_under_grad_mode_are_refused(tiny_lm, objective_class):
+    target = tiny_lm()
+    objective = objective_class(target, tiny_lm(dim=8, seed=1), schedule=ConstantWeight(1.0, stop_step=4))
+    target.requires_grad_(False)
+    ids = torch.randint(0, 50, (2, 6))
+    target(ids)
+    with pytest.raises(RuntimeError, match="the target's (layer-0 features|logits) carry no gradient although grad mode is on"):
+        objective(ids, step=0)
+    with torch.no_grad():  # measuring the loss without training stays possible
+        target(ids)
+        assert objective(ids, step=0).loss.isfinite()
+
+
+@pytest.mark.parametrize("objective_class", OBJECTIVES.values(), ids=OBJECTIVES)
+def test_a_teacher_sharing_parameters_with_the_target_is_refused_before_freezing(tiny_lm, objective_class):
+    target = tiny_lm()
+    with pytest.raises(ValueError, match=r"the teacher shares 16 parameters with the target \(e.g. \['embed.weight', "):
+        objective_class(target, target, schedule=ConstantWeight(1.0, stop_step=4))
+    assert all(p.requires_grad for p in target.parameters()) and target.training
+
+
+def test_no_teacher_after_the_end_of_the_schedule(tiny_lm):
+    """A run resumed at or after stop_step needs no teacher: the objective is finished from the start."""
+    target = tiny_lm()
+    schedule = ConstantWeight(1.0, stop_step=4)
+    schedule.current_step = 4
+    objective = LogitDistillation(target, None, schedule=schedule)
+    assert objective.finished
+    ids = torch.randint(0, 50, (2, 6))
+    lm = lm_loss_of(target(ids), ids)
+    out = objective(ids, lm_loss=lm)
+    assert out.loss is lm and out.distill_loss is None and out.lambda_ == 0.0
+    with pytest.raises(RuntimeError, match=r"lambda\(1\) = 1.0 > 0, but the objective's teacher was built without one"):
+        objective(ids, step=1)
+    with pytest.raises(ValueError, match="teacher=None is only for a run at or after the end of the schedule, but the "
+                                         "schedule is at step 0 < stop_step 4: pass the teacher"):
+        LogitDistillation(target, None, schedule=ConstantWeight(1.0, stop_step=4))
+
+
+@pytest.mark.parametrize("objective_class, example", [(LETObjective, r"LinearDecay\(0.1"), (LogitDistillation, r"ConstantWeight\(0.5")],
+                         ids=OBJECTIVES)
+def test_the_schedule_is_required(tiny_lm, objective_class, example):
+    target, teacher = tiny_lm(), tiny_lm(dim=8, seed=1)
+    with pytest.raises(TypeError, match=rf"{objective_class.__name__} needs schedule=, e.g. schedule=letkit.{example}, stop_step=...\)"):
+        objective_class(target, teacher)
+    with pytest.raises(TypeError, match="schedule must be a letkit LambdaSchedule .*got function"):
+        objective_class(target, teacher, schedule=lambda step: 0.1)
+
+
+def test_bad_masks_are_named_as_for_the_alignment_loss(tiny_lm):
+    target = tiny_lm()
+    objective = LogitDistillation(target, tiny_lm(dim=8, seed=1), schedule=ConstantWeight(1.0, stop_step=4))
+    ids = torch.randint(0, 50, (2, 6))
+    target(ids)
+    with pytest.raises(TypeError, match=r"mask must be a torch.Tensor of bools \(or of 0s and 1s\), got list"):
+        objective(ids, step=0, mask=[[1] * 6] * 2)
+    target(ids)
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 .*e.g. \[-1.0\]"):
+        objective(ids, step=0, mask=torch.tensor([[1.0] * 6, [1.0] * 5 + [-1.0]]))
+    target(ids)
+    with pytest.raises(ValueError, match="mask must be on the target logits' device, got target on cpu and mask on meta"):
+        objective(ids, step=0, mask=torch.ones(2, 6, dtype=torch.bool, device="meta"))

@@ -254,32 +254,6 @@ def test_a_run_resumed_after_s_stop_needs_no_teacher(tiny_lm):
         LETObjective(target, None, teacher_dims=8, schedule=schedule)
 
 
-def test_one_step_counter(tiny_lm):
-    target = tiny_lm(layers=4)
-    schedule = LinearDecay(1.0, stop_step=4)
-    objective = LETObjective(target, tiny_lm(dim=8, seed=1), schedule=schedule)
-    ids = torch.randint(0, 50, (2, 6))
-    target(ids)
-    assert objective(ids, step=2).lambda_ == pytest.approx(0.5)
-    assert schedule.current_step == 2 and schedule.state_dict()["current_step"] == 2  # what a checkpoint saves
-    target(ids)
-    assert objective(ids).lambda_ == pytest.approx(0.5)  # without step=, the same counter
-    schedule.step()
-    for _ in range(3):  # gradient accumulation: one call per micro-batch, all at the optimizer's step
-        target(ids)
-        assert objective(ids).lambda_ == pytest.approx(0.25) and schedule.current_step == 3
-    with pytest.raises(TypeError, match=r"step must be an int, got float \(nan\)"):
-        objective(ids, step=float("nan"))
-
-
-def test_the_schedule_is_required(tiny_lm):
-    target, teacher = tiny_lm(layers=4), tiny_lm(dim=8, seed=1)
-    with pytest.raises(TypeError, match=r"LETObjective needs schedule=, e.g. schedule=letkit.LinearDecay\(0.1, stop_step=...\)"):
-        LETObjective(target, teacher)
-    with pytest.raises(TypeError, match="schedule must be a letkit LambdaSchedule .*got function"):
-        LETObjective(target, teacher, schedule=lambda step: 0.1)
-
-
 def test_an_evaluation_forward_in_between_does_not_replace_the_training_features(tiny_lm):
     target, teacher = tiny_lm(layers=4), tiny_lm(dim=8, seed=1)
     objective = LETObjective(target, teacher, schedule=LinearDecay(1.0, stop_step=4))
