@@ -36,8 +36,7 @@ figures.
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -265,14 +264,6 @@ class DistillationOutput:
     lm_loss: Tensor | None
     distill_loss: Tensor | None
     lambda_: float
-    _step: int = field(default=0, repr=False, compare=False)
-
-    @property
-    def step(self) -> int:
-        """Deprecated: the step is the schedule's ``current_step``, which the objective's ``step=`` sets."""
-        warnings.warn("DistillationOutput.step is deprecated: read objective.schedule.current_step (the one step "
-                      "counter, which step= sets)", DeprecationWarning, stacklevel=2)
-        return self._step
 
 
 def _logits_of(output: Any) -> Tensor:
@@ -466,7 +457,7 @@ class LogitDistillation(nn.Module):
             if self._capture is not None:
                 self._capture.discard()
             total = lm_loss if lm_loss is not None else torch.zeros((), device=input_ids.device)
-            return DistillationOutput(total, lm_loss, None, 0.0, step)
+            return DistillationOutput(total, lm_loss, None, 0.0)
         (logits,) = self._capture.take(input_ids).values()
         head = self._head()
         (hidden,) = self.teacher(input_ids.to(head.weight.device))
@@ -482,7 +473,7 @@ class LogitDistillation(nn.Module):
             check_finite=self.check_finite,
         )
         total = lam * distill if lm_loss is None else lm_loss + lam * distill
-        return DistillationOutput(total, lm_loss, distill, lam, step)
+        return DistillationOutput(total, lm_loss, distill, lam)
 
     def extra_repr(self) -> str:
         return (

@@ -185,8 +185,6 @@ def test_objective_matches_the_teachers_own_logits(tiny_lm):
     with torch.no_grad():
         want = reference_loss(logits, teacher(ids), temperature=2.0)
     assert out.lambda_ == pytest.approx(0.3) and objective.schedule.current_step == 4
-    with pytest.warns(DeprecationWarning, match="DistillationOutput.step is deprecated: read objective.schedule.current_step"):
-        assert out.step == 4
     torch.testing.assert_close(out.distill_loss, want)
     torch.testing.assert_close(out.loss, lm + 0.3 * want)
     out.loss.backward()
