@@ -39,11 +39,13 @@ def plain_loop(
     steps: Sequence[Sequence[Tensor]],
     lm_loss: Callable[[nn.Module, Tensor], Tensor],
     lr: float,
+    first_step: int = 0,
 ) -> Trace:
-    """Train with SGD by hand: step ``s`` averages ``lm_loss + lambda(s) * L_align`` over its micro-batches."""
+    """Train with SGD by hand: step ``s`` (counted from ``first_step``) averages ``lm_loss + lambda(s) * L_align``
+    over its micro-batches."""
     optimizer = torch.optim.SGD(list(named_trainables(target, objective).values()), lr=lr)
     trace = Trace()
-    for step, micro_batches in enumerate(steps):
+    for step, micro_batches in enumerate(steps, start=first_step):
         total = 0.0
         for ids in micro_batches:
             out = objective(ids, lm_loss=lm_loss(target, ids), step=step)

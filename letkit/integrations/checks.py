@@ -13,7 +13,7 @@ from letkit.objective import LETObjective
 from letkit.schedulers import LambdaSchedule
 from letkit.tokenization import same_tokenizer
 
-__all__ = ["check_projector_in_optimizer", "check_same_vocabulary", "warn_if_schedule_outlasts_run"]
+__all__ = ["check_projector_in_optimizer", "check_same_vocabulary", "input_embedding_size", "warn_if_schedule_outlasts_run"]
 
 
 def check_projector_in_optimizer(objective: LETObjective, param_groups: Iterable[dict[str, Any]]) -> None:
@@ -49,7 +49,8 @@ def _backend_tokenizer(tokenizer: Any) -> Tokenizer | None:
     return None
 
 
-def _input_embedding_size(model: nn.Module) -> int | None:
+def input_embedding_size(model: nn.Module) -> int | None:
+    """Rows of ``model``'s input embedding table (``get_input_embeddings()``, else its first embedding); None if none."""
     get_input_embeddings = getattr(model, "get_input_embeddings", None)
     if callable(get_input_embeddings):
         return getattr(get_input_embeddings(), "num_embeddings", None)
@@ -72,7 +73,7 @@ def check_same_vocabulary(
         problem = (f"the data's tokenizer ({ours.get_vocab_size()} tokens) and the teacher's "
                    f"({theirs.get_vocab_size()} tokens) differ")
     else:
-        target_size, teacher_size = _input_embedding_size(target), _input_embedding_size(objective.teacher.model)
+        target_size, teacher_size = input_embedding_size(target), input_embedding_size(objective.teacher.model)
         if target_size is None or teacher_size is None or target_size == teacher_size:
             return
         problem = f"the target embeds {target_size} token ids and the teacher {teacher_size}"
