@@ -27,10 +27,11 @@ VOCAB, SEQ, BATCH, ACCUMULATION = 2048, 32, 2, 2
 LET = LETConfig(teacher_path="random:tiny", teacher_dtype="float32", lambda0=1.0, stop_step=3)
 
 
-def debug_model():
+def debug_model(attention: str = "sdpa"):
     config = model_registry("debugmodel").model
-    for layer in config.layers:
-        layer.attention.inner_attention = ScaledDotProductAttention.Config()  # FlexAttention: no CPU backward
+    if attention == "sdpa":
+        for layer in config.layers:
+            layer.attention.inner_attention = ScaledDotProductAttention.Config()  # FlexAttention: no CPU backward
     torch.manual_seed(0)
     with torch.device("meta"):
         model = config.build()
@@ -80,6 +81,14 @@ def test_hooks_on_the_first_block_and_the_teacher_on_the_model_vocabulary(setup)
     model, objective, _, _ = setup
     assert objective.target_block_list_path == "layers" and objective.target_layers == [0]
     assert objective.teacher.model.embed.num_embeddings == VOCAB
+
+
+def test_objective_builds_on_the_flex_attention_model():
+    """The debug config as torchtitan trains it: its FlexAttention cannot run the probe forward a projector kind
+    would need (no attention masks), so the projector is built from the widths."""
+    model = debug_model(attention="flex")
+    objective = objective_for(model)
+    assert objective.projector.target_dims == [256] and objective.projector.teacher_dims == [64]
 
 
 @pytest.mark.parametrize("step", [1, 3])  # lambda = 2/3, and 0 at S_stop
