@@ -36,7 +36,8 @@ def build(teacher_vocab: int = VOCAB, stop_step: int = S_STOP):
     torch.manual_seed(0)
     target = from_preset("tiny", hidden_size=32, num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB)
     torch.manual_seed(1)
-    teacher = from_preset("tiny", hidden_size=16, num_attention_heads=2, num_key_value_heads=1, vocab_size=teacher_vocab)
+    teacher = from_preset("tiny", hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                          vocab_size=teacher_vocab)
     torch.manual_seed(2)
     objective = LETObjective(target, teacher, projector="linear", schedule=LinearDecay(1.0, stop_step=stop_step))
     return target, objective
@@ -87,7 +88,8 @@ def make_trainer(root: Path, max_steps: int = STEPS, **overrides):
 def loader():
     """One epoch of STEPS steps whose second half repeats the first: resumed mid-epoch, Lightning restarts a plain
     DataLoader from its first batch, so the resumed run sees the batches the uninterrupted one saw."""
-    half = torch.randint(0, VOCAB, (RESUME_STEP * ACCUMULATION * BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    half = torch.randint(0, VOCAB, (RESUME_STEP * ACCUMULATION * BATCH, SEQ), generator=generator)
     return torch.utils.data.DataLoader(torch.cat([half, half]), batch_size=BATCH, shuffle=False)
 
 

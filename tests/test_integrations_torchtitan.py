@@ -20,7 +20,14 @@ from torchtitan.models.llama3 import model_registry  # noqa: E402
 from torchtitan.models.llama3.config_registry import llama3_debugmodel  # noqa: E402
 
 from integrations_testing import Trace, assert_grads_close, plain_loop  # noqa: E402
-from letkit.integrations.torchtitan import LETConfig, LETLoss, LETTrainer, build_objective  # noqa: E402
+from letkit import alignment_loss  # noqa: E402
+from letkit.integrations.torchtitan import (  # noqa: E402
+    LETConfig,
+    LETLoss,
+    LETTrainer,
+    build_objective,
+    llama3_debugmodel_let,
+)
 from letkit.models import from_preset, save_pretrained  # noqa: E402
 
 VOCAB, SEQ, BATCH, ACCUMULATION = 2048, 32, 2, 2
@@ -77,10 +84,16 @@ def setup():
     return model, objective, LETLoss(base, objective, model, lambda: step_counter[0] - 1), step_counter
 
 
-def test_hooks_on_the_first_block_and_the_teacher_on_the_model_vocabulary(setup):
-    model, objective, _, _ = setup
-    assert objective.target_block_list_path == "layers" and objective.target_layers == [0]
-    assert objective.teacher.model.embed.num_embeddings == VOCAB
+def test_the_objective_aligns_the_first_of_torchtitans_layers_with_the_teacher(setup):
+    model, objective, _, _ = setup  # torchtitan's layers is a ModuleDict: "0", "1", ...
+    first_block = []
+    model.layers["0"].register_forward_hook(lambda module, args, output: first_block.append(output))
+    ids = micro_batches(0)[0][0]
+    model(ids)
+    out = objective(ids, step=0)
+    want = alignment_loss(first_block[0], objective.teacher(ids)[0], projection="interpolate")
+    torch.testing.assert_close(out.align_loss, want)
+    assert objective.teacher.model.embed.num_embeddings == VOCAB  # random:tiny takes the model's vocabulary
 
 
 def test_objective_builds_on_the_flex_attention_model():
@@ -129,8 +142,6 @@ def test_registry_config_parses_with_a_let_section():
     (lambda c: setattr(c.training, "disable_cuda_graphs", False), "CUDA graph.*disable_cuda_graphs"),
 ])
 def test_trainer_refuses_what_let_cannot_do(change, message):
-    from letkit.integrations.torchtitan import llama3_debugmodel_let
-
     config = llama3_debugmodel_let()
     change(config)
     with pytest.raises(ValueError, match=message):

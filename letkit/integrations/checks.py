@@ -13,7 +13,12 @@ from letkit.objective import LETObjective
 from letkit.schedulers import LambdaSchedule
 from letkit.tokenization import same_tokenizer
 
-__all__ = ["check_projector_in_optimizer", "check_same_vocabulary", "input_embedding_size", "warn_if_schedule_outlasts_run"]
+__all__ = [
+    "check_projector_in_optimizer",
+    "check_same_vocabulary",
+    "input_embedding_size",
+    "warn_if_schedule_outlasts_run",
+]
 
 
 def check_projector_in_optimizer(objective: LETObjective, param_groups: Iterable[dict[str, Any]]) -> None:
@@ -22,7 +27,8 @@ def check_projector_in_optimizer(objective: LETObjective, param_groups: Iterable
     missing = [name for name, p in objective.named_parameters() if p.requires_grad and id(p) not in held]
     if missing:
         raise ValueError(
-            f"the LET objective's learned projector has trainable parameters the optimizer was built without: {missing}. "
+            "the LET objective's learned projector has trainable parameters the optimizer was built without: "
+            f"{missing}. "
             "They would never be updated: build the optimizer over the model's parameters and the objective's "
             "(objective.parameters())"
         )
@@ -43,18 +49,21 @@ def warn_if_schedule_outlasts_run(schedule: LambdaSchedule, max_steps: int) -> N
 def _backend_tokenizer(tokenizer: Any) -> Tokenizer | None:
     """The ``tokenizers.Tokenizer`` behind a tokenizer object: itself, a transformers fast tokenizer's
     ``backend_tokenizer``, or a wrapper's ``tokenizer``; None when there is none."""
-    for candidate in (tokenizer, getattr(tokenizer, "backend_tokenizer", None), getattr(tokenizer, "tokenizer", None)):
+    candidates = (tokenizer, getattr(tokenizer, "backend_tokenizer", None), getattr(tokenizer, "tokenizer", None))
+    for candidate in candidates:
         if isinstance(candidate, Tokenizer):
             return candidate
     return None
 
 
 def input_embedding_size(model: nn.Module) -> int | None:
-    """Rows of ``model``'s input embedding table (``get_input_embeddings()``, else its first embedding); None if none."""
+    """Rows of ``model``'s input embedding table (``get_input_embeddings()``, else its first module with
+    ``num_embeddings``); None when it has none."""
     get_input_embeddings = getattr(model, "get_input_embeddings", None)
     if callable(get_input_embeddings):
         return getattr(get_input_embeddings(), "num_embeddings", None)
-    return next((m.num_embeddings for m in model.modules() if isinstance(getattr(m, "num_embeddings", None), int)), None)
+    sizes = (getattr(m, "num_embeddings", None) for m in model.modules())
+    return next((size for size in sizes if isinstance(size, int)), None)
 
 
 def check_same_vocabulary(

@@ -2,7 +2,8 @@
 
 ::
 
-    objective = letkit.LETObjective(model, teacher, projector="linear", schedule=letkit.LinearDecay(0.1, stop_step=2000))
+    schedule = letkit.LinearDecay(0.1, stop_step=2000)
+    objective = letkit.LETObjective(model, teacher, projector="linear", schedule=schedule)
     trainer = LETTrainer(model=model, args=TrainingArguments(...), train_dataset=dataset, let_objective=objective)
     trainer.train()                                   # or trainer.train(resume_from_checkpoint=True)
 """
@@ -20,7 +21,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from letkit.atomic import atomic_write_bytes, atomic_write_json
-from letkit.integrations.checks import check_projector_in_optimizer, check_same_vocabulary, warn_if_schedule_outlasts_run
+from letkit.integrations.checks import (
+    check_projector_in_optimizer,
+    check_same_vocabulary,
+    warn_if_schedule_outlasts_run,
+)
 from letkit.objective import LETObjective
 from letkit.optim import weight_decay_groups
 
@@ -149,18 +154,19 @@ class LETTrainer(Trainer):
         ``Trainer.training_step``)."""
         if getattr(self, "loss_is_scaled_for_ga", None) is not None:
             return bool(self.loss_is_scaled_for_ga)
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        normalised_by_model = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        return normalised_by_model or self.compute_loss_func is not None
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's log; training logs also get ``align_loss`` (averaged over micro-batches and processes
         since the last log, when the teacher ran) and ``lambda`` (of the latest step)."""
         if "loss" in logs and self._let_lambda is not None:
             device = self.args.device
-            align_sum = torch.zeros((), device=device) if self._let_align_sum is None else self._let_align_sum.to(device)
-            totals = self.accelerator.reduce(torch.stack([align_sum, torch.tensor(float(self._let_align_count),
-                                                                                   device=device)]), reduction="sum")
-            if totals[1] > 0:
-                logs["align_loss"] = (totals[0] / totals[1]).item()
+            align_sum = torch.zeros((), device=device) if self._let_align_sum is None else self._let_align_sum
+            count = torch.tensor(float(self._let_align_count), device=device)
+            align_sum, count = self.accelerator.reduce(torch.stack([align_sum.to(device), count]), reduction="sum")
+            if count > 0:
+                logs["align_loss"] = (align_sum / count).item()
             logs["lambda"] = self._let_lambda
             self._let_align_sum, self._let_align_count = None, 0
         super().log(logs, *args, **kwargs)
@@ -183,8 +189,8 @@ class LETTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_let_state(self, checkpoint: str) -> None:
-        objective_file, schedule_file = os.path.join(checkpoint, OBJECTIVE_FILE), os.path.join(checkpoint, SCHEDULE_FILE)
-        missing = [name for name in (OBJECTIVE_FILE, SCHEDULE_FILE) if not os.path.isfile(os.path.join(checkpoint, name))]
+        objective_file, schedule_file = (os.path.join(checkpoint, name) for name in (OBJECTIVE_FILE, SCHEDULE_FILE))
+        missing = [os.path.basename(path) for path in (objective_file, schedule_file) if not os.path.isfile(path)]
         if missing:
             raise FileNotFoundError(f"checkpoint {checkpoint} has no {missing}: it was not saved by LETTrainer, so the "
                                     "LET objective's state cannot be restored")

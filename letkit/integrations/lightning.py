@@ -29,7 +29,11 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-from letkit.integrations.checks import check_projector_in_optimizer, check_same_vocabulary, warn_if_schedule_outlasts_run
+from letkit.integrations.checks import (
+    check_projector_in_optimizer,
+    check_same_vocabulary,
+    warn_if_schedule_outlasts_run,
+)
 from letkit.objective import LETObjective
 from letkit.tokenization import TokenAlignment
 
@@ -117,7 +121,8 @@ class LETMixin:
         if not objective.finished:
             objective.teacher.model.to(self.device)
             if self.let_check_vocabulary and not has_token_alignment:
-                check_same_vocabulary(self, objective, self.let_tokenizer, opt_out="let_check_vocabulary = False")  # the module's first embedding: the target's
+                # the module's first embedding table is the target's (the objective holds none)
+                check_same_vocabulary(self, objective, self.let_tokenizer, opt_out="let_check_vocabulary = False")
         self._let_checked = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

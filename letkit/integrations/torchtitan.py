@@ -170,7 +170,8 @@ class LETTrainer(Trainer):
         model = self.model_parts[0]
         self.let_objective = build_objective(config.let, model, self.device, self.tokenizer)
         warn_if_schedule_outlasts_run(self.let_objective.schedule, config.training.steps)
-        self.loss_fn = LETLoss(self.loss_fn, self.let_objective, model, lambda: self.step - 1)  # torchtitan counts from 1
+        # torchtitan's Trainer.step counts from 1, LET's steps from 0
+        self.loss_fn = LETLoss(self.loss_fn, self.let_objective, model, lambda: self.step - 1)
         log = self.metrics_processor.log
 
         def log_with_let(*args: Any, extra_metrics: dict[str, Any] | None = None, **kwargs: Any) -> Any:
