@@ -28,10 +28,7 @@ from torchtitan.components.loss import IGNORE_INDEX, BaseLoss
 from torchtitan.trainer import Trainer
 
 from letkit.integrations.checks import check_same_vocabulary, input_embedding_size, warn_if_schedule_outlasts_run
-from letkit.layer_map import LayerMap
-from letkit.module_paths import find_block_list
 from letkit.objective import LETObjective
-from letkit.projector import LayerMappingProjector
 from letkit.schedulers import LinearDecay
 from letkit.teacher import TeacherFeatureExtractor
 
@@ -87,15 +84,12 @@ def build_objective(
         layer_map = float(config.layer_map)
     except ValueError:
         pass
-    # Built here, not from a probe forward of the model: torchtitan's FlexAttention runs only with the attention
-    # masks its Trainer builds. Every block of the target (and of the teacher) has one width.
-    pairs = LayerMap(layer_map).resolve(teacher.num_layers, len(find_block_list(model)[1]))
-    probe = torch.zeros(1, 2, dtype=torch.long, device=device)
-    teacher_width = teacher.feature_dims(probe)[0]
+    # the target's width given: without a config.hidden_size LETObjective would measure it with a probe forward,
+    # which torchtitan's FlexAttention refuses without the attention masks its Trainer builds
     target_width = next(m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding))
-    projector = LayerMappingProjector([target_width] * len(pairs), [teacher_width] * len(pairs), "interpolate")
-    objective = LETObjective(model, teacher, layer_map=layer_map, projector=projector, loss=config.loss,
-                             schedule=LinearDecay(config.lambda0, stop_step=config.stop_step), check_finite=False)
+    objective = LETObjective(model, teacher, layer_map=layer_map, projector="interpolate", loss=config.loss,
+                             schedule=LinearDecay(config.lambda0, stop_step=config.stop_step),
+                             target_dims=target_width, check_finite=False)
     if config.check_vocabulary:
         check_same_vocabulary(model, objective, tokenizer, opt_out="--let.check_vocabulary False")
     return objective
