@@ -20,6 +20,12 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
 
 
+def _as_block_list(module: nn.Module) -> nn.ModuleList | None:
+    if isinstance(module, nn.ModuleDict):
+        return nn.ModuleList(module.values())
+    return module if isinstance(module, nn.ModuleList) else None
+
+
 def find_block_list(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
     """The model's list of transformer blocks and its path.
 
@@ -30,19 +36,21 @@ def find_block_list(model: nn.Module, path: str | None = None) -> tuple[str, nn.
     modules (e.g. ``nn.Linear`` heads) only when there is no list of composite blocks. When several candidates
     remain (an encoder and a decoder, a vision tower and a language model), a ValueError lists them: pass
     ``block_list=`` (the argument of :class:`~letkit.TeacherFeatureExtractor` and :class:`~letkit.LETObjective`).
+    An ``nn.ModuleDict`` of blocks (torchtitan's ``layers``) counts as the list of its values, in order.
     """
     interface_blocks = getattr(model, "blocks", None)  # letkit's model interface (may alias a nested list)
     if path is None and isinstance(interface_blocks, nn.ModuleList):
         path = next((name for name, module in model.named_modules() if module is interface_blocks), None)
     if path is not None:
-        blocks = get_submodule(model, path)
-        if not isinstance(blocks, nn.ModuleList):
-            raise ValueError(f"block list {path!r} must be an nn.ModuleList, got {type(blocks).__name__}")
+        blocks = _as_block_list(get_submodule(model, path))
+        if blocks is None:
+            raise ValueError(f"block list {path!r} must be an nn.ModuleList (or nn.ModuleDict), got "
+                             f"{type(get_submodule(model, path)).__name__}")
         return path, blocks
     candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1
+        (name, blocks)
+        for name, blocks in ((name, _as_block_list(module)) for name, module in model.named_modules())
+        if blocks is not None and len(blocks) > 0 and len({type(m) for m in blocks}) == 1
     ]
     outermost = [(name, m) for name, m in candidates if not any(name.startswith(other + ".") for other, _ in candidates)]
     composite = [(name, m) for name, m in outermost if any(True for _ in m[0].children())]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from letkit.integrations.ddp import projector_alignment_loss
 from letkit.layer_map import LayerMap, PairSpec
 from letkit.losses import AlignmentLoss, check_mask
 from letkit.module_paths import describe_output, find_block_list, module_output_tensor
@@ -81,11 +82,11 @@ class LETObjective(nn.Module):
         out.loss.backward()
 
     Projector parameters (for learned projectors) are this module's parameters: give
-    ``objective.parameters()`` to the optimizer alongside the model's. Under data parallelism a learned
-    projector needs its gradients synchronised like the model's: shard it with ``fully_shard`` and
-    ``register_fsdp_forward_method(projector, "loss")`` as examples/pretrain_fsdp.py does (DDP's reducer is
-    bypassed because the fused loss calls ``projector.loss``). The lambda schedule's state is not part of
-    this module's ``state_dict()``: checkpoint ``objective.schedule.state_dict()``.
+    ``objective.parameters()`` to the optimizer alongside the model's. Under DDP a learned projector's gradients
+    are all-reduced like the model's without anything to do (:mod:`letkit.integrations.ddp`); under FSDP2 shard
+    it with ``fully_shard`` and ``register_fsdp_forward_method(projector, "loss")`` as examples/pretrain_fsdp.py
+    does. The lambda schedule's state is not part of this module's ``state_dict()``: checkpoint
+    ``objective.schedule.state_dict()``.
     """
 
     def __init__(
@@ -271,7 +272,7 @@ class LETObjective(nn.Module):
             token_alignment = token_alignment.to(device)
             teacher_features = [token_alignment.gather(f) for f in teacher_features]
             mask = token_alignment.mask if mask is None else token_alignment.mask & (mask != 0)
-        align = self.projector.alignment_loss(target_features, teacher_features, self.loss_fn, mask)
+        align = projector_alignment_loss(self.projector, target_features, teacher_features, self.loss_fn, mask)
         total = lam * align if lm_loss is None else lm_loss + lam * align
         return LETOutput(total, lm_loss, align, lam)
 
