@@ -68,7 +68,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: pip install tomli
     import tomli as tomllib
 
-from letkit import SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
+from letkit import LOSS_KINDS, PROJECTOR_KINDS, SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
 from letkit.atomic import atomic_write_json
 from letkit.data import ShardedTokenLoader
 from letkit.hardware import datasheet_peaks
@@ -102,7 +102,8 @@ class TeacherConfig:
     alignment: str = field(default="same", metadata={
         "help": "same: the data is tokenized with the teacher's tokenizer; last or mean: cross-tokenizer LET, the "
                 "teacher re-tokenizes the text of each window (needs a teacher checkpoint with a tokenizer.json)"})
-    schedule: str = field(default="linear", metadata={"help": "lambda schedule: linear (paper) or cosine"})
+    schedule: str = field(default="linear", metadata={
+        "help": "lambda schedule: linear (paper), cosine or exponential (letkit.SCHEDULES)"})
     lambda0: float = field(default=0.1, metadata={"help": "alignment weight at step 0"})
     stop_step: int = field(default=10_000, metadata={"help": "S_stop: lambda reaches 0 and the teacher is freed"})
 
@@ -219,10 +220,15 @@ def load_config(argv: list[str] | None = None) -> Config:
     return cfg
 
 
+def parse_layer_map(text: str) -> LayerMap:
+    """``teacher.layer_map``: comma-separated LayerMap specs, a bare number being a fractional target depth."""
+    return LayerMap([float(s) if re.fullmatch(r"[0-9.]+", s) else s for s in text.split(",")])
+
+
 def check_config(cfg: Config) -> None:
-    """ValueError naming the first field with an invalid value."""
-    choices = {"train.mixed_precision": ("bf16", "fp32"), "teacher.schedule": ("linear", "cosine"),
-               "teacher.projector": ("interpolate", "linear", "mlp"), "teacher.loss": ("cosine", "smooth_l1", "mse"),
+    """ValueError naming the first field with an invalid value; the kinds are letkit's own lists."""
+    choices = {"train.mixed_precision": ("bf16", "fp32"), "teacher.schedule": tuple(SCHEDULES),
+               "teacher.projector": PROJECTOR_KINDS, "teacher.loss": LOSS_KINDS,
                "teacher.alignment": ("same", *ALIGNMENT_MODES)}
     positive = ("train.steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "teacher.stop_step",
                 "log.every", "optim.lr", "optim.grad_clip")
@@ -234,6 +240,15 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
         if (name in positive and value <= 0) or (name in non_negative and value < 0):
             raise ValueError(f"{name} must be {'positive' if name in positive else '>= 0'}, got {value!r}")
+    try:
+        parse_layer_map(cfg.teacher.layer_map)
+    except ValueError as e:
+        raise ValueError(f"teacher.layer_map={cfg.teacher.layer_map!r}: {e}") from None
+    try:
+        SCHEDULES[cfg.teacher.schedule](cfg.teacher.lambda0, cfg.teacher.stop_step)
+    except (TypeError, ValueError) as e:  # e.g. "step" needs a step_size this script does not set
+        raise ValueError(f"teacher.schedule={cfg.teacher.schedule!r} cannot be built from teacher.lambda0 and "
+                         f"teacher.stop_step: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -380,8 +395,7 @@ def restore_lambda_schedule(schedule, teacher_cfg: TeacherConfig, trainer_state:
 def build_objective(cfg: Config, target: nn.Module, teacher: TeacherFeatureExtractor, schedule, mesh: DeviceMesh,
                     device: torch.device) -> LETObjective:
     """LETObjective; a learned projector is sharded like the target (its grads are reduced like the target's)."""
-    specs = [float(s) if re.fullmatch(r"[0-9.]+", s) else s for s in cfg.teacher.layer_map.split(",")]
-    layer_map = LayerMap(specs)
+    layer_map = parse_layer_map(cfg.teacher.layer_map)
     pairs = layer_map.resolve(teacher.num_layers, len(target.blocks))
     teacher.select_layers([t for t, _ in pairs])
     teacher_dims = teacher.feature_dims(torch.zeros(1, 2, dtype=torch.long, device=device))
@@ -574,7 +588,113 @@ class MetricsLog:
             log.info(message, *args)
 
 
-# ----------------------------------------------------------------------------------------------------- train
+# ----------------------------------------------------------------------------------------------------- setup
+
+
+def setup_distributed() -> torch.device:
+    """The process group: torchrun's, or a world of one for a plain ``python pretrain_fsdp.py``."""
+    if "RANK" not in os.environ:  # plain `python pretrain_fsdp.py`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device
+
+
+def build_mesh(shard_group: int, device: torch.device) -> DeviceMesh:
+    """1-D mesh: FSDP over all ranks. 2-D (replicate, shard): HSDP, all-gathers stay within a group of
+    ``shard_group`` ranks (e.g. a node) and only the gradient all-reduce crosses groups."""
+    world = dist.get_world_size()
+    shard_group = shard_group or world
+    if world % shard_group:
+        raise ValueError(f"train.shard_group={shard_group} does not divide the world size {world}")
+    if shard_group == world:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (world // shard_group, shard_group), mesh_dim_names=("replicate", "shard"))
+
+
+@dataclass
+class Data:
+    """This rank's batches and what the data says about its tokenizer."""
+
+    loader: Any  # ShardedTokenLoader or RandomTokens; TeacherTokenizedLoader around it for cross-tokenizer LET
+    vocab_size: int
+    tokenizer_sha256: str | None  # of the tokenizer.json the data was made with (index.json), if known
+    tokenizer_file: Path | None  # the data's copy of that tokenizer.json, if it has one
+
+
+def build_data(d: DataConfig, rank: int, world: int) -> Data:
+    """Token shards (``data.path``) or uniform random tokens (``random:<vocab_size>``), this rank's part."""
+    if d.path.startswith("random:"):
+        vocab = int(d.path.removeprefix("random:"))
+        return Data(RandomTokens(vocab, d.seq_len, d.micro_batch_size, rank, d.seed), vocab, None, None)
+    loader = ShardedTokenLoader(d.path, seq_len=d.seq_len, batch_size=d.micro_batch_size, rank=rank, world_size=world,
+                                seed=d.seed)
+    return Data(loader, loader.vocab_size, loader.index.get("tokenizer_sha256"), loader.tokenizer_file)
+
+
+def setup_let(cfg: Config, model: nn.Module, data: Data, mesh: DeviceMesh, device: torch.device,
+              trainer_state: dict[str, Any], checkpoint: Path | None, metrics: MetricsLog):
+    """The lambda schedule (at the checkpoint's step) and, unless S_stop has passed, the teacher and LETObjective.
+
+    Returns ``(schedule, objective)``, both None for a run without a teacher; ``data.loader`` is wrapped for
+    cross-tokenizer LET. The schedule is restored before the teacher loads, so a changed schedule fails fast and a
+    run resumed after S_stop never loads the teacher.
+    """
+    if cfg.teacher.path == "none":
+        return None, None
+    schedule = SCHEDULES[cfg.teacher.schedule](cfg.teacher.lambda0, cfg.teacher.stop_step)
+    if checkpoint is not None:
+        restore_lambda_schedule(schedule, cfg.teacher, trainer_state, checkpoint)
+    if schedule.is_done():
+        metrics.info("step %d >= S_stop = %d: LET is over, the teacher is not loaded", schedule.current_step,
+                     schedule.stop_step)
+        return schedule, None
+    teacher = build_teacher(cfg.teacher.path, data.vocab_size, device, cfg.train.seed, seq_len=cfg.data.seq_len,
+                            data_tokenizer_sha256=data.tokenizer_sha256, data_tokenizer_file=data.tokenizer_file,
+                            cross_tokenizer=cfg.teacher.alignment != "same")
+    objective = build_objective(cfg, model, teacher, schedule, mesh, device)
+    del teacher  # the objective holds the only reference, so releasing it frees the memory
+    if cfg.teacher.alignment != "same":
+        max_positions = getattr(getattr(objective.teacher.model, "config", None), "max_position_embeddings", None)
+        data.loader = TeacherTokenizedLoader(data.loader, Tokenizer.from_file(str(data.tokenizer_file)),
+                                             objective.teacher.tokenizer, mode=cfg.teacher.alignment,
+                                             teacher_max_length=max_positions)
+    metrics.info("teacher %s: %d layers, pairs (teacher, target) %s, projector %s, memory %.2f GiB", cfg.teacher.path,
+                 objective.teacher.num_layers, objective.pairs, cfg.teacher.projector, memory_gib(device)[0])
+    return schedule, objective
+
+
+def build_optimizer(o: OptimConfig, trainable: nn.Module, total_steps: int, device: torch.device):
+    """AdamW (weight decay on matrices only) and its warmup + cosine LR schedule."""
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(weight_decay_groups(params, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=o.eps, fused=device.type == "cuda")
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        warmup_cosine_lr, peak_lr=1.0, warmup_steps=o.warmup_steps, total_steps=total_steps,
+        min_lr_ratio=o.min_lr_ratio))
+    return optimizer, lr_scheduler
+
+
+def release_teacher(objective: LETObjective, data: Data, step: int, device: torch.device, metrics: MetricsLog) -> None:
+    """S_stop: free the teacher and remove its hooks (and stop the re-tokenizing thread of cross-tokenizer LET)."""
+    before = memory_gib(device)[0]
+    objective.finish()
+    if isinstance(data.loader, TeacherTokenizedLoader):
+        data.loader = data.loader.close()
+    after = memory_gib(device)[0]
+    metrics.info("S_stop = %d steps done: teacher released, memory %.2f -> %.2f GiB", step, before, after)
+    metrics.record(event="teacher_released", step=step, memory_before_gib=before, memory_after_gib=after)
+
+
+# ------------------------------------------------------------------------------------------------ train step
 
 
 def set_gradient_sync(trainable: nn.Module, enabled: bool) -> None:
@@ -584,14 +704,25 @@ def set_gradient_sync(trainable: nn.Module, enabled: bool) -> None:
             module.set_requires_gradient_sync(enabled, recurse=False)
 
 
-def accumulate_gradients(model: nn.Module, objective: LETObjective | None, trainable: nn.Module, loader, grad_accum: int,
-                         step: int, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """Forward and backward of ``grad_accum`` micro-batches; returns the summed (loss, lm loss, align loss) and
-    whether an alignment loss was computed.
+@dataclass
+class StepResult:
+    losses: torch.Tensor  # [loss, lm loss, align loss] summed over this rank's micro-batches (not reduced)
+    has_align: bool  # whether an alignment loss was computed (LET ran this step)
+    grad_norm: torch.Tensor  # before clipping
+    lr: float
+    lambda_: float
+
+
+def train_step(model: nn.Module, objective: LETObjective | None, trainable: nn.Module,
+               optimizer: torch.optim.Optimizer, lr_scheduler, schedule, loader, *, step: int, grad_accum: int,
+               grad_clip: float, device: torch.device) -> StepResult:
+    """One optimizer step: ``grad_accum`` micro-batches of forward and backward of the LM loss (plus, while LET runs,
+    lambda * the alignment loss), gradient clipping, AdamW, then the LR and lambda schedules advance.
 
     Gradients are reduce-scattered only in the last micro-step's backward: the earlier ones accumulate this
     rank's unsharded gradients locally, so there is one reduction per optimizer step, not one per micro-step.
     """
+    optimizer.zero_grad(set_to_none=True)
     sums = torch.zeros(3, device=device)
     has_align = False
     for micro in range(grad_accum):
@@ -611,99 +742,52 @@ def accumulate_gradients(model: nn.Module, objective: LETObjective | None, train
         (loss / grad_accum).backward()
         sums += torch.stack([loss.detach(), lm_loss.detach(), align.detach() if align is not None else loss.new_zeros(())])
         has_align |= align is not None
-    return sums, has_align
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable.parameters(), grad_clip, foreach=True)
+    optimizer.step()
+    lr = lr_scheduler.get_last_lr()[0]
+    lr_scheduler.step()
+    lambda_ = schedule(step) if schedule is not None else 0.0
+    if schedule is not None:
+        schedule.step()
+    return StepResult(sums, has_align, grad_norm, lr, lambda_)
 
 
-def setup_distributed() -> torch.device:
-    if "RANK" not in os.environ:  # plain `python pretrain_fsdp.py`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return device
+# ----------------------------------------------------------------------------------------------------- train
 
 
 def train(cfg: Config) -> None:
+    """Set up (process group, mesh, resume point, data, target, teacher, optimizer), then the training loop."""
     device = setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    shard_group = cfg.train.shard_group or world
-    if world % shard_group:
-        raise ValueError(f"train.shard_group={shard_group} does not divide the world size {world}")
-    # 1-D mesh: FSDP over all ranks. 2-D (replicate, shard): HSDP, all-gathers stay within a group (e.g. a node)
-    # and only the gradient all-reduce crosses groups.
-    mesh = (init_device_mesh(device.type, (world,)) if shard_group == world else
-            init_device_mesh(device.type, (world // shard_group, shard_group), mesh_dim_names=("replicate", "shard")))
+    mesh = build_mesh(cfg.train.shard_group, device)
     run_dir, ckpt_dir = Path(cfg.train.run_dir), Path(cfg.train.run_dir) / "checkpoints"
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
     c, d = cfg.train, cfg.data
 
-    resume_from = [find_checkpoint(ckpt_dir) if rank == 0 and cfg.checkpoint.resume else None]
-    dist.broadcast_object_list(resume_from)  # rank 0 decides, so every rank loads the same checkpoint
-    resume_from = resume_from[0]
-    trainer_state = json.loads((resume_from / "trainer_state.json").read_text()) if resume_from else {}
+    checkpoint = [find_checkpoint(ckpt_dir) if rank == 0 and cfg.checkpoint.resume else None]
+    dist.broadcast_object_list(checkpoint)  # rank 0 decides, so every rank loads the same checkpoint
+    checkpoint = checkpoint[0]
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
     start_step = trainer_state.get("step", 0)
 
-    if d.path.startswith("random:"):
-        data_vocab, data_tokenizer_sha256, data_tokenizer_file = int(d.path.removeprefix("random:")), None, None
-        loader = RandomTokens(data_vocab, d.seq_len, d.micro_batch_size, rank, d.seed)
-    else:
-        loader = ShardedTokenLoader(d.path, seq_len=d.seq_len, batch_size=d.micro_batch_size, rank=rank,
-                                    world_size=world, seed=d.seed)
-        data_vocab, data_tokenizer_sha256 = loader.vocab_size, loader.index.get("tokenizer_sha256")
-        data_tokenizer_file = loader.tokenizer_file
-    vocab_size = cfg.model.vocab_size or data_vocab
-    if vocab_size < data_vocab:
-        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data_vocab})")
-
+    data = build_data(d, rank, world)
+    vocab_size = cfg.model.vocab_size or data.vocab_size
+    if vocab_size < data.vocab_size:
+        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data.vocab_size})")
     model = build_target(cfg, vocab_size, mesh, device)
+    schedule, objective = setup_let(cfg, model, data, mesh, device, trainer_state, checkpoint, metrics)
     trainable = nn.ModuleDict({"model": model})
-    objective, schedule = None, None
-    if cfg.teacher.path != "none":
-        schedule = SCHEDULES[cfg.teacher.schedule](cfg.teacher.lambda0, cfg.teacher.stop_step)
-        if resume_from:  # before the teacher is loaded: a changed schedule fails fast, and S_stop is judged on it
-            restore_lambda_schedule(schedule, cfg.teacher, trainer_state, resume_from)
-        if schedule.is_done():
-            metrics.info("step %d >= S_stop = %d: LET is over, the teacher is not loaded", schedule.current_step,
-                         schedule.stop_step)
-        else:
-            teacher = build_teacher(cfg.teacher.path, data_vocab, device, c.seed, seq_len=d.seq_len,
-                                    data_tokenizer_sha256=data_tokenizer_sha256, data_tokenizer_file=data_tokenizer_file,
-                                    cross_tokenizer=cfg.teacher.alignment != "same")
-            objective = build_objective(cfg, model, teacher, schedule, mesh, device)
-            del teacher  # the objective holds the only reference, so releasing it frees the memory
-            if any(True for _ in objective.parameters()):
-                trainable["projector"] = objective.projector
-            if cfg.teacher.alignment != "same":
-                max_positions = getattr(getattr(objective.teacher.model, "config", None), "max_position_embeddings", None)
-                loader = TeacherTokenizedLoader(loader, Tokenizer.from_file(str(data_tokenizer_file)),
-                                                objective.teacher.tokenizer, mode=cfg.teacher.alignment,
-                                                teacher_max_length=max_positions)
-            metrics.info("teacher %s: %d layers, pairs (teacher, target) %s, projector %s, memory %.2f GiB",
-                         cfg.teacher.path, objective.teacher.num_layers, objective.pairs, cfg.teacher.projector,
-                         memory_gib(device)[0])
-
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(weight_decay_groups(params, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, fused=device.type == "cuda")
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        warmup_cosine_lr, peak_lr=1.0, warmup_steps=cfg.optim.warmup_steps, total_steps=c.steps,
-        min_lr_ratio=cfg.optim.min_lr_ratio))
-
-    if resume_from:
-        trainer_state = load_checkpoint(resume_from, trainable, optimizer)
+    if objective is not None and any(True for _ in objective.parameters()):
+        trainable["projector"] = objective.projector
+    optimizer, lr_scheduler = build_optimizer(cfg.optim, trainable, c.steps, device)
+    if checkpoint:
+        trainer_state = load_checkpoint(checkpoint, trainable, optimizer)
         lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
-        loader.load_state_dict(trainer_state["data"])
-        metrics.info("resumed from %s (step %d)", resume_from, start_step)
-        metrics.record(event="resume", step=start_step, checkpoint=str(resume_from))
+        data.loader.load_state_dict(trainer_state["data"])
+        metrics.info("resumed from %s (step %d)", checkpoint, start_step)
+        metrics.record(event="resume", step=start_step, checkpoint=str(checkpoint))
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = world * d.micro_batch_size * d.grad_accum * d.seq_len
@@ -715,69 +799,55 @@ def train(cfg: Config) -> None:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     tokens_seen = trainer_state.get("tokens_seen", 0)
-    stop_at = c.stop_at or c.steps
+    end = min(c.stop_at or c.steps, c.steps)
     last_log_time, last_log_step = time.perf_counter(), start_step
-    for step in range(start_step, min(stop_at, c.steps)):
+    for step in range(start_step, end):
         if objective is not None and schedule.is_done(step):
-            before = memory_gib(device)[0]
-            objective.finish()
+            release_teacher(objective, data, step, device, metrics)
             objective = None
-            if isinstance(loader, TeacherTokenizedLoader):
-                loader = loader.close()
-            metrics.info("S_stop = %d steps done: teacher released, memory %.2f -> %.2f GiB", step, before,
-                         memory_gib(device)[0])
-            metrics.record(event="teacher_released", step=step, memory_before_gib=before, memory_after_gib=memory_gib(device)[0])
-
-        sums, has_align = accumulate_gradients(model, objective, trainable, loader, d.grad_accum, step, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = lr_scheduler.get_last_lr()[0]
-        lr_scheduler.step()
-        lam = schedule(step) if schedule is not None else 0.0
-        if schedule is not None:
-            schedule.step()
+        result = train_step(model, objective, trainable, optimizer, lr_scheduler, schedule, data.loader, step=step,
+                            grad_accum=d.grad_accum, grad_clip=cfg.optim.grad_clip, device=device)
         tokens_seen += tokens_per_step
         done = step + 1
 
-        log_now = done % cfg.log.every == 0 or done == min(stop_at, c.steps)
-        checkpoint_now = cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or done == min(stop_at, c.steps))
-        if log_now or checkpoint_now:
-            dist.all_reduce(sums)
-            loss_v, lm_v, align_v = (sums / (world * d.grad_accum)).tolist()
+        log_now = done % cfg.log.every == 0 or done == end
+        checkpoint_now = cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or done == end)
+        if not (log_now or checkpoint_now):
+            continue
+        dist.all_reduce(result.losses)
+        loss, lm_loss, align_loss = (result.losses / (world * d.grad_accum)).tolist()
         if log_now:
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
+            grad_norm = result.grad_norm.full_tensor() if isinstance(result.grad_norm, DTensor) else result.grad_norm
             now = time.perf_counter()
             step_time = (now - last_log_time) / (done - last_log_step)
             tokens_per_s = tokens_per_step / step_time
             last_log_time, last_log_step = now, done
             mfu = flops * tokens_per_s / world / peak if peak else None
             mem, mem_peak = memory_gib(device)
-            align_v = align_v if has_align else None
+            align_loss = align_loss if result.has_align else None
             metrics.info(
                 "step %6d/%d | loss %.4f | lm %.4f | align %s | lambda %.4f | lr %.2e | gnorm %.3f | %.2fs/step "
-                "| %.0f tok/s | mfu %s | mem %.1f GiB (peak %.1f)", done, c.steps, loss_v, lm_v,
-                "-" if align_v is None else f"{align_v:.4f}", lam, lr, grad_norm.item(), step_time, tokens_per_s,
-                "-" if mfu is None else f"{mfu:.1%}", mem, mem_peak)
-            metrics.record(step=done, loss=loss_v, lm_loss=lm_v, align_loss=align_v, lambda_=lam, lr=lr,
-                           grad_norm=grad_norm.item(), tokens_seen=tokens_seen, step_time_s=step_time,
-                           tokens_per_s=tokens_per_s,
-                           mfu=mfu, memory_gib=mem, peak_memory_gib=mem_peak)
-        if (log_now or checkpoint_now) and not math.isfinite(loss_v):
-            raise FloatingPointError(f"loss is {loss_v} at step {done}; stopping before it is checkpointed")
+                "| %.0f tok/s | mfu %s | mem %.1f GiB (peak %.1f)", done, c.steps, loss, lm_loss,
+                "-" if align_loss is None else f"{align_loss:.4f}", result.lambda_, result.lr, grad_norm.item(),
+                step_time, tokens_per_s, "-" if mfu is None else f"{mfu:.1%}", mem, mem_peak)
+            metrics.record(step=done, loss=loss, lm_loss=lm_loss, align_loss=align_loss, lambda_=result.lambda_,
+                           lr=result.lr, grad_norm=grad_norm.item(), tokens_seen=tokens_seen, step_time_s=step_time,
+                           tokens_per_s=tokens_per_s, mfu=mfu, memory_gib=mem, peak_memory_gib=mem_peak)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {done}; stopping before it is checkpointed")
         if checkpoint_now:
-            state = {"tokens_seen": tokens_seen, "lr_scheduler": lr_scheduler.state_dict(), "data": loader.state_dict(),
+            state = {"tokens_seen": tokens_seen, "lr_scheduler": lr_scheduler.state_dict(),
+                     "data": data.loader.state_dict(),
                      "lambda_schedule": schedule.state_dict() if schedule is not None else None,
                      "config": dataclasses.asdict(cfg)}
             started = time.perf_counter()
             path = save_checkpoint(ckpt_dir, done, trainable, optimizer, state, cfg.checkpoint.keep)
             metrics.info("saved %s in %.1fs", path, time.perf_counter() - started)
             metrics.record(event="checkpoint", step=done, path=str(path))
-    if isinstance(loader, TeacherTokenizedLoader):
-        loader.close()
+    if isinstance(data.loader, TeacherTokenizedLoader):
+        data.loader.close()
     final = run_dir / "final_model"
-    if cfg.checkpoint.export and min(stop_at, c.steps) == c.steps and not final.exists():
+    if cfg.checkpoint.export and end == c.steps and not final.exists():
         export_model(model, final)
         metrics.info("exported the model to %s", final)
     dist.barrier()  # no rank tears its connections down while another still uses them

@@ -294,9 +294,11 @@ def test_gradients_are_reduced_once_per_optimizer_step(world_of_one, monkeypatch
         return original(*args, **kwargs)
 
     monkeypatch.setattr(param_group, "foreach_reduce", counting)
+    optimizer, lr_scheduler = example.build_optimizer(cfg.optim, trainable, 10, device)
     loader = example.RandomTokens(64, 8, 2, 0, 0)
-    sums, has_align = example.accumulate_gradients(model, objective, trainable, loader, 3, 0, device)
-    assert has_align and torch.isfinite(sums).all()
+    result = example.train_step(model, objective, trainable, optimizer, lr_scheduler, schedule, loader, step=0,
+                                grad_accum=3, grad_clip=1.0, device=device)
+    assert result.has_align and torch.isfinite(result.losses).all() and result.lambda_ == 0.5
     assert len(reductions) == len(groups)  # one per FSDP parameter group, not one per micro-step
     assert all(p.grad is not None for p in trainable.parameters() if p.requires_grad)
 
