@@ -16,25 +16,34 @@ Needs PyTorch >= 2.6 (FSDP2's public ``torch.distributed.fsdp.fully_shard``). Wh
   run resumed after S_stop. Its tokenizer must be the data's, unless ``--teacher.alignment last|mean``
   (cross-tokenizer LET): then a background thread decodes each window to text, re-tokenizes it for the teacher
   and aligns the two (``TeacherTokenizedLoader``).
-* Loop: gradient accumulation (gradients reduce-scattered once per optimizer step, in the last micro-step's
-  backward), clipping of the sharded gradients, AdamW with warmup + cosine LR, the lambda
-  schedule; rank 0 prints a progress line and appends metrics to ``<run_dir>/metrics.jsonl``.
+* Run directory: rank 0 holds an exclusive lock on ``run_dir`` (``run.lock``, naming its host and pid) for the
+  whole run, so a second run there is refused; a lock left behind by a crashed run on this host is taken over.
+* Loop: ``train_step`` is one optimizer step, to copy into your own loop: gradient accumulation (gradients
+  reduce-scattered once per optimizer step, in the last micro-step's backward), clipping of the sharded gradients,
+  AdamW with warmup + cosine LR, the lambda schedule. Rank 0 prints a progress line and appends metrics to
+  ``<run_dir>/metrics.jsonl``, and to TensorBoard or Weights & Biases with ``--log.tensorboard true`` /
+  ``--log.wandb true`` (optional packages).
 * Checkpoints (``<run_dir>/checkpoints/step_XXXXXXX``): model, optimizer and projector through
-  ``torch.distributed.checkpoint`` (DCP); LR and lambda schedules, data position and RNG states in
-  ``trainer_state.json``. A checkpoint is written under a ``.tmp`` name and renamed once complete; a run resumes
-  from the newest complete one and skips incomplete or damaged ones with a warning. DCP's ``.metadata`` is a
-  pickle: only resume from checkpoints your own runs wrote.
+  ``torch.distributed.checkpoint`` (DCP); LR and lambda schedules, data position, RNG states and each file's size
+  and SHA-256 in ``trainer_state.json``. A checkpoint is written under a ``.tmp`` name and renamed once complete;
+  a run resumes from the newest checkpoint whose files all match what was written, skipping interrupted, damaged
+  or altered ones with a warning, and ``checkpoint.keep`` counts only such intact checkpoints. A resume on another
+  number of ranks (so another number of tokens per step) is warned about and recorded in metrics.jsonl. DCP's
+  ``.metadata`` is a pickle: only resume from checkpoints your own runs wrote.
 * Export: at the end, rank 0 gathers the model and writes ``<run_dir>/final_model`` (bf16 safetensors, Hugging Face
-  layout) for ``letkit.models.load_pretrained`` -- e.g. as the teacher of a larger run.
+  layout, with the data's ``tokenizer.json`` when it has one) for ``letkit.models.load_pretrained`` -- e.g. as the
+  teacher of a larger run.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -45,7 +54,9 @@ import shutil
 import socket
 import sys
 import time
+import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +80,7 @@ except ModuleNotFoundError:  # Python 3.10: pip install tomli
     import tomli as tomllib
 
 from letkit import LOSS_KINDS, PROJECTOR_KINDS, SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
-from letkit.atomic import atomic_write_json
+from letkit.atomic import atomic_write_bytes, atomic_write_json
 from letkit.data import ShardedTokenLoader
 from letkit.hardware import datasheet_peaks
 from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, resolve_pretrained, save_pretrained
@@ -157,6 +168,13 @@ class CheckpointConfig:
 class LogConfig:
     every: int = 10
     peak_tflops: float = field(default=0.0, metadata={"help": "per-GPU peak for MFU; 0: known GPUs' bf16 dense peak"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard in <run_dir>/tensorboard"})
+    wandb: bool = field(default=False, metadata={"help": "also log to Weights & Biases (files in <run_dir>/wandb)"})
+    wandb_mode: str = field(default="offline", metadata={"help": "offline (upload later: wandb sync) or online"})
+    wandb_project: str = "letkit"
+
+
+LOG_SINKS = {"log.tensorboard": "tensorboard", "log.wandb": "wandb"}  # the optional package each sink needs
 
 
 @dataclass
@@ -229,7 +247,7 @@ def check_config(cfg: Config) -> None:
     """ValueError naming the first field with an invalid value; the kinds are letkit's own lists."""
     choices = {"train.mixed_precision": ("bf16", "fp32"), "teacher.schedule": tuple(SCHEDULES),
                "teacher.projector": PROJECTOR_KINDS, "teacher.loss": LOSS_KINDS,
-               "teacher.alignment": ("same", *ALIGNMENT_MODES)}
+               "teacher.alignment": ("same", *ALIGNMENT_MODES), "log.wandb_mode": ("offline", "online")}
     positive = ("train.steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "teacher.stop_step",
                 "log.every", "optim.lr", "optim.grad_clip")
     non_negative = ("train.stop_at", "train.shard_group", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep", "teacher.lambda0")
@@ -240,6 +258,9 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
         if (name in positive and value <= 0) or (name in non_negative and value < 0):
             raise ValueError(f"{name} must be {'positive' if name in positive else '>= 0'}, got {value!r}")
+    for name, package in LOG_SINKS.items():
+        if getattr(cfg.log, name.removeprefix("log.")) and importlib.util.find_spec(package) is None:
+            raise ValueError(f"{name}=true needs the {package} package, which is not installed: pip install {package}")
     try:
         parse_layer_map(cfg.teacher.layer_map)
     except ValueError as e:
@@ -430,6 +451,133 @@ class RandomTokens:
         self.batches = state["batches"]
 
 
+# ---------------------------------------------------------------------------------------------- run directory
+
+
+class RunDirInUse(RuntimeError):
+    """Another run holds the run directory's lock."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory, so that two runs never train and checkpoint into it at once.
+
+    The lock is the file ``<run_dir>/run.lock``, created atomically (a hard link of a complete temporary file,
+    which works on NFS too) and naming its holder: host, pid namespace, pid, the process's start time, the
+    command. A lock whose holder ran here (same host and pid namespace) and is gone, or whose pid now belongs to
+    another process, is stale and is taken over; a holder on another host or in another container cannot be
+    checked from here, so the error says how to remove its lock.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "run.lock"
+        pid = os.getpid()
+        self.holder = {"host": socket.gethostname(), "pid_namespace": _pid_namespace(), "pid": pid,
+                       "process_start": _process_start(pid), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                       "command": " ".join(sys.argv)}
+
+    def acquire(self) -> None:
+        """Take the lock; RunDirInUse naming the holder if a live run holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mine = self.path.with_name(f"{self.path.name}.{self.holder['host']}.{self.holder['pid']}")
+        atomic_write_json(mine, self.holder)
+        try:
+            while True:
+                try:
+                    os.link(mine, self.path)
+                    return
+                except FileExistsError:
+                    pass
+                holder = self._read(self.path)
+                if holder is None:  # removed in between
+                    continue
+                here = all(holder.get(key) == self.holder[key] for key in ("host", "pid_namespace"))
+                if not here or _running(holder.get("pid"), holder.get("process_start")):
+                    raise RunDirInUse(
+                        f"{self.path.parent} is in use by another run: process {holder.get('pid')} on host "
+                        f"{holder.get('host')!r}, since {holder.get('since')} ({holder.get('command')!r}) holds "
+                        f"{self.path}. Stop that run first, or use another train.run_dir; if it is no longer running "
+                        f"(e.g. it crashed on another host or in another container), delete {self.path}")
+                log.warning("taking over the stale lock %s of process %s on this host, which is no longer running",
+                            self.path, holder.get("pid"))
+                self._break(holder)
+        finally:
+            mine.unlink()
+
+    def release(self) -> None:
+        """Remove the lock if it is still this process's."""
+        with contextlib.suppress(RunDirInUse):  # unreadable: not ours to remove
+            if self._read(self.path) == self.holder:
+                self.path.unlink()
+
+    def _break(self, stale: dict[str, Any]) -> None:
+        moved = self.path.with_name(f"{self.path.name}.stale.{self.holder['pid']}")
+        try:
+            os.rename(self.path, moved)
+        except FileNotFoundError:
+            return
+        if self._read(moved) != stale:  # another run took the lock over first: give it back
+            with contextlib.suppress(FileExistsError):
+                os.link(moved, self.path)
+        moved.unlink()
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise RunDirInUse(f"{path} exists but cannot be read ({e}): another run may hold it; if none does, delete it") from e
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (containers on one host may share its name but not their pids)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time (in clock ticks since boot, from /proc), to tell a reused pid from its old process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid: Any, process_start: str | None) -> bool:
+    """Whether the process that wrote a lock still runs on this host."""
+    if not isinstance(pid, int):
+        return True  # not a lock of this script's: leave it to the user
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return process_start is None or _process_start(pid) in (None, process_start)
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir: Path) -> Iterator[None]:
+    """Rank 0 holds :class:`RunDirLock` on ``run_dir`` for the block; if another run holds it, every rank raises."""
+    lock, refusal = RunDirLock(run_dir), [None]
+    if dist.get_rank() == 0:
+        try:
+            lock.acquire()
+        except RunDirInUse as e:
+            refusal = [str(e)]
+    dist.broadcast_object_list(refusal)
+    if refusal[0]:
+        raise RunDirInUse(refusal[0])
+    try:
+        yield
+    finally:
+        if dist.get_rank() == 0:
+            lock.release()
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -437,30 +585,105 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def find_checkpoint(ckpt_dir: Path) -> Path | None:
-    """Newest complete checkpoint in ``ckpt_dir``; incomplete (``.tmp``) and damaged ones are skipped with a warning."""
-    if not ckpt_dir.is_dir():
-        return None
-    for path in sorted(ckpt_dir.iterdir(), reverse=True):
-        if path.name.endswith(".tmp"):
-            log.warning("skipping incomplete checkpoint %s (its save was interrupted)", path)
-            continue
-        match = re.fullmatch(r"step_(\d{7})", path.name)
-        if not match:
-            continue
-        try:
-            state = json.loads((path / "trainer_state.json").read_text())
-            if state["step"] != int(match.group(1)):
-                raise ValueError(f"trainer_state.json says step {state['step']}")
-            for name, size in state["files"].items():
-                actual = (path / name).stat().st_size
-                if actual != size:
-                    raise ValueError(f"{name} has {actual} bytes, {size} were written")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("skipping damaged checkpoint %s: %s", path, e)
-            continue
-        return path
+def checkpoint_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``step_XXXXXXX`` directories, newest first."""
+    found = [(int(p.name[5:]), p) for p in ckpt_dir.iterdir() if re.fullmatch(r"step_\d{7}", p.name)]
+    return sorted(found, reverse=True)
+
+
+def file_owner(name: str, world: int) -> int:
+    """The rank that checksums checkpoint file ``name``: DCP writes ``__<rank>_<n>.distcp`` from rank <rank>, which
+    reads it back from its page cache right after writing; other files (``.metadata``) are rank 0's. On a resume
+    with another number of ranks the files are spread over the ranks the same way (modulo the world size)."""
+    match = re.match(r"__(\d+)_", name)
+    return int(match.group(1)) % world if match else 0
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(path: Path, rank: int = 0, world: int = 1, *, checksums: bool = True) -> str | None:
+    """Why ``path`` is not a checkpoint to resume from, or None if it is one.
+
+    Checks that trainer_state.json is readable and for the directory's step, that every file it lists is there
+    with the size it was written with, and (``checksums``) the SHA-256 of this rank's share of the files
+    (:func:`file_owner`; with ``world=1`` all of them): bytes changed in place, in a shard or in DCP's
+    ``.metadata``, are found before DCP reads (or unpickles) anything.
+    """
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["step"] != int(path.name.removeprefix("step_")):
+            raise ValueError(f"trainer_state.json says step {state['step']}")
+        if not all(isinstance(written, dict) for written in state["files"].values()):
+            raise ValueError("trainer_state.json records no checksums (written by an older version of this script)")
+        for name, written in state["files"].items():
+            size = (path / name).stat().st_size
+            if size != written["bytes"]:
+                return f"{name} has {size} bytes, {written['bytes']} were written"
+        for name, written in state["files"].items():
+            if checksums and file_owner(name, world) == rank and sha256_file(path / name) != written["sha256"]:
+                return f"{name} has other bytes than were written (its SHA-256 differs from trainer_state.json's)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return str(e) or type(e).__name__
     return None
+
+
+def _on_every_rank(value: Any) -> list[Any]:
+    """``value`` of every rank (a list of one without a process group)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def find_checkpoint(ckpt_dir: Path) -> tuple[Path | None, list[Path]]:
+    """The newest complete, intact checkpoint in ``ckpt_dir`` (None if there is none) and the ones skipped for it.
+
+    Interrupted saves (``.tmp``) and checkpoints with a :func:`checkpoint_problem` are skipped with a warning, so a
+    damaged checkpoint makes the run fall back to the previous one instead of loading it. Collective when a process
+    group exists: every rank checksums its share of each candidate's files and all agree on the result.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    listing = [sorted((p.name for p in ckpt_dir.iterdir()), reverse=True) if ckpt_dir.is_dir() else []]
+    if dist.is_initialized():
+        dist.broadcast_object_list(listing)  # rank 0's view, so every rank checks the same candidates
+    skipped = []
+    for name in listing[0]:
+        path = ckpt_dir / name
+        if name.endswith(".tmp"):
+            if rank == 0:
+                log.warning("skipping incomplete checkpoint %s (its save was interrupted)", path)
+            continue
+        if not re.fullmatch(r"step_\d{7}", name):
+            continue
+        problem = next((p for p in _on_every_rank(checkpoint_problem(path, rank, world)) if p), None)
+        if problem is None:
+            return path, skipped
+        if rank == 0:
+            log.warning("skipping damaged checkpoint %s: %s", path, problem)
+        skipped.append(path)
+    return None, skipped
+
+
+def prune_checkpoints(ckpt_dir: Path, newest: int, keep: int, skipped: list[Path]) -> list[Path]:
+    """Delete the intact checkpoints up to step ``newest`` but the ``keep`` newest of them; returns those deleted.
+
+    Counted are only checkpoints that pass :func:`checkpoint_problem`'s size checks and were not skipped at resume
+    (their checksums failed). Damaged ones, and any newer than ``newest`` (written by an earlier run, skipped at
+    resume), are neither counted nor deleted: they are left for inspection, and a save of the same step replaces
+    them. So the newest intact checkpoint is never deleted, whatever else lies in ``ckpt_dir``.
+    """
+    intact = [path for step, path in checkpoint_dirs(ckpt_dir) if step <= newest and path not in skipped
+              and checkpoint_problem(path, checksums=False) is None]
+    for path in intact[keep:] if keep else []:
+        shutil.rmtree(path)
+    return intact[keep:] if keep else []
 
 
 def training_state(trainable: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -471,33 +694,38 @@ def training_state(trainable: nn.Module, optimizer: torch.optim.Optimizer) -> di
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, trainable: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write a checkpoint under ``<name>.tmp``; rank 0 renames it to ``<name>`` once every rank has written."""
+                    trainer_state: dict[str, Any]) -> Path:
+    """Write a checkpoint under ``<name>.tmp``; rank 0 renames it to ``<name>`` once every rank has written.
+
+    trainer_state.json records each file's size and SHA-256. Each rank checksums the files it wrote itself
+    (:func:`file_owner`), one more sequential read of its own shard, mostly from the page cache.
+    """
     final = ckpt_dir / checkpoint_name(step)
     tmp = final.with_name(final.name + ".tmp")
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
         tmp.mkdir(parents=True)
     dist.barrier()
     dcp.save(training_state(trainable, optimizer), checkpoint_id=tmp)
-    rng = [None] * dist.get_world_size()
-    dist.all_gather_object(rng, _rng_state())
-    if dist.get_rank() == 0:
-        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        state = {**trainer_state, "step": step, "world_size": dist.get_world_size(), "rng": rng, "files": files}
+    mine = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(tmp.iterdir()) if file_owner(p.name, dist.get_world_size()) == rank}
+    gathered = _on_every_rank((mine, _rng_state()))
+    if rank == 0:
+        files = {name: record for files, _ in gathered for name, record in files.items()}
+        state = {**trainer_state, "step": step, "world_size": dist.get_world_size(),
+                 "rng": [rng for _, rng in gathered], "files": dict(sorted(files.items()))}
         atomic_write_json(tmp / "trainer_state.json", state, indent=1)
         if final.exists():  # a damaged checkpoint of this step, skipped at resume
             shutil.rmtree(final)
         os.replace(tmp, final)
-        complete = sorted(p for p in ckpt_dir.iterdir() if re.fullmatch(r"step_\d{7}", p.name))
-        for old in complete[:-keep] if keep else []:
-            shutil.rmtree(old)
     dist.barrier()
     return final
 
 
 def load_checkpoint(path: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load model and optimizer shards in place; returns trainer_state.json (RNG states already restored)."""
+    """Load model and optimizer shards in place; returns trainer_state.json (RNG states restored when the
+    checkpoint was written by as many ranks as this run has)."""
     state = training_state(trainable, optimizer)
     dcp.load(state, checkpoint_id=path)
     set_state_dict(trainable, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -505,20 +733,18 @@ def load_checkpoint(path: Path, trainable: nn.Module, optimizer: torch.optim.Opt
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     if trainer_state["world_size"] == dist.get_world_size():
         _set_rng_state(trainer_state["rng"][dist.get_rank()])
-    else:
-        log.warning("checkpoint was written by %d ranks, this run has %d: RNG states not restored",
-                    trainer_state["world_size"], dist.get_world_size())
     return trainer_state
 
 
-def export_model(model: nn.Module, path: Path) -> None:
-    """Gather the full model on rank 0's CPU and save it (bf16, Hugging Face layout) with save_pretrained."""
+def export_model(model: nn.Module, path: Path, tokenizer: Tokenizer | None) -> None:
+    """Gather the full model on rank 0's CPU and save it (bf16, Hugging Face layout, with the data's tokenizer
+    when known) with save_pretrained."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         with torch.device("meta"):
             plain = Llama(model.config)
         plain.load_state_dict(full, assign=True)
-        save_pretrained(plain.to(torch.bfloat16), path)
+        save_pretrained(plain.to(torch.bfloat16), path, tokenizer=tokenizer)
     dist.barrier()
 
 
@@ -571,40 +797,109 @@ def memory_gib(device: torch.device) -> tuple[float, float]:
     return rss, peak
 
 
+class TensorBoardSink:
+    """Step records' numbers as TensorBoard scalars in ``<run_dir>/tensorboard``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(f"train/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Step records' numbers as a Weights & Biases run (files in ``<run_dir>/wandb``; offline mode by default: upload
+    later with ``wandb sync``). Reruns in the same run_dir continue one W&B run, whose id is kept in
+    ``<run_dir>/wandb_run_id``."""
+
+    def __init__(self, run_dir: Path, project: str, mode: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        if not id_file.is_file():
+            atomic_write_bytes(id_file, uuid.uuid4().hex[:16].encode())
+        self.run = wandb.init(project=project, mode=mode, dir=str(run_dir), id=id_file.read_text().strip(),
+                              resume="allow", name=run_dir.name, config=config)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLog:
-    """Rank 0's progress lines and JSONL records; a no-op on other ranks."""
+    """Rank 0's progress lines and records: all go to ``<run_dir>/metrics.jsonl``, step records' numbers also to the
+    sinks the config turns on (TensorBoard, W&B). A no-op on other ranks."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.file = open(path, "a") if enabled else None
+    def __init__(self, run_dir: Path, cfg: Config, enabled: bool) -> None:
+        self.enabled, self.file, self.sinks = enabled, None, []
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        if cfg.log.tensorboard:
+            self.sinks.append(TensorBoardSink(run_dir))
+        if cfg.log.wandb:
+            self.sinks.append(WandbSink(run_dir, cfg.log.wandb_project, cfg.log.wandb_mode, dataclasses.asdict(cfg)))
 
-    def record(self, **fields: Any) -> None:
+    def step(self, step: int, **values: Any) -> None:
+        """A step's record; its numbers (not None) go to the sinks too."""
         if self.enabled:
-            self.file.write(json.dumps(fields) + "\n")
-            self.file.flush()
+            self._write({"step": step, **values})
+            for sink in self.sinks:
+                sink.log(step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+
+    def event(self, name: str, step: int, **fields: Any) -> None:
+        if self.enabled:
+            self._write({"event": name, "step": step, **fields})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
 
     def info(self, message: str, *args: Any) -> None:
         if self.enabled:
             log.info(message, *args)
+
+    def warning(self, message: str, *args: Any) -> None:
+        if self.enabled:
+            log.warning(message, *args)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        if self.file is not None:
+            self.file.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------------------------------- setup
 
 
 def setup_distributed() -> torch.device:
-    """The process group: torchrun's, or a world of one for a plain ``python pretrain_fsdp.py``."""
-    if "RANK" not in os.environ:  # plain `python pretrain_fsdp.py`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    """The process group: torchrun's (``env://``), or for a plain ``python pretrain_fsdp.py`` a world of one on an
+    in-memory store (no port to pick, so none another process could take first)."""
+    single = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **single)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **single)
     return device
 
 
@@ -691,7 +986,26 @@ def release_teacher(objective: LETObjective, data: Data, step: int, device: torc
         data.loader = data.loader.close()
     after = memory_gib(device)[0]
     metrics.info("S_stop = %d steps done: teacher released, memory %.2f -> %.2f GiB", step, before, after)
-    metrics.record(event="teacher_released", step=step, memory_before_gib=before, memory_after_gib=after)
+    metrics.event("teacher_released", step, memory_before_gib=before, memory_after_gib=after)
+
+
+def report_resume(metrics: MetricsLog, checkpoint: Path, trainer_state: dict[str, Any], world: int,
+                  tokens_per_step: int, d: DataConfig) -> None:
+    """Record the resume; warn when the global batch changed with the number of ranks (or the data settings)."""
+    saved_world, saved_tokens = trainer_state["world_size"], trainer_state["tokens_per_step"]
+    metrics.event("resume", trainer_state["step"], checkpoint=str(checkpoint), world_size=world,
+                  tokens_per_step=tokens_per_step, checkpoint_world_size=saved_world,
+                  checkpoint_tokens_per_step=saved_tokens)
+    if (saved_world, saved_tokens) == (world, tokens_per_step):
+        return
+    per_accum_step = world * d.micro_batch_size * d.seq_len
+    keep = (f"; --data.grad_accum {saved_tokens // per_accum_step} keeps the checkpoint's {saved_tokens}"
+            if saved_tokens % per_accum_step == 0 else "")
+    metrics.warning(
+        "%s was written by %d ranks at %d tokens per step; this run has %d ranks and %d tokens per step (ranks x "
+        "data.micro_batch_size x data.grad_accum x data.seq_len)%s. The LR and lambda schedules count steps, so they "
+        "now pass over %.3gx the tokens per step%s", checkpoint, saved_world, saved_tokens, world, tokens_per_step,
+        keep, tokens_per_step / saved_tokens, "; RNG states not restored" if saved_world != world else "")
 
 
 # ------------------------------------------------------------------------------------------------ train step
@@ -756,101 +1070,100 @@ def train_step(model: nn.Module, objective: LETObjective | None, trainable: nn.M
 
 
 def train(cfg: Config) -> None:
-    """Set up (process group, mesh, resume point, data, target, teacher, optimizer), then the training loop."""
+    """Set up (process group, run directory lock, resume point, data, target, teacher, optimizer), then train."""
     device = setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = build_mesh(cfg.train.shard_group, device)
     run_dir, ckpt_dir = Path(cfg.train.run_dir), Path(cfg.train.run_dir) / "checkpoints"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
     c, d = cfg.train, cfg.data
+    with locked_run_dir(run_dir), MetricsLog(run_dir, cfg, enabled=rank == 0) as metrics:
+        checkpoint, skipped = find_checkpoint(ckpt_dir) if cfg.checkpoint.resume else (None, [])
+        trainer_state = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
+        start_step = trainer_state.get("step", 0)
 
-    checkpoint = [find_checkpoint(ckpt_dir) if rank == 0 and cfg.checkpoint.resume else None]
-    dist.broadcast_object_list(checkpoint)  # rank 0 decides, so every rank loads the same checkpoint
-    checkpoint = checkpoint[0]
-    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
-    start_step = trainer_state.get("step", 0)
+        data = build_data(d, rank, world)
+        vocab_size = cfg.model.vocab_size or data.vocab_size
+        if vocab_size < data.vocab_size:
+            raise ValueError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data.vocab_size})")
+        model = build_target(cfg, vocab_size, mesh, device)
+        schedule, objective = setup_let(cfg, model, data, mesh, device, trainer_state, checkpoint, metrics)
+        trainable = nn.ModuleDict({"model": model})
+        if objective is not None and any(True for _ in objective.parameters()):
+            trainable["projector"] = objective.projector
+        optimizer, lr_scheduler = build_optimizer(cfg.optim, trainable, c.steps, device)
+        tokens_per_step = world * d.micro_batch_size * d.grad_accum * d.seq_len
+        if checkpoint:
+            trainer_state = load_checkpoint(checkpoint, trainable, optimizer)
+            lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+            data.loader.load_state_dict(trainer_state["data"])
+            metrics.info("resumed from %s (step %d)", checkpoint, start_step)
+            report_resume(metrics, checkpoint, trainer_state, world, tokens_per_step, d)
 
-    data = build_data(d, rank, world)
-    vocab_size = cfg.model.vocab_size or data.vocab_size
-    if vocab_size < data.vocab_size:
-        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data.vocab_size})")
-    model = build_target(cfg, vocab_size, mesh, device)
-    schedule, objective = setup_let(cfg, model, data, mesh, device, trainer_state, checkpoint, metrics)
-    trainable = nn.ModuleDict({"model": model})
-    if objective is not None and any(True for _ in objective.parameters()):
-        trainable["projector"] = objective.projector
-    optimizer, lr_scheduler = build_optimizer(cfg.optim, trainable, c.steps, device)
-    if checkpoint:
-        trainer_state = load_checkpoint(checkpoint, trainable, optimizer)
-        lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
-        data.loader.load_state_dict(trainer_state["data"])
-        metrics.info("resumed from %s (step %d)", checkpoint, start_step)
-        metrics.record(event="resume", step=start_step, checkpoint=str(checkpoint))
+        n_params = sum(p.numel() for p in model.parameters())
+        flops = flops_per_token(model, d.seq_len)
+        peak = peak_flops(device, cfg.log.peak_tflops)
+        metrics.info("target %s: %.2fM parameters, %d ranks, %d tokens/step, %.3g FLOPs/token", cfg.model.preset,
+                     n_params / 1e6, world, tokens_per_step, flops)
+        if rank == 0:
+            atomic_write_json(run_dir / "config.json", dataclasses.asdict(cfg), indent=1)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = world * d.micro_batch_size * d.grad_accum * d.seq_len
-    flops = flops_per_token(model, d.seq_len)
-    peak = peak_flops(device, cfg.log.peak_tflops)
-    metrics.info("target %s: %.2fM parameters, %d ranks, %d tokens/step, %.3g FLOPs/token", cfg.model.preset,
-                 n_params / 1e6, world, tokens_per_step, flops)
-    if rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        tokens_seen = trainer_state.get("tokens_seen", 0)
+        end = min(c.stop_at or c.steps, c.steps)
+        last_log_time, last_log_step = time.perf_counter(), start_step
+        for step in range(start_step, end):
+            if objective is not None and schedule.is_done(step):
+                release_teacher(objective, data, step, device, metrics)
+                objective = None
+            result = train_step(model, objective, trainable, optimizer, lr_scheduler, schedule, data.loader,
+                                step=step, grad_accum=d.grad_accum, grad_clip=cfg.optim.grad_clip, device=device)
+            tokens_seen += tokens_per_step
+            done = step + 1
 
-    tokens_seen = trainer_state.get("tokens_seen", 0)
-    end = min(c.stop_at or c.steps, c.steps)
-    last_log_time, last_log_step = time.perf_counter(), start_step
-    for step in range(start_step, end):
-        if objective is not None and schedule.is_done(step):
-            release_teacher(objective, data, step, device, metrics)
-            objective = None
-        result = train_step(model, objective, trainable, optimizer, lr_scheduler, schedule, data.loader, step=step,
-                            grad_accum=d.grad_accum, grad_clip=cfg.optim.grad_clip, device=device)
-        tokens_seen += tokens_per_step
-        done = step + 1
-
-        log_now = done % cfg.log.every == 0 or done == end
-        checkpoint_now = cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or done == end)
-        if not (log_now or checkpoint_now):
-            continue
-        dist.all_reduce(result.losses)
-        loss, lm_loss, align_loss = (result.losses / (world * d.grad_accum)).tolist()
-        if log_now:
-            grad_norm = result.grad_norm.full_tensor() if isinstance(result.grad_norm, DTensor) else result.grad_norm
-            now = time.perf_counter()
-            step_time = (now - last_log_time) / (done - last_log_step)
-            tokens_per_s = tokens_per_step / step_time
-            last_log_time, last_log_step = now, done
-            mfu = flops * tokens_per_s / world / peak if peak else None
-            mem, mem_peak = memory_gib(device)
-            align_loss = align_loss if result.has_align else None
-            metrics.info(
-                "step %6d/%d | loss %.4f | lm %.4f | align %s | lambda %.4f | lr %.2e | gnorm %.3f | %.2fs/step "
-                "| %.0f tok/s | mfu %s | mem %.1f GiB (peak %.1f)", done, c.steps, loss, lm_loss,
-                "-" if align_loss is None else f"{align_loss:.4f}", result.lambda_, result.lr, grad_norm.item(),
-                step_time, tokens_per_s, "-" if mfu is None else f"{mfu:.1%}", mem, mem_peak)
-            metrics.record(step=done, loss=loss, lm_loss=lm_loss, align_loss=align_loss, lambda_=result.lambda_,
-                           lr=result.lr, grad_norm=grad_norm.item(), tokens_seen=tokens_seen, step_time_s=step_time,
-                           tokens_per_s=tokens_per_s, mfu=mfu, memory_gib=mem, peak_memory_gib=mem_peak)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {done}; stopping before it is checkpointed")
-        if checkpoint_now:
-            state = {"tokens_seen": tokens_seen, "lr_scheduler": lr_scheduler.state_dict(),
-                     "data": data.loader.state_dict(),
-                     "lambda_schedule": schedule.state_dict() if schedule is not None else None,
-                     "config": dataclasses.asdict(cfg)}
-            started = time.perf_counter()
-            path = save_checkpoint(ckpt_dir, done, trainable, optimizer, state, cfg.checkpoint.keep)
-            metrics.info("saved %s in %.1fs", path, time.perf_counter() - started)
-            metrics.record(event="checkpoint", step=done, path=str(path))
-    if isinstance(data.loader, TeacherTokenizedLoader):
-        data.loader.close()
-    final = run_dir / "final_model"
-    if cfg.checkpoint.export and end == c.steps and not final.exists():
-        export_model(model, final)
-        metrics.info("exported the model to %s", final)
-    dist.barrier()  # no rank tears its connections down while another still uses them
+            log_now = done % cfg.log.every == 0 or done == end
+            checkpoint_now = cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or done == end)
+            if not (log_now or checkpoint_now):
+                continue
+            dist.all_reduce(result.losses)
+            loss, lm_loss, align_loss = (result.losses / (world * d.grad_accum)).tolist()
+            if log_now:
+                grad_norm = result.grad_norm.full_tensor() if isinstance(result.grad_norm, DTensor) else result.grad_norm
+                now = time.perf_counter()
+                step_time = (now - last_log_time) / (done - last_log_step)
+                tokens_per_s = tokens_per_step / step_time
+                last_log_time, last_log_step = now, done
+                mfu = flops * tokens_per_s / world / peak if peak else None
+                mem, mem_peak = memory_gib(device)
+                align_loss = align_loss if result.has_align else None
+                metrics.info(
+                    "step %6d/%d | loss %.4f | lm %.4f | align %s | lambda %.4f | lr %.2e | gnorm %.3f | %.2fs/step "
+                    "| %.0f tok/s | mfu %s | mem %.1f GiB (peak %.1f)", done, c.steps, loss, lm_loss,
+                    "-" if align_loss is None else f"{align_loss:.4f}", result.lambda_, result.lr, grad_norm.item(),
+                    step_time, tokens_per_s, "-" if mfu is None else f"{mfu:.1%}", mem, mem_peak)
+                metrics.step(done, loss=loss, lm_loss=lm_loss, align_loss=align_loss, lambda_=result.lambda_,
+                             lr=result.lr, grad_norm=grad_norm.item(), tokens_seen=tokens_seen, step_time_s=step_time,
+                             tokens_per_s=tokens_per_s, mfu=mfu, memory_gib=mem, peak_memory_gib=mem_peak)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {done}; stopping before it is checkpointed")
+            if checkpoint_now:
+                state = {"tokens_seen": tokens_seen, "tokens_per_step": tokens_per_step,
+                         "lr_scheduler": lr_scheduler.state_dict(), "data": data.loader.state_dict(),
+                         "lambda_schedule": schedule.state_dict() if schedule is not None else None,
+                         "config": dataclasses.asdict(cfg)}
+                started = time.perf_counter()
+                path = save_checkpoint(ckpt_dir, done, trainable, optimizer, state)
+                metrics.info("saved %s in %.1fs", path, time.perf_counter() - started)
+                metrics.event("checkpoint", done, path=str(path))
+                skipped = [p for p in skipped if p != path]  # a damaged checkpoint of this step was replaced
+                if rank == 0:
+                    for old in prune_checkpoints(ckpt_dir, done, cfg.checkpoint.keep, skipped):
+                        metrics.info("deleted %s (checkpoint.keep=%d)", old, cfg.checkpoint.keep)
+        if isinstance(data.loader, TeacherTokenizedLoader):
+            data.loader.close()
+        final = run_dir / "final_model"
+        if cfg.checkpoint.export and end == c.steps and not final.exists():
+            export_model(model, final, Tokenizer.from_file(str(data.tokenizer_file)) if data.tokenizer_file else None)
+            metrics.info("exported the model to %s", final)
+        dist.barrier()  # no rank tears its connections down while another still uses them
     dist.destroy_process_group()
 
 

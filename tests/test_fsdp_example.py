@@ -1,13 +1,17 @@
 """examples/pretrain_fsdp.py under torchrun: 2 CPU ranks (gloo), the tiny config, a few steps."""
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
+import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -17,9 +21,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from letkit.data import tokenize_corpus
 from letkit.models import count_parameters, from_preset, load_pretrained
+from letkit.tokenization import same_tokenizer
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "pretrain_fsdp.py"
 STEPS, S_STOP = 12, 6  # the tiny config: 12 steps, the teacher released at step 6, checkpoints every 4 steps
+ALL_CHECKPOINTS = [f"step_{s:07d}" for s in range(2, STEPS + 1, 2)]  # the full run checkpoints every 2 steps
 
 
 def load_example():
@@ -52,10 +58,21 @@ def shards(tmp_path_factory):
     return root / "shards"
 
 
+def run_example(run_dir, shards, *args, ranks=2):
+    """The example on the tiny config, under torchrun with ``ranks`` CPU ranks (``ranks=None``: plain python).
+
+    ``--standalone`` binds the rendezvous store to port 0 and the workers share it: no free port is picked
+    and released first, so none can be taken by another process in between. The rendezvous timeouts are
+    raised far above their defaults (60 s store reads), for a machine loaded by other jobs."""
+    launcher = [] if ranks is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                                         "--rdzv-conf", "join_timeout=900,read_timeout=600"]
+    command = [sys.executable, *launcher, str(EXAMPLE), "--config", "tiny", "--data.path", str(shards),
+               "--train.run_dir", str(run_dir), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
 def torchrun(run_dir, shards, *args):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
-               "--config", "tiny", "--data.path", str(shards), "--train.run_dir", str(run_dir), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = run_example(run_dir, shards, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
 
@@ -75,7 +92,7 @@ def metrics(run_dir):
 @pytest.fixture(scope="module")
 def full_run(shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full")
-    output = torchrun(run_dir, shards)
+    output = torchrun(run_dir, shards, "--checkpoint.every", "2")
     return run_dir, output
 
 
@@ -94,7 +111,8 @@ def test_trains_aligns_until_s_stop_then_drops_the_teacher(full_run):
     released = [e for e in events if e["event"] == "teacher_released"]
     assert [e["step"] for e in released] == [S_STOP]
     assert "teacher released, memory" in output
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000004", "step_0000008", "step_0000012"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ALL_CHECKPOINTS
+    assert not (run_dir / "run.lock").exists()  # released at the end
 
 
 def test_stop_and_resume_reproduces_the_uninterrupted_run_across_s_stop(full_run, shards, tmp_path):
@@ -114,10 +132,7 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run_across_s_stop(full_run
 
 def test_a_non_finite_loss_stops_the_run_before_it_is_checkpointed(shards, tmp_path):
     """Checkpoint steps check the loss even when they are not log steps, so no NaN weights are ever saved."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
-               "--config", "tiny", "--data.path", str(shards), "--train.run_dir", str(tmp_path),
-               "--optim.lr", "1e30", "--log.every", "100", "--checkpoint.every", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = run_example(tmp_path, shards, "--optim.lr", "1e30", "--log.every", "100", "--checkpoint.every", "1")
     found = re.search(r"FloatingPointError: loss is (nan|inf|-inf) at step (\d+)", result.stderr)
     assert result.returncode != 0 and found, result.stderr[-3000:]
     nan_step = int(found.group(2))
@@ -126,31 +141,63 @@ def test_a_non_finite_loss_stops_the_run_before_it_is_checkpointed(shards, tmp_p
     assert saved and saved[-1] == f"step_{nan_step - 1:07d}"
 
 
+def flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 @pytest.fixture(scope="module")
 def resumed_after_damage(full_run, shards, tmp_path_factory):
-    """Checkpoints 4 and 8 of the full run, 12 damaged (a truncated shard file), 16 interrupted (.tmp); resumed with
-    a teacher path that does not exist (after S_stop the teacher must not be loaded)."""
+    """Checkpoints 2-6 of the full run intact; 8 with a truncated shard, 10 with bytes flipped in DCP's .metadata
+    and 12 in a shard (sizes unchanged), 16 interrupted (.tmp), 99 garbage. Resumed with a teacher path that does
+    not exist (after S_stop the teacher must not be loaded), to step 10, saving every 2 steps and keeping 2."""
     full_dir, _ = full_run
     run_dir = tmp_path_factory.mktemp("damaged")
-    for name in ("step_0000004", "step_0000008", "step_0000012"):
+    for name in ALL_CHECKPOINTS:
         shutil.copytree(full_dir / "checkpoints" / name, run_dir / "checkpoints" / name)
-    shard = run_dir / "checkpoints" / "step_0000012" / "__1_0.distcp"
+    shard = run_dir / "checkpoints" / "step_0000008" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-10])
+    flip_byte(run_dir / "checkpoints" / "step_0000010" / ".metadata", 100)
+    flip_byte(run_dir / "checkpoints" / "step_0000012" / "__1_0.distcp", 5000)
     shutil.copytree(full_dir / "checkpoints" / "step_0000012", run_dir / "checkpoints" / "step_0000016.tmp")
-    output = torchrun(run_dir, shards, "--teacher.path", "/does/not/exist", "--train.steps", str(STEPS))
+    (run_dir / "checkpoints" / "step_0000099").mkdir()
+    (run_dir / "checkpoints" / "step_0000099" / "notes.txt").write_text("not a checkpoint")
+    output = torchrun(run_dir, shards, "--teacher.path", "/does/not/exist", "--train.steps", str(STEPS),
+                      "--train.stop_at", "10", "--checkpoint.every", "2", "--checkpoint.keep", "2")
     return run_dir, output
 
 
-def test_damaged_and_incomplete_checkpoints_are_skipped_with_a_warning(full_run, resumed_after_damage):
+def test_damaged_checkpoints_are_skipped_and_the_run_falls_back_to_an_intact_one(full_run, resumed_after_damage):
+    """Size changes, flipped bytes in a shard or in DCP's .metadata (a bare AssertionError before checksums),
+    interrupted saves and garbage folders: each is skipped with a warning naming it, and the run resumes from
+    the newest intact checkpoint (6), repeating the uninterrupted run exactly."""
     run_dir, output = resumed_after_damage
-    assert "WARNING skipping incomplete checkpoint" in output and "step_0000016.tmp" in output
-    assert "WARNING skipping damaged checkpoint" in output and "__1_0.distcp has" in output
+    ckpt = run_dir / "checkpoints"
+    assert f"WARNING skipping incomplete checkpoint {ckpt / 'step_0000016.tmp'}" in output
+    assert f"WARNING skipping damaged checkpoint {ckpt / 'step_0000099'}: " in output
+    assert (f"WARNING skipping damaged checkpoint {ckpt / 'step_0000012'}: __1_0.distcp has other bytes than were "
+            "written") in output
+    assert f"WARNING skipping damaged checkpoint {ckpt / 'step_0000010'}: .metadata has other bytes" in output
+    assert f"WARNING skipping damaged checkpoint {ckpt / 'step_0000008'}: __1_0.distcp has " in output
     _, events = metrics(run_dir)
-    assert [e["step"] for e in events if e["event"] == "resume"] == [8]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [6]
     want, _ = metrics(full_run[0])
     got, _ = metrics(run_dir)
-    assert sorted(got) == [9, 10, 11, 12]
+    assert sorted(got) == [7, 8, 9, 10]
     assert all(got[s]["loss"] == want[s]["loss"] for s in got)
+
+
+def test_retention_keeps_the_newest_intact_checkpoints_and_never_counts_damaged_ones(resumed_after_damage):
+    """checkpoint.keep=2 counts intact checkpoints up to the one just saved: 8 and 10 (this run's) stay, the older
+    2, 4, 6 go; the skipped 12 and the garbage 99 neither count nor are deleted. Before the fix every step_N
+    folder counted, so saving 8 and 10 deleted every intact checkpoint and kept 12 and 99."""
+    run_dir, _ = resumed_after_damage
+    ckpt = run_dir / "checkpoints"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == ["step_0000008", "step_0000010", "step_0000012", "step_0000016.tmp", "step_0000099"]
+    newest, skipped = load_example().find_checkpoint(ckpt)
+    assert newest == ckpt / "step_0000010" and skipped == [ckpt / "step_0000099", ckpt / "step_0000012"]
 
 
 def test_resume_after_s_stop_does_not_load_the_teacher(resumed_after_damage):
@@ -162,7 +209,7 @@ def test_resume_after_s_stop_does_not_load_the_teacher(resumed_after_damage):
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_exported_model_is_the_last_checkpoint(full_run):
+def test_exported_model_is_the_last_checkpoint_with_the_data_tokenizer(full_run, shards):
     run_dir, _ = full_run
     exported = load_pretrained(run_dir / "final_model")
     assert exported.family == "llama"
@@ -170,36 +217,77 @@ def test_exported_model_is_the_last_checkpoint(full_run):
     dcp.load(state, checkpoint_id=run_dir / "checkpoints" / "step_0000012", no_dist=True)
     for name, value in exported.model.state_dict().items():
         assert torch.equal(value, state["model"][f"model.{name}"].bfloat16()), name
+    data_tokenizer = Tokenizer.from_file(str(shards / "tokenizer.json"))  # exported with the model
+    assert exported.tokenizer is not None and same_tokenizer(exported.tokenizer, data_tokenizer)
+
+
+def fake_checkpoint(directory, number, contents, **overrides):
+    """A checkpoint folder as save_checkpoint writes it: files of ``contents`` and a trainer_state.json with their
+    sizes and SHA-256 (``overrides`` replace its fields)."""
+    path = directory / f"step_{number:07d}"
+    path.mkdir(parents=True)
+    for name, data in contents.items():
+        (path / name).write_bytes(data)
+    records = {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in contents.items()}
+    (path / "trainer_state.json").write_text(json.dumps({"step": number, "files": records, **overrides}))
+    return path
 
 
 def test_find_checkpoint_rules(tmp_path, caplog):
     example = load_example()
-    assert example.find_checkpoint(tmp_path / "none") is None
-
-    def fake(number, files, **overrides):
-        path = tmp_path / f"step_{number:07d}"
-        path.mkdir()
-        for name, data in files.items():
-            (path / name).write_bytes(data)
-        state = {"step": number, "files": {n: len(d) for n, d in files.items()}, **overrides}
-        (path / "trainer_state.json").write_text(json.dumps(state))
-        return path
-
-    good = fake(1, {".metadata": b"m", "__0_0.distcp": b"abc"})
-    fake(2, {".metadata": b"m"}, step=7)
-    bad_size = fake(3, {".metadata": b"m", "__0_0.distcp": b"abc"})
+    assert example.find_checkpoint(tmp_path / "none") == (None, [])
+    good = fake_checkpoint(tmp_path, 1, {".metadata": b"meta", "__0_0.distcp": b"abc"})
+    fake_checkpoint(tmp_path, 2, {".metadata": b"m"}, step=7)
+    bad_size = fake_checkpoint(tmp_path, 3, {".metadata": b"m", "__0_0.distcp": b"abc"})
     (bad_size / "__0_0.distcp").write_bytes(b"ab")
-    missing = fake(4, {".metadata": b"m"})
+    missing = fake_checkpoint(tmp_path, 4, {".metadata": b"m"})
     (missing / ".metadata").unlink()
-    (fake(5, {}) / "trainer_state.json").write_text("{not json")
-    (tmp_path / "step_0000006.tmp").mkdir()
+    (fake_checkpoint(tmp_path, 5, {}) / "trainer_state.json").write_text("{not json")
+    flipped_shard = fake_checkpoint(tmp_path, 6, {".metadata": b"m", "__1_0.distcp": b"abc"})
+    (flipped_shard / "__1_0.distcp").write_bytes(b"abd")
+    flipped_metadata = fake_checkpoint(tmp_path, 7, {".metadata": b"meta", "__0_0.distcp": b"abc"})
+    (flipped_metadata / ".metadata").write_bytes(b"mexa")
+    fake_checkpoint(tmp_path, 8, {".metadata": b"m"}, files={".metadata": 1})  # sizes only, no checksums
+    (tmp_path / "step_0000009.tmp").mkdir()
     (tmp_path / "notes").mkdir()
-    assert example.find_checkpoint(tmp_path) == good
+    found, skipped = example.find_checkpoint(tmp_path)
+    assert found == good and [p.name for p in skipped] == [f"step_{n:07d}" for n in range(8, 1, -1)]
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 5 and all(w.startswith("skipping ") for w in warnings)
-    assert "(its save was interrupted)" in warnings[0] and "Expecting property name" in warnings[1]
-    assert ".metadata" in warnings[2] and "__0_0.distcp has 2 bytes, 3 were written" in warnings[3]
-    assert "trainer_state.json says step 7" in warnings[4]
+    assert len(warnings) == 8 and all(w.startswith("skipping ") for w in warnings)
+    assert "(its save was interrupted)" in warnings[0]
+    assert "records no checksums (written by an older version of this script)" in warnings[1]
+    assert ".metadata has other bytes than were written" in warnings[2]
+    assert "__1_0.distcp has other bytes than were written" in warnings[3]
+    assert "Expecting property name" in warnings[4] and ".metadata" in warnings[5]
+    assert "__0_0.distcp has 2 bytes, 3 were written" in warnings[6] and "trainer_state.json says step 7" in warnings[7]
+
+
+def test_each_rank_checksums_its_share_of_the_files(tmp_path):
+    """__<r>_<n>.distcp is rank r's (modulo the world size), the rest rank 0's; sizes are checked on every rank."""
+    example = load_example()
+    assert [example.file_owner(n, 2) for n in (".metadata", "__0_0.distcp", "__1_0.distcp", "__3_1.distcp")] == [0, 0, 1, 1]
+    assert example.file_owner("__4_0.distcp", 3) == 1
+    path = fake_checkpoint(tmp_path, 1, {".metadata": b"m", "__0_0.distcp": b"abc", "__1_0.distcp": b"xyz"})
+    (path / "__1_0.distcp").write_bytes(b"xyw")
+    assert example.checkpoint_problem(path, 0, 2) is None
+    assert "__1_0.distcp has other bytes" in example.checkpoint_problem(path, 1, 2)
+    assert example.checkpoint_problem(path, 1, 2, checksums=False) is None
+    (path / "__1_0.distcp").write_bytes(b"xy")
+    assert "__1_0.distcp has 2 bytes, 3 were written" in example.checkpoint_problem(path, 0, 2)
+
+
+def test_prune_counts_only_intact_checkpoints_up_to_the_newest(tmp_path):
+    """The issue's repro at unit level: keep=1 after saving 10, with 12 damaged (skipped at resume: flipped bytes)
+    and a garbage 99 beside it, keeps 10 and leaves 12 and 99 alone; older intact ones go, damaged old ones stay."""
+    example = load_example()
+    for n in (2, 4, 8, 10, 12):
+        fake_checkpoint(tmp_path, n, {".metadata": b"m", "__0_0.distcp": b"abc"})
+    (tmp_path / "step_0000004" / "__0_0.distcp").write_bytes(b"ab")  # damaged: not counted, not deleted
+    (tmp_path / "step_0000099").mkdir()
+    deleted = example.prune_checkpoints(tmp_path, 10, 1, skipped=[tmp_path / "step_0000012"])
+    assert [p.name for p in deleted] == ["step_0000008", "step_0000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004", "step_0000010", "step_0000012", "step_0000099"]
+    assert example.prune_checkpoints(tmp_path, 10, 0, skipped=[]) == []  # keep=0: all
 
 
 @pytest.mark.parametrize("preset, billions", [("1.4b", 1.36), ("7b", 6.74)])
@@ -247,24 +335,24 @@ def test_config_overrides_help_and_errors(tmp_path, capsys):
         example.load_config(["--config", "tiny", "--data.grad_accum", "0"])
     with pytest.raises(ValueError, match="teacher.alignment must be one of \\('same', 'last', 'mean'\\), got 'first'"):
         example.load_config(["--config", "tiny", "--teacher.alignment", "first"])
+    with pytest.raises(ValueError, match=r"teacher.projector must be one of \('interpolate', 'linear', 'mlp'\)"):
+        example.load_config(["--config", "tiny", "--teacher.projector", "conv"])
+    with pytest.raises(ValueError, match="teacher.layer_map='L2E,X2Y': unknown layer mapping strategy 'X2Y'"):
+        example.load_config(["--config", "tiny", "--teacher.layer_map", "L2E,X2Y"])
+    assert example.load_config(["--config", "tiny", "--teacher.schedule", "exponential"]).teacher.schedule == "exponential"
+    with pytest.raises(ValueError, match="teacher.schedule='step' cannot be built .*step_size"):
+        example.load_config(["--config", "tiny", "--teacher.schedule", "step"])
     with pytest.raises(SystemExit):
         example.load_config(["--config", "tiny", "--train.compile", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
 @pytest.fixture
-def world_of_one(monkeypatch):
+def world_of_one():
     """An in-process gloo process group of one rank."""
     import torch.distributed as dist
 
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(key, value)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # no port to race for
     yield
     dist.destroy_process_group()
 
@@ -376,10 +464,7 @@ def test_restore_lambda_schedule_rules(tmp_path):
 def test_resume_with_a_changed_lambda_schedule_fails_before_loading_the_teacher(full_run, shards, tmp_path):
     full_dir, _ = full_run
     shutil.copytree(full_dir / "checkpoints" / "step_0000008", tmp_path / "checkpoints" / "step_0000008")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
-               "--config", "tiny", "--data.path", str(shards), "--train.run_dir", str(tmp_path),
-               "--teacher.stop_step", "10"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = run_example(tmp_path, shards, "--teacher.stop_step", "10")
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "teacher.stop_step: checkpoint 6, config 10" in output
@@ -438,3 +523,132 @@ def test_cross_tokenizer_let_with_a_teacher_of_another_tokenizer(shards, tmp_pat
     align = [steps[s]["align_loss"] for s in range(1, S_STOP + 1)]
     assert all(0 < a < 2 for a in align) and align[-1] < align[0], align
     assert [e["step"] for e in events if e["event"] == "teacher_released"] == [S_STOP]
+
+
+def test_run_dir_lock_refuses_a_live_holder_and_takes_over_stale_locks(tmp_path, caplog):
+    """One holder at a time; a lock left by a process that is gone (or whose pid now runs another program) is
+    taken over with a warning; a holder on another host is refused with how to remove its lock."""
+    example = load_example()
+    first = example.RunDirLock(tmp_path)
+    first.acquire()
+    lock_file = tmp_path / "run.lock"
+    holder = json.loads(lock_file.read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    with pytest.raises(example.RunDirInUse, match=rf"is in use by another run: process {os.getpid()} on host "):
+        example.RunDirLock(tmp_path).acquire()
+    first.release()
+    assert not lock_file.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for stale in ({**holder, "pid": int(gone.stdout)},  # a process that has exited
+                  {**holder, "process_start": "1"}):  # this pid, but another process start: the pid was reused
+        lock_file.write_text(json.dumps(stale))
+        lock = example.RunDirLock(tmp_path)
+        lock.acquire()
+        assert json.loads(lock_file.read_text()) == lock.holder
+        assert "taking over the stale lock" in caplog.records[-1].getMessage()
+        lock.release()
+
+    for elsewhere in ({"host": "elsewhere"}, {"pid_namespace": "pid:[1]"}):  # another host or another container
+        lock_file.write_text(json.dumps({**holder, "pid": int(gone.stdout), **elsewhere}))
+        with pytest.raises(example.RunDirInUse, match=f"process {gone.stdout.strip()} on host .*if it is no longer "
+                                                      f"running .* delete {lock_file}"):
+            example.RunDirLock(tmp_path).acquire()
+    example.RunDirLock(tmp_path).release()  # not this process's lock: left alone
+    assert json.loads(lock_file.read_text())["pid_namespace"] == "pid:[1]"
+
+
+def test_a_second_run_in_the_same_run_dir_is_refused_naming_the_holder(shards, tmp_path):
+    """A live run (here a sleeping process that holds the lock) keeps a second one out: every rank exits with
+    the holder's pid and host, before anything is trained or written."""
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("pretrain_fsdp", {str(EXAMPLE)!r})
+example = importlib.util.module_from_spec(spec); sys.modules[spec.name] = example; spec.loader.exec_module(example)
+example.RunDirLock(sys.argv[1]).acquire(); print("locked", flush=True); time.sleep(600)
+""", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        result = run_example(tmp_path, shards)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode != 0
+    assert result.stderr.count(f"is in use by another run: process {holder.pid} on host {socket.gethostname()!r}") >= 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]
+
+
+def test_resume_on_another_world_size_is_logged_and_recorded(full_run, shards, tmp_path):
+    """A 2-rank checkpoint resumed by one process halves the tokens per step: a warning says so (and how to keep
+    the global batch), and the resume record in metrics.jsonl has both world sizes and both batch sizes."""
+    shutil.copytree(full_run[0] / "checkpoints" / "step_0000008", tmp_path / "checkpoints" / "step_0000008")
+    result = run_example(tmp_path, shards, "--checkpoint.every", "0", "--checkpoint.export", "false", ranks=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("was written by 2 ranks at 256 tokens per step; this run has 1 ranks and 128 tokens per step" in result.stdout
+            and "--data.grad_accum 4 keeps the checkpoint's 256" in result.stdout)
+    steps, events = metrics(tmp_path)
+    [resume] = [e for e in events if e["event"] == "resume"]
+    assert resume == {"event": "resume", "step": 8, "checkpoint": str(tmp_path / "checkpoints" / "step_0000008"),
+                      "world_size": 1, "tokens_per_step": 128, "checkpoint_world_size": 2,
+                      "checkpoint_tokens_per_step": 256}
+    assert sorted(steps) == [9, 10, 11, 12] and steps[12]["tokens_seen"] == 8 * 256 + 4 * 128
+
+
+def test_tensorboard_and_wandb_sinks_get_the_step_records(tmp_path, monkeypatch):
+    """Step records' numbers go to TensorBoard scalars and to W&B (a stand-in module: wandb is not a test
+    dependency) beside metrics.jsonl; events stay in metrics.jsonl; a rerun continues the same W&B run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    calls = []
+
+    class FakeRun:
+        def log(self, values, step):
+            calls.append(("log", values, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object() if name == "wandb" else find_spec(name, *args))
+    example = load_example()
+    cfg = example.load_config(["--config", "tiny", "--log.tensorboard", "true", "--log.wandb", "true"])
+    for _ in range(2):
+        with example.MetricsLog(tmp_path, cfg, enabled=True) as log:
+            log.step(1, loss=2.5, align_loss=None, lambda_=0.5)
+            log.event("checkpoint", 1, path="x")
+            log.step(2, loss=2.25, align_loss=0.75, lambda_=0.25)
+    with example.MetricsLog(tmp_path / "other", cfg, enabled=False) as log:  # ranks > 0 write nothing
+        log.step(1, loss=1.0)
+    assert not (tmp_path / "other").exists()
+
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[:3] == [{"step": 1, "loss": 2.5, "align_loss": None, "lambda_": 0.5},
+                         {"event": "checkpoint", "step": 1, "path": "x"},
+                         {"step": 2, "loss": 2.25, "align_loss": 0.75, "lambda_": 0.25}]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["train/align_loss", "train/lambda_", "train/loss"]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.5), (2, 2.25)] * 2
+    assert [(e.step, e.value) for e in events.Scalars("train/align_loss")] == [(2, 0.75)] * 2
+
+    inits = [c[1] for c in calls if c[0] == "init"]
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    assert len(inits) == 2 and all(i["id"] == run_id and i["resume"] == "allow" for i in inits)
+    assert inits[0]["mode"] == "offline" and inits[0]["dir"] == str(tmp_path) and inits[0]["project"] == "letkit"
+    assert inits[0]["config"]["log"]["wandb"] is True
+    assert calls[1:4] == [("log", {"loss": 2.5, "lambda_": 0.5}, 1), ("log", {"loss": 2.25, "align_loss": 0.75,
+                                                                               "lambda_": 0.25}, 2), ("finish",)]
+
+
+@pytest.mark.parametrize("sink", ["tensorboard", "wandb"])
+def test_a_missing_sink_package_is_named_with_its_pip_install(sink, monkeypatch):
+    monkeypatch.setitem(sys.modules, sink, None)  # as if not installed: find_spec finds nothing
+    example = load_example()
+    with pytest.raises(ValueError, match=f"log.{sink}=true needs the {sink} package, which is not installed: "
+                                         f"pip install {sink}"):
+        example.load_config(["--config", "tiny", f"--log.{sink}", "true"])
