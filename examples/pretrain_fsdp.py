@@ -619,14 +619,14 @@ def checkpoint_problem(path: Path, rank: int = 0, world: int = 1, *, checksums: 
         state = json.loads((path / "trainer_state.json").read_text())
         if state["step"] != int(path.name.removeprefix("step_")):
             raise ValueError(f"trainer_state.json says step {state['step']}")
-        if not all(isinstance(written, dict) for written in state["files"].values()):
-            raise ValueError("trainer_state.json records no checksums (written by an older version of this script)")
         for name, written in state["files"].items():
             size = (path / name).stat().st_size
-            if size != written["bytes"]:
-                return f"{name} has {size} bytes, {written['bytes']} were written"
-        for name, written in state["files"].items():
-            if checksums and file_owner(name, world) == rank and sha256_file(path / name) != written["sha256"]:
+            if size != written:
+                return f"{name} has {size} bytes, {written} were written"
+        if "sha256" not in state:
+            raise ValueError("trainer_state.json records no checksums (written by an older version of this script)")
+        for name, written in state["sha256"].items():
+            if checksums and file_owner(name, world) == rank and sha256_file(path / name) != written:
                 return f"{name} has other bytes than were written (its SHA-256 differs from trainer_state.json's)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return str(e) or type(e).__name__
@@ -697,8 +697,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, trainable: nn.Module, optimizer: 
                     trainer_state: dict[str, Any]) -> Path:
     """Write a checkpoint under ``<name>.tmp``; rank 0 renames it to ``<name>`` once every rank has written.
 
-    trainer_state.json records each file's size and SHA-256. Each rank checksums the files it wrote itself
-    (:func:`file_owner`), one more sequential read of its own shard, mostly from the page cache.
+    trainer_state.json records each file's size (``files``) and SHA-256 (``sha256``). Each rank checksums the files
+    it wrote itself (:func:`file_owner`): one more sequential read of its own shard, mostly from the page cache.
     """
     final = ckpt_dir / checkpoint_name(step)
     tmp = final.with_name(final.name + ".tmp")
@@ -708,13 +708,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, trainable: nn.Module, optimizer: 
         tmp.mkdir(parents=True)
     dist.barrier()
     dcp.save(training_state(trainable, optimizer), checkpoint_id=tmp)
-    mine = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    mine = {p.name: (p.stat().st_size, sha256_file(p))
             for p in sorted(tmp.iterdir()) if file_owner(p.name, dist.get_world_size()) == rank}
     gathered = _on_every_rank((mine, _rng_state()))
     if rank == 0:
-        files = {name: record for files, _ in gathered for name, record in files.items()}
-        state = {**trainer_state, "step": step, "world_size": dist.get_world_size(),
-                 "rng": [rng for _, rng in gathered], "files": dict(sorted(files.items()))}
+        files = dict(sorted((name, record) for files, _ in gathered for name, record in files.items()))
+        state = {**trainer_state, "step": step, "world_size": dist.get_world_size(), "rng": [rng for _, rng in gathered],
+                 "files": {name: size for name, (size, _) in files.items()},
+                 "sha256": {name: digest for name, (_, digest) in files.items()}}
         atomic_write_json(tmp / "trainer_state.json", state, indent=1)
         if final.exists():  # a damaged checkpoint of this step, skipped at resume
             shutil.rmtree(final)

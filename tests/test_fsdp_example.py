@@ -228,8 +228,9 @@ def fake_checkpoint(directory, number, contents, **overrides):
     path.mkdir(parents=True)
     for name, data in contents.items():
         (path / name).write_bytes(data)
-    records = {n: {"bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in contents.items()}
-    (path / "trainer_state.json").write_text(json.dumps({"step": number, "files": records, **overrides}))
+    sizes = {n: len(d) for n, d in contents.items()}
+    digests = {n: hashlib.sha256(d).hexdigest() for n, d in contents.items()}
+    (path / "trainer_state.json").write_text(json.dumps({"step": number, "files": sizes, "sha256": digests, **overrides}))
     return path
 
 
@@ -247,7 +248,10 @@ def test_find_checkpoint_rules(tmp_path, caplog):
     (flipped_shard / "__1_0.distcp").write_bytes(b"abd")
     flipped_metadata = fake_checkpoint(tmp_path, 7, {".metadata": b"meta", "__0_0.distcp": b"abc"})
     (flipped_metadata / ".metadata").write_bytes(b"mexa")
-    fake_checkpoint(tmp_path, 8, {".metadata": b"m"}, files={".metadata": 1})  # sizes only, no checksums
+    no_checksums = fake_checkpoint(tmp_path, 8, {".metadata": b"m"})
+    state = json.loads((no_checksums / "trainer_state.json").read_text())
+    del state["sha256"]  # as this script wrote them before it recorded checksums
+    (no_checksums / "trainer_state.json").write_text(json.dumps(state))
     (tmp_path / "step_0000009.tmp").mkdir()
     (tmp_path / "notes").mkdir()
     found, skipped = example.find_checkpoint(tmp_path)
