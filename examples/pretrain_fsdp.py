@@ -326,7 +326,7 @@ def check_teacher_data(spec: str, teacher_config: dict[str, Any], tokenizer_file
         data_tokenizer_sha256: SHA-256 of the tokenizer.json the data was made with (its index.json), if known.
         seq_len: data.seq_len.
         data_tokenizer_file: the data's tokenizer.json, if at hand: files that differ in bytes (formatting,
-            decoder settings) are accepted when they tokenize alike (``letkit.tokenization.same_tokenizer``).
+            decoder settings) are accepted when they tokenize alike (``letkit.same_tokenizer``).
     """
     if data_tokenizer_sha256 and tokenizer_file is not None:
         teacher_sha256 = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
@@ -681,9 +681,10 @@ def prune_checkpoints(ckpt_dir: Path, newest: int, keep: int, skipped: list[Path
     """
     intact = [path for step, path in checkpoint_dirs(ckpt_dir) if step <= newest and path not in skipped
               and checkpoint_problem(path, checksums=False) is None]
-    for path in intact[keep:] if keep else []:
+    doomed = intact[keep:] if keep else []
+    for path in doomed:
         shutil.rmtree(path)
-    return intact[keep:] if keep else []
+    return doomed
 
 
 def training_state(trainable: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -712,10 +713,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, trainable: nn.Module, optimizer: 
             for p in sorted(tmp.iterdir()) if file_owner(p.name, dist.get_world_size()) == rank}
     gathered = _on_every_rank((mine, _rng_state()))
     if rank == 0:
-        files = dict(sorted((name, record) for files, _ in gathered for name, record in files.items()))
+        written = dict(sorted(record for files, _ in gathered for record in files.items()))
         state = {**trainer_state, "step": step, "world_size": dist.get_world_size(), "rng": [rng for _, rng in gathered],
-                 "files": {name: size for name, (size, _) in files.items()},
-                 "sha256": {name: digest for name, (_, digest) in files.items()}}
+                 "files": {name: size for name, (size, _) in written.items()},
+                 "sha256": {name: digest for name, (_, digest) in written.items()}}
         atomic_write_json(tmp / "trainer_state.json", state, indent=1)
         if final.exists():  # a damaged checkpoint of this step, skipped at resume
             shutil.rmtree(final)

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from letkit.data import tokenize_corpus
 from letkit.models import count_parameters, from_preset, load_pretrained
-from letkit.tokenization import same_tokenizer
+from letkit import same_tokenizer
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "pretrain_fsdp.py"
 STEPS, S_STOP = 12, 6  # the tiny config: 12 steps, the teacher released at step 6, checkpoints every 4 steps
@@ -198,6 +198,22 @@ def test_retention_keeps_the_newest_intact_checkpoints_and_never_counts_damaged_
     assert names == ["step_0000008", "step_0000010", "step_0000012", "step_0000016.tmp", "step_0000099"]
     newest, skipped = load_example().find_checkpoint(ckpt)
     assert newest == ckpt / "step_0000010" and skipped == [ckpt / "step_0000099", ckpt / "step_0000012"]
+
+
+def test_retention_repro_from_the_issue_keeps_the_checkpoint_it_just_saved(full_run, shards, tmp_path):
+    """Issue #15's repro: without step 10, with a truncated shard in 12 and a garbage 99, a rerun to step 10 with
+    checkpoint.keep=1 resumes from 8 and saves 10. Before the fix every step_N folder counted, so it deleted 10 (and
+    all intact ones) and kept 99, and the next run started from step 1."""
+    for name in ALL_CHECKPOINTS:
+        if name != "step_0000010":
+            shutil.copytree(full_run[0] / "checkpoints" / name, tmp_path / "checkpoints" / name)
+    shard = tmp_path / "checkpoints" / "step_0000012" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    (tmp_path / "checkpoints" / "step_0000099").mkdir()
+    torchrun(tmp_path, shards, "--checkpoint.keep", "1", "--train.stop_at", "10", "--checkpoint.every", "2")
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_0000010", "step_0000012", "step_0000099"]
+    assert load_example().find_checkpoint(ckpt)[0] == ckpt / "step_0000010"
 
 
 def test_resume_after_s_stop_does_not_load_the_teacher(resumed_after_damage):
