@@ -79,13 +79,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10: pip install tomli
     import tomli as tomllib
 
-from letkit import LOSS_KINDS, PROJECTOR_KINDS, SCHEDULES, LayerMap, LayerMappingProjector, LETObjective, TeacherFeatureExtractor
+from letkit import (LOSS_KINDS, PROJECTOR_KINDS, SCHEDULES, LayerMap, LayerMappingProjector, LETObjective,
+                    TeacherFeatureExtractor, check_teacher_compatibility)
 from letkit.atomic import atomic_write_bytes, atomic_write_json
 from letkit.data import ShardedTokenLoader
 from letkit.hardware import datasheet_peaks
 from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, resolve_pretrained, save_pretrained
 from letkit.optim import warmup_cosine_lr, weight_decay_groups
-from letkit.token_alignment import ALIGNMENT_MODES, TeacherTokenizedLoader, same_tokenizer
+from letkit.token_alignment import ALIGNMENT_MODES, TeacherTokenizedLoader
 
 log = logging.getLogger("pretrain")
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -313,63 +314,42 @@ def build_target(cfg: Config, vocab_size: int, mesh: DeviceMesh, device: torch.d
     return model
 
 
-def check_teacher_data(spec: str, teacher_config: dict[str, Any], tokenizer_file: Path | None, data_vocab: int,
-                       data_tokenizer_sha256: str | None, seq_len: int, data_tokenizer_file: Path | None = None) -> None:
-    """ValueError unless the teacher can read the data: the same tokenizer (when both sides record one), a
-    vocabulary covering the data's ids, and a context of at least ``seq_len`` tokens (when its config says).
-
-    Args:
-        spec: teacher.path, for messages.
-        teacher_config: the teacher's config (config.json, or the random teacher's shape).
-        tokenizer_file: the teacher's tokenizer.json, or None if it has none.
-        data_vocab: vocabulary size of the data (not of the target, whose vocabulary may be padded).
-        data_tokenizer_sha256: SHA-256 of the tokenizer.json the data was made with (its index.json), if known.
-        seq_len: data.seq_len.
-        data_tokenizer_file: the data's tokenizer.json, if at hand: files that differ in bytes (formatting,
-            decoder settings) are accepted when they tokenize alike (``letkit.same_tokenizer``).
-    """
-    if data_tokenizer_sha256 and tokenizer_file is not None:
-        teacher_sha256 = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
-        if teacher_sha256 != data_tokenizer_sha256 and not (
-                data_tokenizer_file is not None and same_tokenizer(Tokenizer.from_file(str(tokenizer_file)),
-                                                                    Tokenizer.from_file(str(data_tokenizer_file)))):
-            raise ValueError(
-                f"the data was tokenized with a tokenizer.json of SHA-256 {data_tokenizer_sha256}, but teacher {spec!r} "
-                f"has {str(tokenizer_file)!r} with SHA-256 {teacher_sha256}, which tokenizes differently: LET feeds "
-                "the target's token ids to the teacher, so the data must be tokenized with the teacher's tokenizer (or "
-                "use cross-tokenizer LET: --teacher.alignment last or mean)")
-    teacher_vocab = teacher_config.get("vocab_size")
-    if teacher_vocab is not None and teacher_vocab < data_vocab:
-        raise ValueError(f"teacher {spec!r} has vocab_size {teacher_vocab} < the data's {data_vocab}: the data must "
-                         "be tokenized with the teacher's tokenizer")
-    max_positions = teacher_config.get("max_position_embeddings")
-    if max_positions is not None and seq_len > max_positions:
-        raise ValueError(f"data.seq_len={seq_len} is longer than teacher {spec!r}'s max_position_embeddings="
-                         f"{max_positions}: use data.seq_len <= {max_positions} or a teacher with a longer context")
-
-
 def build_teacher(spec: str, data_vocab: int, device: torch.device, seed: int, *, seq_len: int,
                   data_tokenizer_sha256: str | None = None, data_tokenizer_file: Path | None = None,
-                  cross_tokenizer: bool = False) -> TeacherFeatureExtractor:
-    """The frozen teacher, replicated on this rank in bf16 (float32 on CPU), after :func:`check_teacher_data`
-    (read from config.json and tokenizer.json, before any weights are loaded). With ``cross_tokenizer`` the teacher
-    reads its own tokenization of the text: it needs a tokenizer.json, and the data's tokenizer must be at hand."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if cross_tokenizer:
-        if spec.startswith("random:") or not (resolve_pretrained(spec) / "tokenizer.json").is_file():
-            raise ValueError(f"teacher.alignment (cross-tokenizer LET) needs a teacher checkpoint directory with a "
-                             f"tokenizer.json, got teacher.path {spec!r}")
-        if data_tokenizer_file is None:
-            raise ValueError("teacher.alignment (cross-tokenizer LET) needs the data's tokenizer: token shards from "
-                             "python -m letkit.data, which keep a copy of it as <data.path>/tokenizer.json")
-        return TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
-    if not spec.startswith("random:"):
-        directory = resolve_pretrained(spec)
+                  alignment: str | None = None) -> TeacherFeatureExtractor:
+    """The frozen teacher, replicated on this rank in bf16 (float32 on CPU).
+
+    ``letkit.check_teacher_compatibility`` first judges, from config.json and tokenizer.json and before any weights
+    load, whether it can read the data: the data's token ids (the same tokenizer, a vocabulary covering the data's
+    ids, a context of ``seq_len`` tokens), or with ``alignment`` (``last`` or ``mean``: cross-tokenizer LET) its own
+    tokenization of the data's text.
+    """
+    if spec.startswith("random:"):
+        config = random_teacher_config(spec, data_vocab)
+        teacher_config, tokenizer_file = dataclasses.asdict(config), None
+    else:
+        directory = resolve_pretrained(spec)  # a checkpoint directory, or a hub name in the local cache
         config_file, tokenizer_file = directory / "config.json", directory / "tokenizer.json"
         teacher_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        check_teacher_data(spec, teacher_config, tokenizer_file if tokenizer_file.is_file() else None, data_vocab,
-                           data_tokenizer_sha256, seq_len, data_tokenizer_file)
+        tokenizer_file = tokenizer_file if tokenizer_file.is_file() else None
+    check_teacher_compatibility(
+        teacher_vocab_size=teacher_config.get("vocab_size"), teacher_tokenizer=tokenizer_file,
+        teacher_max_positions=teacher_config.get("max_position_embeddings"), data_vocab_size=data_vocab,
+        data_tokenizer=data_tokenizer_file, seq_len=seq_len, alignment=alignment,
+        data_tokenizer_sha256=data_tokenizer_sha256, teacher_name=spec,
+        alignment_option="cross-tokenizer LET (--teacher.alignment last or mean)", seq_len_option="data.seq_len")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not spec.startswith("random:"):
         return TeacherFeatureExtractor.from_pretrained(spec, dtype=dtype, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + 1)  # the same teacher on every rank, whenever it is built
+        with torch.device(device):
+            model = Llama(config)
+    return TeacherFeatureExtractor(model, dtype=dtype)
+
+
+def random_teacher_config(spec: str, data_vocab: int) -> LlamaConfig:
+    """The shape of ``random:<shape>[,field=value...]`` (a letkit.models preset or TEACHER_SHAPES), the data's vocab."""
     name, *assignments = spec.removeprefix("random:").split(",")
     shapes = {**PRESETS, **TEACHER_SHAPES}
     if name not in shapes:
@@ -378,13 +358,7 @@ def build_teacher(spec: str, data_vocab: int, device: torch.device, seed: int, *
     for item in assignments:
         key, _, value = item.partition("=")
         shape[key.strip()] = json.loads(value)
-    config = LlamaConfig(**{**shape, "vocab_size": data_vocab})
-    check_teacher_data(spec, dataclasses.asdict(config), None, data_vocab, data_tokenizer_sha256, seq_len)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed + 1)  # the same teacher on every rank, whenever it is built
-        with torch.device(device):
-            model = Llama(config)
-    return TeacherFeatureExtractor(model, dtype=dtype)
+    return LlamaConfig(**{**shape, "vocab_size": data_vocab})
 
 
 def restore_lambda_schedule(schedule, teacher_cfg: TeacherConfig, trainer_state: dict[str, Any], checkpoint: Path) -> None:
@@ -956,7 +930,7 @@ def setup_let(cfg: Config, model: nn.Module, data: Data, mesh: DeviceMesh, devic
         return schedule, None
     teacher = build_teacher(cfg.teacher.path, data.vocab_size, device, cfg.train.seed, seq_len=cfg.data.seq_len,
                             data_tokenizer_sha256=data.tokenizer_sha256, data_tokenizer_file=data.tokenizer_file,
-                            cross_tokenizer=cfg.teacher.alignment != "same")
+                            alignment=None if cfg.teacher.alignment == "same" else cfg.teacher.alignment)
     objective = build_objective(cfg, model, teacher, schedule, mesh, device)
     del teacher  # the objective holds the only reference, so releasing it frees the memory
     if cfg.teacher.alignment != "same":

@@ -413,8 +413,9 @@ def test_gradients_are_reduced_once_per_optimizer_step(world_of_one, monkeypatch
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_teacher_must_match_the_data(shards, tmp_path):
-    """Tokenizer identity (index.json's SHA-256, or same_tokenizer on the data's copy), the DATA's vocabulary (not
-    the padded model's), and seq_len <= the teacher's max_position_embeddings, all before the weights load."""
+    """letkit.check_teacher_compatibility, wired to this script's settings: tokenizer identity (index.json's SHA-256,
+    or same_tokenizer on the data's copy), the DATA's vocabulary (not the padded model's), seq_len <= the teacher's
+    max_position_embeddings, a tokenizer for cross-tokenizer LET, all before the weights load."""
     from letkit.models import save_pretrained
 
     example = load_example()
@@ -437,23 +438,30 @@ def test_teacher_must_match_the_data(shards, tmp_path):
     same = teacher_dir("same", vocab, data_tokenizer)
     assert (same / "tokenizer.json").read_bytes() != (shards / "tokenizer.json").read_bytes()
     assert build(same).num_layers == 2
-    with pytest.raises(ValueError, match=f"SHA-256 {sha}, but teacher .*same.* has .* which tokenizes differently"):
+    with pytest.raises(ValueError, match=f"of the teacher .*same.* has SHA-256 .*, but the data was tokenized with one "
+                                         f"of SHA-256 {sha}"):
         build(same, data_file=None)  # only the SHA-256 to go by
 
     other = Tokenizer(models.WordLevel({"<unk>": 0, "<|endoftext|>": 1, **{f"x{i}": i + 2 for i in range(40)}}, "<unk>"))
     other.pre_tokenizer = pre_tokenizers.Whitespace()
-    with pytest.raises(ValueError, match="which tokenizes differently: LET feeds the target's token ids to the teacher"):
+    with pytest.raises(ValueError, match=r"the teacher .*other.* tokenizes differently from the data .* or use "
+                                         r"cross-tokenizer LET \(--teacher.alignment last or mean\)"):
         build(teacher_dir("other", vocab, other))
 
     no_tokenizer = teacher_dir("small", vocab - 1, None)
-    with pytest.raises(ValueError, match=f"has vocab_size {vocab - 1} < the data's {vocab}"):
+    with pytest.raises(ValueError, match=f"has {vocab - 1} token embeddings, fewer than the data's vocabulary of {vocab}"):
         build(no_tokenizer)
     # the check uses the data's vocabulary: a target padded to 64 does not make a 42-token teacher fail
     assert build(teacher_dir("exact", vocab, None)).num_layers == 2
-    with pytest.raises(ValueError, match=r"data.seq_len=65 is longer than teacher .*max_position_embeddings=64"):
+    with pytest.raises(ValueError, match=r"data.seq_len=65 is longer than the teacher .*short.* supports "
+                                         r"\(max_position_embeddings=64\): use data.seq_len <= 64"):
         build(teacher_dir("short", vocab, None), seq_len=65)
-    with pytest.raises(ValueError, match=r"data.seq_len=40 is longer than teacher 'random:tiny,max_position_embeddings=39'"):
+    with pytest.raises(ValueError, match=r"data.seq_len=40 is longer than the teacher 'random:tiny,max_position_embeddings=39'"):
         example.build_teacher("random:tiny,max_position_embeddings=39", vocab, torch.device("cpu"), 0, seq_len=40)
+    with pytest.raises(ValueError, match=r"cross-tokenizer LET \(--teacher.alignment last or mean\) re-tokenizes the "
+                                         r"text for the teacher, but the teacher 'random:tiny' has no tokenizer"):
+        example.build_teacher("random:tiny", vocab, torch.device("cpu"), 0, seq_len=32, alignment="last",
+                              data_tokenizer_file=shards / "tokenizer.json")
 
 
 def test_restore_lambda_schedule_rules(tmp_path):
@@ -529,7 +537,7 @@ def test_cross_tokenizer_let_with_a_teacher_of_another_tokenizer(shards, tmp_pat
     teacher.to_empty(device="cpu")
     teacher.init_weights()
     save_pretrained(teacher, tmp_path / "teacher", tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="tokenizes differently"):  # without teacher.alignment it is refused
+    with pytest.raises(ValueError, match=f"but the data was tokenized with one of SHA-256 {'0' * 64}"):  # without teacher.alignment
         load_example().build_teacher(str(tmp_path / "teacher"), 42, torch.device("cpu"), 0, seq_len=32,
                                      data_tokenizer_sha256="0" * 64)
     run_dir = tmp_path / "run"
