@@ -139,9 +139,9 @@ def test_fsdp_example_takes_a_teacher_by_hub_name(two_revisions, tmp_path):
     assert teacher.num_layers == 2 and isinstance(teacher.model, Llama)
     data_tokenizer = tmp_path / "main" / "tokenizer.json"
     teacher = example.build_teacher("org/tiny", VOCAB, cpu, seed=0, seq_len=16, data_tokenizer_file=data_tokenizer,
-                                    cross_tokenizer=True)
+                                    alignment="last")
     assert teacher.tokenizer.encode("a").ids == [1]
-    with pytest.raises(ValueError, match="data.seq_len=4096 is longer than teacher 'org/tiny''s max_position_embeddings=2048"):
+    with pytest.raises(ValueError, match=r"data.seq_len=4096 is longer than the teacher 'org/tiny' supports \(max_position_embeddings=2048\)"):
         example.build_teacher("org/tiny", VOCAB, cpu, seed=0, seq_len=4096)  # read from the cached config.json
     with pytest.raises(FileNotFoundError, match="models--org--missing"):
         example.build_teacher("org/missing", VOCAB, cpu, seed=0, seq_len=16)
