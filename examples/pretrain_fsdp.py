@@ -115,7 +115,8 @@ class TeacherConfig:
         "help": "same: the data is tokenized with the teacher's tokenizer; last or mean: cross-tokenizer LET, the "
                 "teacher re-tokenizes the text of each window (needs a teacher checkpoint with a tokenizer.json)"})
     schedule: str = field(default="linear", metadata={
-        "help": "lambda schedule: linear (paper), cosine or exponential (letkit.SCHEDULES)"})
+        "help": "lambda schedule: a name in letkit.SCHEDULES built from lambda0 and stop_step alone (linear: the "
+                "paper's; cosine, constant, exponential)"})
     lambda0: float = field(default=0.1, metadata={"help": "alignment weight at step 0"})
     stop_step: int = field(default=10_000, metadata={"help": "S_stop: lambda reaches 0 and the teacher is freed"})
 
