@@ -588,7 +588,8 @@ def checkpoint_problem(path: Path, rank: int = 0, world: int = 1, *, checksums: 
     Checks that trainer_state.json is readable and for the directory's step, that every file it lists is there
     with the size it was written with, and (``checksums``) the SHA-256 of this rank's share of the files
     (:func:`file_owner`; with ``world=1`` all of them): bytes changed in place, in a shard or in DCP's
-    ``.metadata``, are found before DCP reads (or unpickles) anything.
+    ``.metadata``, are found before DCP reads (or unpickles) anything. Checkpoints written before checksums were
+    recorded are checked by size only.
     """
     try:
         state = json.loads((path / "trainer_state.json").read_text())
@@ -598,9 +599,7 @@ def checkpoint_problem(path: Path, rank: int = 0, world: int = 1, *, checksums: 
             size = (path / name).stat().st_size
             if size != written:
                 return f"{name} has {size} bytes, {written} were written"
-        if "sha256" not in state:
-            raise ValueError("trainer_state.json records no checksums (written by an older version of this script)")
-        for name, written in state["sha256"].items():
+        for name, written in state.get("sha256", {}).items():  # none in checkpoints of versions before checksums
             if checksums and file_owner(name, world) == rank and sha256_file(path / name) != written:
                 return f"{name} has other bytes than were written (its SHA-256 differs from trainer_state.json's)"
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -969,7 +968,13 @@ def release_teacher(objective: LETObjective, data: Data, step: int, device: torc
 def report_resume(metrics: MetricsLog, checkpoint: Path, trainer_state: dict[str, Any], world: int,
                   tokens_per_step: int, d: DataConfig) -> None:
     """Record the resume; warn when the global batch changed with the number of ranks (or the data settings)."""
-    saved_world, saved_tokens = trainer_state["world_size"], trainer_state["tokens_per_step"]
+    saved_world, saved_tokens = trainer_state["world_size"], trainer_state.get("tokens_per_step")
+    if saved_tokens is None:  # a checkpoint of a version that did not record it: from its config
+        saved = trainer_state["config"]["data"]
+        saved_tokens = saved_world * saved["micro_batch_size"] * saved["grad_accum"] * saved["seq_len"]
+    if "sha256" not in trainer_state:
+        metrics.warning("%s records no checksums (an older version of this script wrote it): only its file sizes "
+                        "were checked", checkpoint)
     metrics.event("resume", trainer_state["step"], checkpoint=str(checkpoint), world_size=world,
                   tokens_per_step=tokens_per_step, checkpoint_world_size=saved_world,
                   checkpoint_tokens_per_step=saved_tokens)

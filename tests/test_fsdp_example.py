@@ -264,22 +264,32 @@ def test_find_checkpoint_rules(tmp_path, caplog):
     (flipped_shard / "__1_0.distcp").write_bytes(b"abd")
     flipped_metadata = fake_checkpoint(tmp_path, 7, {".metadata": b"meta", "__0_0.distcp": b"abc"})
     (flipped_metadata / ".metadata").write_bytes(b"mexa")
-    no_checksums = fake_checkpoint(tmp_path, 8, {".metadata": b"m"})
-    state = json.loads((no_checksums / "trainer_state.json").read_text())
-    del state["sha256"]  # as this script wrote them before it recorded checksums
-    (no_checksums / "trainer_state.json").write_text(json.dumps(state))
-    (tmp_path / "step_0000009.tmp").mkdir()
+    (tmp_path / "step_0000008.tmp").mkdir()
     (tmp_path / "notes").mkdir()
     found, skipped = example.find_checkpoint(tmp_path)
-    assert found == good and [p.name for p in skipped] == [f"step_{n:07d}" for n in range(8, 1, -1)]
+    assert found == good and [p.name for p in skipped] == [f"step_{n:07d}" for n in range(7, 1, -1)]
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 8 and all(w.startswith("skipping ") for w in warnings)
+    assert len(warnings) == 7 and all(w.startswith("skipping ") for w in warnings)
     assert "(its save was interrupted)" in warnings[0]
-    assert "records no checksums (written by an older version of this script)" in warnings[1]
-    assert ".metadata has other bytes than were written" in warnings[2]
-    assert "__1_0.distcp has other bytes than were written" in warnings[3]
-    assert "Expecting property name" in warnings[4] and ".metadata" in warnings[5]
-    assert "__0_0.distcp has 2 bytes, 3 were written" in warnings[6] and "trainer_state.json says step 7" in warnings[7]
+    assert ".metadata has other bytes than were written" in warnings[1]
+    assert "__1_0.distcp has other bytes than were written" in warnings[2]
+    assert "Expecting property name" in warnings[3] and ".metadata" in warnings[4]
+    assert "__0_0.distcp has 2 bytes, 3 were written" in warnings[5] and "trainer_state.json says step 7" in warnings[6]
+
+    # written before checksums (and tokens_per_step) were recorded: sizes checked, resumed with a warning
+    old = fake_checkpoint(tmp_path, 9, {".metadata": b"m", "__0_0.distcp": b"abc"})
+    (old / "__0_0.distcp").write_bytes(b"abd")  # same size: not detectable without a checksum
+    state = json.loads((old / "trainer_state.json").read_text())
+    del state["sha256"]
+    state.update(world_size=2, config={"data": {"micro_batch_size": 2, "grad_accum": 2, "seq_len": 32}})
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    assert example.find_checkpoint(tmp_path) == (old, [])
+    cfg = example.load_config(["--config", "tiny"])
+    with example.MetricsLog(tmp_path / "run", cfg, enabled=True) as log:
+        example.report_resume(log, old, state, 2, 256, cfg.data)
+    assert "records no checksums (an older version of this script wrote it)" in caplog.records[-1].getMessage()
+    [resume] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert resume["checkpoint_tokens_per_step"] == 256 and resume["tokens_per_step"] == 256
 
 
 def test_each_rank_checksums_its_share_of_the_files(tmp_path):
