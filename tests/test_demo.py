@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import letkit.demo as demo
-from letkit import TeacherFeatureExtractor
+from letkit import LETObjective, TeacherFeatureExtractor
+from letkit.atomic import remove_stale_temporaries
 from letkit.cli import build_parser, demo_config_from_args, main
 from letkit.demo import (
     DemoConfig,
@@ -135,7 +136,8 @@ def test_cached_teacher_is_reused_and_reloads_with_identical_features(tmp_path, 
     data = demo.prepare_data(config, tmp_path / "cache", log=lambda m: None)
     saved = []
     real_save = save_pretrained
-    monkeypatch.setattr("letkit.models.save_pretrained", lambda model, path, **kw: saved.append(model) or real_save(model, path, **kw))
+    monkeypatch.setattr("letkit.demo.teacher.save_pretrained",
+                        lambda model, path, **kw: saved.append(model) or real_save(model, path, **kw))
     info = demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
     assert not info.cached and len(saved) == 1
     again = demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
@@ -160,21 +162,21 @@ def test_interrupt_during_teacher_pretraining_leaves_cache_consistent(tmp_path, 
     argv = ["demo", "--quick", "--threads", "1", "--corpus", config.corpus, "--cache-dir", config.cache_dir,
             "--out", config.out_dir, "--no-progress"]
     calls = []
-    real_step = demo._Trainer.step
+    real_lr_at = TrainSchedule.lr_at
 
-    def interrupted_step(self, *args):
-        calls.append(1)
+    def interrupted_lr_at(self, step):  # called once per training step
+        calls.append(step)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_step(self, *args)
+        return real_lr_at(self, step)
 
-    monkeypatch.setattr(demo._Trainer, "step", interrupted_step)
+    monkeypatch.setattr(TrainSchedule, "lr_at", interrupted_lr_at)
     assert main(argv + ["--vocab-size", "320"]) == 130
     assert "interrupted" in capsys.readouterr().err
     names = [p.relative_to(tmp_path / "cache").parts[0] for p in cache_files(tmp_path)]
     assert set(names) == {"tokenizers", "data"}  # complete entries only: no teacher, no temporaries
     assert not list((tmp_path / "cache").rglob("*tmp*"))
-    monkeypatch.setattr(demo._Trainer, "step", real_step)
+    monkeypatch.setattr(TrainSchedule, "lr_at", real_lr_at)
     data = demo.prepare_data(config, tmp_path / "cache", log=lambda m: None)
     info = demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
     assert not info.cached and Path(info.path, "model.safetensors").is_file()
@@ -188,7 +190,7 @@ def test_interrupt_while_saving_the_teacher_and_stale_temporaries(tmp_path, monk
         Path(path, "config.json").write_text("{")  # half-written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("letkit.models.save_pretrained", crash)
+    monkeypatch.setattr("letkit.demo.teacher.save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
         demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
     assert not (tmp_path / "cache" / "teachers").exists() or not any((tmp_path / "cache" / "teachers").iterdir())
@@ -199,7 +201,7 @@ def test_interrupt_while_saving_the_teacher_and_stale_temporaries(tmp_path, monk
     for d in (dead, alive):
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"partial")
-    assert demo.remove_stale_temporaries(tmp_path / "cache") == [dead]
+    assert remove_stale_temporaries(tmp_path / "cache") == [dead]
     assert alive.exists() and not dead.exists()
 
 
@@ -415,7 +417,7 @@ def test_cli_help_and_overrides(capsys):
 def record_objective_calls(monkeypatch) -> list[dict]:
     """Record every LETObjective call's teacher ids, alignment and output."""
     calls = []
-    real_forward = demo.LETObjective.forward
+    real_forward = LETObjective.forward
 
     def forward(self, input_ids, **kwargs):
         out = real_forward(self, input_ids, **kwargs)
@@ -423,7 +425,7 @@ def record_objective_calls(monkeypatch) -> list[dict]:
                       "token_alignment": kwargs.get("token_alignment"), "out": out})
         return out
 
-    monkeypatch.setattr(demo.LETObjective, "forward", forward)
+    monkeypatch.setattr(LETObjective, "forward", forward)
     return calls
 
 
@@ -495,10 +497,11 @@ def test_cross_tokenizer_inputs_are_the_teacher_tokenization_of_the_decoded_text
         model = demo.build_model(config.teacher_shape, vocab, teacher_config.seq_len, 0)
         save_pretrained(model, tmp_path / name, tokenizer=tokenizer)
         spec = demo.target_run(config, data, 0, name="LET", let=config.let, teacher_path=str(tmp_path / name))
-        assert (spec.teacher_inputs is not None) == cross_expected
+        [let] = spec.objectives
+        assert (let.teacher_inputs is not None) == cross_expected
         if cross_expected:
-            assert spec.teacher_inputs.mode == "mean"
-            assert spec.teacher_inputs.teacher_max_length == teacher_config.seq_len
+            assert let.teacher_inputs.mode == "mean"
+            assert let.teacher_inputs.teacher_max_length == teacher_config.seq_len
         plain = demo.target_run(dataclasses.replace(config, cross_tokenizer=None, teacher_vocab_size=None), data, 0,
                                 name="LET", let=config.let, teacher_path=str(tmp_path / "same"))
-        assert plain.teacher_inputs is None
+        assert plain.objectives[0].teacher_inputs is None
