@@ -22,6 +22,9 @@ S_stop = all steps, L2M, interpolate)::
     python benchmarks/convergence.py --preset quick --threads 1 --seed 1 --seeds 2 --lr 1e-3 --lambda0 3 \
         --stop-fraction 1.0 --layer-map L2E --vary layer_map=L2M --out quick_combo.json
 
+``--teacher DIR``, ``--tokenizer FILE``, ``--cross-tokenizer [last|mean]`` and ``--teacher-vocab-size N`` work as in
+``letkit demo`` (the same :func:`letkit.demo.prepare`): a provided teacher, or cross-tokenizer LET.
+
 Variant keys: ``lambda0``, ``stop_fraction``, ``layer_map`` (L2E/L2M/L2L), ``projector`` (interpolate, linear, mlp,
 and ``teacher_interpolate``: the teacher's features interpolated *up* to the target's width and compared there,
 instead of letkit's P mapping the target's features *down* to the teacher's width).
@@ -147,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", metavar="DIR",
                         help="teacher checkpoint directory (HF layout), as letkit demo --teacher (default: the demo's "
                              "pretrained and cached teacher)")
-    parser.add_argument("--cross-tokenizer", nargs="?", const="last", choices=ALIGNMENT_MODES, metavar="|".join(ALIGNMENT_MODES),
+    parser.add_argument("--tokenizer", metavar="FILE",
+                        help="the target's tokenizer.json, as letkit demo --tokenizer (default: the teacher's, else a "
+                             "byte-level BPE trained on the corpus)")
+    parser.add_argument("--cross-tokenizer", nargs="?", const="last", choices=ALIGNMENT_MODES,
+                        metavar="|".join(ALIGNMENT_MODES),
                         help="cross-tokenizer LET, as letkit demo --cross-tokenizer (default when given: last)")
     parser.add_argument("--teacher-vocab-size", type=int, metavar="N",
                         help="pretrain the teacher on its own byte-level BPE of N tokens (implies --cross-tokenizer)")
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     config = preset(args.preset, seeds=args.seeds, progress=args.progress, threads=args.threads,
-                    cache_dir=args.cache_dir, teacher=args.teacher, cross_tokenizer=args.cross_tokenizer,
+                    cache_dir=args.cache_dir, teacher=args.teacher, tokenizer=args.tokenizer,
+                    cross_tokenizer=args.cross_tokenizer,
                     teacher_vocab_size=args.teacher_vocab_size)
     if args.steps:
         config.target_schedule = dataclasses.replace(config.target_schedule, steps=args.steps)
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
         config.validate()
-        if config.threads:
+        if config.threads is not None:
             torch.set_num_threads(config.threads)
         prepared = prepare(config, log=log)
     except DemoError as e:

@@ -205,6 +205,58 @@ def test_interrupt_while_saving_the_teacher_and_stale_temporaries(tmp_path, monk
     assert alive.exists() and not dead.exists()
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread, as run_demo uses with threads=1 (two on the shared 2-core machine are many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stage_api_with_an_auxiliary_objective_of_ones_own(tmp_path, one_thread):
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"), teacher_schedule=TrainSchedule(4, 4, 3e-3, 0))
+    prepared = demo.prepare(config, log=lambda m: None)
+    data, teacher = prepared.data, prepared.teacher
+    assert not teacher.provided and Path(teacher.path, "model.safetensors").is_file()
+    assert prepared.teacher_tokenizer.get_vocab() == data.tokenizer.get_vocab()  # one shared vocabulary
+
+    class Penalty:
+        """A toy method: 0.5 * w^2 on a parameter of its own, to check the trainer's contract."""
+
+        teacher_forward_seconds = teacher_tokenize_seconds = 0.0
+        aligned_fraction = None
+
+        def __init__(self):
+            self.w, self.lambda_, self.calls = torch.nn.Parameter(torch.ones(())), 0.0, []
+
+        def parameters(self):
+            return iter([self.w])
+
+        def __call__(self, step, inputs, logits, loss):
+            self.calls.append((step, tuple(inputs.shape), tuple(logits.shape), loss.item()))
+            self.lambda_ = 0.5
+            return loss + self.lambda_ * self.w**2
+
+    penalty = Penalty()
+    runs = [demo.target_run(config, data, 0, name="baseline"),
+            demo.target_run(config, data, 0, name="LET", let=config.let, teacher_path=teacher.path),
+            demo.RunSpec("penalty", demo.build_model(config.target_shape, data.vocab_size, config.seq_len, 0), [penalty])]
+    assert runs[0].objectives == [] and isinstance(runs[1].objectives[0], demo.LETAlignment)
+    baseline, let, own = demo.train_lockstep(runs, data, config.target_schedule, seq_len=config.seq_len, data_seed=0,
+                                             eval_every=config.eval_every, eval_sequences=config.eval_sequences,
+                                             progress=False)
+    steps, batch = config.target_schedule.steps, config.target_schedule.batch_size
+    assert [c[0] for c in penalty.calls] == list(range(steps))
+    assert {c[1:3] for c in penalty.calls} == {((batch, config.seq_len), (batch, config.seq_len, data.vocab_size))}
+    assert penalty.calls[0][3] == pytest.approx(math.log(data.vocab_size), rel=0.1)  # it received the NLL
+    assert 0 < penalty.w.item() < 1  # its parameter trained alongside the model's
+    assert own.curve[-1].lambda_ == 0.5 and baseline.curve[-1].lambda_ == 0.0
+    assert let.curve[1].lambda_ > 0 and let.teacher_forward_seconds > 0 == baseline.teacher_forward_seconds
+    assert [p.step for p in own.curve] == [p.step for p in baseline.curve] == [0, 4, 8, 12, 16]
+    assert set(demo.compare_runs(baseline, let)) >= {"step_speedup", "wall_speedup", "reached"}
+
+
 def test_crossing_is_interpolated_between_evaluations():
     curve = [EvalPoint(0, 0.0, 8.0, None, 0), EvalPoint(10, 5.0, 6.0, 6.5, 0), EvalPoint(20, 9.0, 4.0, 4.5, 0)]
     assert crossing(curve, 5.0) == (15.0, 7.0)
@@ -335,10 +387,24 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
          "cannot be combined with --teacher"),
         (["--corpus", str(corpus), "--stop-step", "0"], "--stop-step must be in 1 .."),
         (["--corpus", str(corpus), "--seeds", "0"], "seeds must be >= 1"),
+        (["--corpus", str(corpus), "--threads", "-2"], "threads must be >= 1 (or unset for torch's choice), got -2"),
+        (["--corpus", str(corpus), "--threads", "0"], "threads must be >= 1 (or unset for torch's choice), got 0"),
+        (["--corpus", str(corpus), "--vocab-size", "10"],
+         "vocab_size must be >= 257 (256 byte tokens and <|endoftext|>), got 10"),
     ]
 
 
-def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, capsys):
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test as soon as any model starts training (every training step reads its learning rate)."""
+
+    def lr_at(self, step):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(TrainSchedule, "lr_at", lr_at)
+
+
+def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, capsys, no_training):
     cases = bad_inputs(tmp_path)
     for args, message in cases:
         code = main(["demo", *args, "--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
@@ -350,6 +416,49 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, capsys):
         assert not (tmp_path / "out").exists()
         if "--teacher" in args and "--tokenizer" in args and "--cross-tokenizer" not in args:
             assert "--cross-tokenizer" in err  # a teacher with another vocabulary: the error names the flag
+
+
+def test_unwritable_out_is_refused_before_any_training(tmp_path, monkeypatch, capsys, no_training):
+    corpus = make_corpus(tmp_path / "corpus")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    taken = tmp_path / "taken"
+    (taken / "metrics.json").mkdir(parents=True)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):  # root ignores permission bits: stand in for a read-only mount
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+            not (mode & os.W_OK and Path(path) == read_only) and real_access(path, mode, **kw)))
+    cases = [
+        (a_file, f"--out {str(a_file)!r} is an existing file; it must be a directory"),
+        (a_file / "out", f"is below the file {str(a_file)!r}; it must be a directory"),
+        (read_only, f"--out {str(read_only)!r} is not writable"),
+        (read_only / "new" / "out", f"its parent {str(read_only)!r} is not writable"),
+        (taken, f"{str(taken / 'metrics.json')!r} is a directory, where the demo writes a file"),
+    ]
+    for out, message in cases:
+        code = main(["demo", "--quick", "--corpus", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+                     "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("letkit demo: error: ") and message in err, (out, err)
+        assert cache_files(tmp_path) == [], out  # stopped before the tokenizer, let alone any training
+    assert a_file.read_text() == "keep me" and not any(read_only.iterdir())
+    # a writable --out that does not exist yet passes, and is created only when the metrics are written
+    demo.check_output_dir(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_corpus_too_small_for_the_bpe_vocabulary_is_reported(tmp_path):
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"), vocab_size=100_000)
+    messages = []
+    data = demo.prepare_data(config, tmp_path / "cache", log=messages.append)
+    assert data.vocab_size < 100_000
+    assert f"the corpus yields only {data.vocab_size} of the 100000 BPE tokens asked for" in "\n".join(messages)
+    messages.clear()
+    cached = demo.prepare_data(config, tmp_path / "cache", log=messages.append)  # the cached tokenizer: same note
+    assert cached.vocab_size == data.vocab_size and any("yields only" in m for m in messages)
 
 
 def test_library_errors_are_value_errors(tmp_path):

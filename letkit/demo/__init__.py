@@ -31,7 +31,7 @@ from letkit.demo.compare import compare_runs, crossing, mean_ci95, seconds_at, t
 from letkit.demo.config import PRESETS, DemoConfig, DemoError, LETSettings, ModelShape, TrainSchedule, preset
 from letkit.demo.corpus import Corpus, load_corpus, stdlib_corpus_files
 from letkit.demo.methods import CrossTokenizerInputs, LETAlignment, compare_seed, target_run
-from letkit.demo.pipeline import Prepared, prepare, run_demo
+from letkit.demo.pipeline import Prepared, check_output_dir, prepare, run_demo
 from letkit.demo.report import format_report, plot_curves
 from letkit.demo.teacher import (
     TEACHER_INFO_FILE,
@@ -74,6 +74,7 @@ __all__ = [
     "TokenData",
     "TrainSchedule",
     "build_model",
+    "check_output_dir",
     "check_teacher_vocabulary",
     "compare_runs",
     "compare_seed",

@@ -77,7 +77,8 @@ class DemoConfig:
     ``cross_tokenizer``: None = the teacher reads the target's token ids (one shared vocabulary); ``"last"`` or
     ``"mean"`` = the teacher reads its own tokenization of each window's text, aligned with that mode (see
     :func:`letkit.token_alignment.align_tokens`). ``teacher_vocab_size``: pretrain the teacher on its own byte-level
-    BPE of this many tokens (implies ``cross_tokenizer="last"`` unless set).
+    BPE of this many tokens (implies ``cross_tokenizer="last"`` unless set). ``threads``: torch CPU threads
+    (None = torch's choice).
     """
 
     teacher_shape: ModelShape
@@ -114,9 +115,14 @@ class DemoConfig:
 
     def validate(self) -> None:
         """Raise a :class:`DemoError` naming the first setting that is out of range."""
-        for name in ("seq_len", "eval_every", "eval_sequences", "seeds", "vocab_size"):
+        for name in ("seq_len", "eval_every", "eval_sequences", "seeds"):
             if getattr(self, name) < 1:
                 raise DemoError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise DemoError(f"threads must be >= 1 (or unset for torch's choice), got {self.threads}")
+        if self.vocab_size < MIN_BPE_VOCAB:
+            raise DemoError(f"vocab_size must be >= {MIN_BPE_VOCAB} (256 byte tokens and {EOS_TOKEN}), "
+                            f"got {self.vocab_size}")
         if self.cross_tokenizer is not None and self.cross_tokenizer not in ALIGNMENT_MODES:
             raise DemoError(f"cross_tokenizer must be one of {ALIGNMENT_MODES} or None, got {self.cross_tokenizer!r}")
         if self.teacher_vocab_size is not None:

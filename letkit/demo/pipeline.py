@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -15,13 +16,16 @@ import torch
 from letkit.atomic import atomic_write_json, remove_stale_temporaries
 from letkit.demo.cache import CACHE_FORMAT, default_cache_dir
 from letkit.demo.compare import compare_runs, mean_ci95
-from letkit.demo.config import DemoConfig, Log
+from letkit.demo.config import DemoConfig, DemoError, Log
 from letkit.demo.methods import compare_seed
 from letkit.demo.report import plot_curves
 from letkit.demo.teacher import TeacherInfo, describe_teacher, open_teacher, prepare_teacher_data, pretrain_teacher
 from letkit.demo.tokens import TokenData, prepare_data
 from letkit.demo.train import RunResult, build_model, validation_windows
 from letkit.models import count_parameters
+
+OUTPUT_FILES = ("metrics.json", "demo.png")
+
 
 @dataclass
 class Prepared:
@@ -58,11 +62,31 @@ def prepare(config: DemoConfig, *, log: Log = print) -> Prepared:
     return Prepared(data, teacher, teacher_tokenizer)
 
 
+def check_output_dir(out_dir: str | os.PathLike) -> None:
+    """Raise a :class:`DemoError` now, before any training, if the demo's outputs could not be written into
+    ``out_dir``: it (or the nearest of its parents that exists) is not a writable directory, or one of the output
+    files is a directory. Creates nothing."""
+    out = Path(out_dir).expanduser()
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is an existing file" if existing == out else f"is below the file {str(existing)!r}"
+        raise DemoError(f"--out {str(out_dir)!r} {where}; it must be a directory (for {' and '.join(OUTPUT_FILES)})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = " is" if existing == out else f": its parent {str(existing)!r} is"
+        raise DemoError(f"--out {str(out_dir)!r}{where} not writable")
+    for name in OUTPUT_FILES:
+        if (out / name).is_dir():
+            raise DemoError(f"--out {str(out_dir)!r}: {str(out / name)!r} is a directory, where the demo writes a file")
+
+
 def run_demo(config: DemoConfig, *, log: Log = print) -> dict[str, Any]:
     """Run the full comparison described in :mod:`letkit.demo`; returns (and writes) the metrics."""
     config.validate()
+    check_output_dir(config.out_dir)
     threads = torch.get_num_threads()
-    if config.threads:
+    if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
         return _run_demo(config, log)

@@ -84,11 +84,13 @@ def prepare_data(
     validated before anything is written to the cache."""
     corpus = load_corpus(config.corpus, val_fraction=config.val_fraction, bin_dtype=config.bin_dtype, log=log)
     tokenizer, source, to_cache = None, "none (pre-tokenised corpus)", None
+    requested_vocab = None  # set when the demo trains the BPE, which may learn fewer tokens than asked for
     if config.tokenizer is not None:
         tokenizer, source = load_tokenizer_file(config.tokenizer), f"file {config.tokenizer}"
     elif teacher is not None and teacher.tokenizer is not None:
         tokenizer, source = teacher.tokenizer, "the teacher's tokenizer"
     elif not corpus.pretokenized:
+        requested_vocab = config.vocab_size
         tok_key = content_hash(CACHE_FORMAT, "bpe", corpus.key, str(config.vocab_size))[:20]
         tok_path = cache_root / "tokenizers" / f"{tok_key}.json"
         if tok_path.is_file():
@@ -129,6 +131,9 @@ def prepare_data(
         cross = config.alignment_mode is not None and not same_tokenizer(teacher.tokenizer, data.tokenizer)
         if not cross and positions is not None and positions < config.seq_len:
             raise DemoError(f"the teacher {config.teacher!r} supports {positions} positions, fewer than seq_len = {config.seq_len}")
+    if requested_vocab is not None and vocab_size < requested_vocab:
+        log(f"tokenizer: the corpus yields only {vocab_size} of the {requested_vocab} BPE tokens asked for "
+            "(vocab_size); training with that smaller vocabulary")
     if to_cache is not None:
         atomic_write_bytes(to_cache, tokenizer.to_str().encode())
     if not corpus.pretokenized and not data_dir.is_dir():
