@@ -22,6 +22,9 @@ S_stop = all steps, L2M, interpolate)::
     python benchmarks/convergence.py --preset quick --threads 1 --seed 1 --seeds 2 --lr 1e-3 --lambda0 3 \
         --stop-fraction 1.0 --layer-map L2E --vary layer_map=L2M --out quick_combo.json
 
+``--teacher DIR``, ``--tokenizer FILE``, ``--cross-tokenizer [last|mean]`` and ``--teacher-vocab-size N`` work as in
+``letkit demo`` (the same :func:`letkit.demo.prepare`): a provided teacher, or cross-tokenizer LET.
+
 Variant keys: ``lambda0``, ``stop_fraction``, ``layer_map`` (L2E/L2M/L2L), ``projector`` (interpolate, linear, mlp,
 and ``teacher_interpolate``: the teacher's features interpolated *up* to the target's width and compared there,
 instead of letkit's P mapping the target's features *down* to the teacher's width).
@@ -38,23 +41,21 @@ from typing import Any
 
 import torch
 
+from letkit.atomic import atomic_write_json
 from letkit.demo import (
     DemoError,
     LETSettings,
     ModelShape,
-    atomic_write_json,
     compare_runs,
-    default_cache_dir,
     mean_ci95,
-    prepare_data,
-    pretrain_teacher,
+    prepare,
     preset,
-    remove_stale_temporaries,
     target_run,
     train_lockstep,
 )
 from letkit.losses import AlignmentLoss, interpolate_features
 from letkit.projector import LayerMappingProjector
+from letkit.token_alignment import ALIGNMENT_MODES
 
 VARIANT_KEYS = {"lambda0": float, "stop_fraction": float, "layer_map": str, "projector": str}
 
@@ -146,13 +147,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="override the target's steps")
     parser.add_argument("--target-shape", metavar="HIDDEN,LAYERS,HEADS,INTERMEDIATE",
                         help="override the target's shape, e.g. 192,6,4,512 (default: the preset's)")
+    parser.add_argument("--teacher", metavar="DIR",
+                        help="teacher checkpoint directory (HF layout), as letkit demo --teacher (default: the demo's "
+                             "pretrained and cached teacher)")
+    parser.add_argument("--tokenizer", metavar="FILE",
+                        help="the target's tokenizer.json, as letkit demo --tokenizer (default: the teacher's, else a "
+                             "byte-level BPE trained on the corpus)")
+    parser.add_argument("--cross-tokenizer", nargs="?", const="last", choices=ALIGNMENT_MODES,
+                        metavar="|".join(ALIGNMENT_MODES),
+                        help="cross-tokenizer LET, as letkit demo --cross-tokenizer (default when given: last)")
+    parser.add_argument("--teacher-vocab-size", type=int, metavar="N",
+                        help="pretrain the teacher on its own byte-level BPE of N tokens (implies --cross-tokenizer)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", required=True, help="JSON file (rewritten after every group)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
 
-    config = preset(args.preset, seeds=args.seeds, progress=args.progress, threads=args.threads)
+    config = preset(args.preset, seeds=args.seeds, progress=args.progress, threads=args.threads,
+                    cache_dir=args.cache_dir, teacher=args.teacher, tokenizer=args.tokenizer,
+                    cross_tokenizer=args.cross_tokenizer,
+                    teacher_vocab_size=args.teacher_vocab_size)
     if args.steps:
         config.target_schedule = dataclasses.replace(config.target_schedule, steps=args.steps)
     if args.target_shape:
@@ -164,19 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_let_base:
         variants.pop("let")
     lrs = [float(x) for x in args.lr.split(",")] if args.lr else [config.target_schedule.lr]
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    cache_root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    remove_stale_temporaries(cache_root)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        data = prepare_data(config, cache_root, log=log)
-        teacher = pretrain_teacher(config, data, cache_root, log=log)
+        config.validate()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        prepared = prepare(config, log=log)
     except DemoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log(f"teacher {teacher.path}: val loss {teacher.val_loss:.3f}, {teacher.non_embedding_parameters} non-embedding "
-        f"params, pretraining {teacher.pretrain_seconds:.0f}s")
+    data, teacher = prepared.data, prepared.teacher
+    if not teacher.provided:
+        log(f"teacher {teacher.path}: val loss {teacher.val_loss:.3f}, {teacher.non_embedding_parameters} "
+            f"non-embedding params, pretraining {teacher.pretrain_seconds:.0f}s")
 
     out = Path(args.out)
     records: list[dict[str, Any]] = []
@@ -189,11 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         for lr in lrs:
             specs = [target_run(config, data, seed, name="baseline", lr=lr)]
             for name, let in variants.items():
-                factory = None
+                projector = None
                 if let.projector == "teacher_interpolate":
-                    factory, let = TeacherSideInterpolation, dataclasses.replace(let, projector="interpolate")
+                    projector = TeacherSideInterpolation(config.target_shape.hidden_size, teacher.hidden_size)
+                    let = dataclasses.replace(let, projector="interpolate")
                 specs.append(target_run(config, data, seed, name=name, let=let, teacher_path=teacher.path, lr=lr,
-                                        make_projector=factory))
+                                        projector=projector))
             results = train_lockstep(specs, data, config.target_schedule, seq_len=config.seq_len, data_seed=seed,
                                      eval_every=config.eval_every, eval_sequences=config.eval_sequences,
                                      desc=f"seed {seed} lr {lr:g}", progress=args.progress)
@@ -201,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             for result in results:
                 record = {"seed": seed, "lr": lr, "variant": result.name, "final_val_loss": result.final_val_loss,
                           "train_seconds": result.train_seconds, "teacher_forward_seconds": result.teacher_forward_seconds,
+                          "aligned_fraction": result.aligned_fraction,
+                          "teacher_tokenize_seconds": result.teacher_tokenize_seconds,
                           "curve": [dataclasses.asdict(p) for p in result.curve]}
                 if result is not baseline:
                     record["comparison"] = compare_runs(baseline, result)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from letkit.demo import PRESETS, DemoError, format_report, preset, run_demo
+from letkit.demo.config import BIN_DTYPES
 from letkit.token_alignment import ALIGNMENT_MODES
 
 DEMO_DESCRIPTION = """\
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--corpus", metavar="PATH",
                       help="directory, glob or text file; or pre-tokenised .npy / raw .bin token file "
                            "(default: the Python standard library's top-level *.py files)")
-    data.add_argument("--bin-dtype", choices=("uint16", "uint32"),
+    data.add_argument("--bin-dtype", choices=BIN_DTYPES,
                       help=f"token dtype of a raw .bin corpus ({_preset_default('bin_dtype')})")
     data.add_argument("--tokenizer", metavar="FILE",
                       help="tokenizer.json to use (default: the teacher's, else a byte-level BPE trained on the corpus)")

@@ -1,5 +1,6 @@
 """benchmarks/convergence.py: a toy-size LR sweep with LET variants over two seeds, and its summary statistics."""
 
+import ast
 import importlib.util
 import json
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import letkit.demo as demo
-from test_demo import make_corpus, tiny_config
+from test_demo import make_corpus, tiny_config, write_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence.py"
 
@@ -81,3 +82,37 @@ def test_target_shape_override():
     for bad in ("192,6,4", "192,6,5,512", "192,0,4,512", "a,b,c,d"):
         with pytest.raises(SystemExit, match="--target-shape"):
             convergence.parse_shape(bad)
+
+
+def test_benchmark_imports_only_public_names():
+    imported = [(node.module, alias.name) for node in ast.walk(ast.parse(SCRIPT.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.module.startswith("letkit") for alias in node.names]
+    assert ("letkit.demo", "prepare") in imported
+    for module, name in imported:
+        assert not name.startswith("_") and not any(part.startswith("_") for part in module.split(".")), (module, name)
+        if module == "letkit.demo":
+            assert name in demo.__all__, name
+
+
+def test_cross_tokenizer_runs_and_a_provided_teacher(tmp_path, monkeypatch):
+    convergence = load_convergence()
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"), target_schedule=demo.TrainSchedule(6, 4, 3e-3, 1),
+                         eval_every=3)
+    monkeypatch.setitem(demo.PRESETS, "quick", config)
+    common = ["--cache-dir", str(tmp_path / "cache"), "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert convergence.main(["--teacher-vocab-size", "280", *common, "--out", str(tmp_path / "own.json")]) == 0
+        own = json.loads((tmp_path / "own.json").read_text())
+        target_tokenizer = write_tokenizer(tmp_path / "target.json", "zebra quagga okapi " * 200)
+        assert convergence.main(["--teacher", own["teacher"]["path"], "--tokenizer", str(target_tokenizer),
+                                 "--cross-tokenizer", "mean", *common, "--out", str(tmp_path / "provided.json")]) == 0
+        provided = json.loads((tmp_path / "provided.json").read_text())
+    finally:
+        torch.set_num_threads(threads)
+    for report, provided_teacher, mode in ((own, False, None), (provided, True, "mean")):
+        assert report["teacher"]["provided"] == provided_teacher and report["config"]["cross_tokenizer"] == mode
+        baseline, let = report["records"]
+        assert baseline["aligned_fraction"] is None and baseline["teacher_tokenize_seconds"] == 0
+        assert 0 < let["aligned_fraction"] <= 1 and let["teacher_tokenize_seconds"] > 0
+    assert own["config"]["teacher_vocab_size"] == 280 and provided["config"]["tokenizer"] == str(target_tokenizer)

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import letkit.demo as demo
-from letkit import TeacherFeatureExtractor
+from letkit import LETObjective, TeacherFeatureExtractor
+from letkit.atomic import remove_stale_temporaries
 from letkit.cli import build_parser, demo_config_from_args, main
 from letkit.demo import (
     DemoConfig,
@@ -135,7 +136,8 @@ def test_cached_teacher_is_reused_and_reloads_with_identical_features(tmp_path, 
     data = demo.prepare_data(config, tmp_path / "cache", log=lambda m: None)
     saved = []
     real_save = save_pretrained
-    monkeypatch.setattr("letkit.models.save_pretrained", lambda model, path, **kw: saved.append(model) or real_save(model, path, **kw))
+    monkeypatch.setattr("letkit.demo.teacher.save_pretrained",
+                        lambda model, path, **kw: saved.append(model) or real_save(model, path, **kw))
     info = demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
     assert not info.cached and len(saved) == 1
     again = demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
@@ -160,21 +162,21 @@ def test_interrupt_during_teacher_pretraining_leaves_cache_consistent(tmp_path, 
     argv = ["demo", "--quick", "--threads", "1", "--corpus", config.corpus, "--cache-dir", config.cache_dir,
             "--out", config.out_dir, "--no-progress"]
     calls = []
-    real_step = demo._Trainer.step
+    real_lr_at = TrainSchedule.lr_at
 
-    def interrupted_step(self, *args):
-        calls.append(1)
+    def interrupted_lr_at(self, step):  # called once per training step
+        calls.append(step)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_step(self, *args)
+        return real_lr_at(self, step)
 
-    monkeypatch.setattr(demo._Trainer, "step", interrupted_step)
+    monkeypatch.setattr(TrainSchedule, "lr_at", interrupted_lr_at)
     assert main(argv + ["--vocab-size", "320"]) == 130
     assert "interrupted" in capsys.readouterr().err
     names = [p.relative_to(tmp_path / "cache").parts[0] for p in cache_files(tmp_path)]
     assert set(names) == {"tokenizers", "data"}  # complete entries only: no teacher, no temporaries
     assert not list((tmp_path / "cache").rglob("*tmp*"))
-    monkeypatch.setattr(demo._Trainer, "step", real_step)
+    monkeypatch.setattr(TrainSchedule, "lr_at", real_lr_at)
     data = demo.prepare_data(config, tmp_path / "cache", log=lambda m: None)
     info = demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
     assert not info.cached and Path(info.path, "model.safetensors").is_file()
@@ -188,7 +190,7 @@ def test_interrupt_while_saving_the_teacher_and_stale_temporaries(tmp_path, monk
         Path(path, "config.json").write_text("{")  # half-written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("letkit.models.save_pretrained", crash)
+    monkeypatch.setattr("letkit.demo.teacher.save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
         demo.pretrain_teacher(config, data, tmp_path / "cache", log=lambda m: None)
     assert not (tmp_path / "cache" / "teachers").exists() or not any((tmp_path / "cache" / "teachers").iterdir())
@@ -199,8 +201,60 @@ def test_interrupt_while_saving_the_teacher_and_stale_temporaries(tmp_path, monk
     for d in (dead, alive):
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"partial")
-    assert demo.remove_stale_temporaries(tmp_path / "cache") == [dead]
+    assert remove_stale_temporaries(tmp_path / "cache") == [dead]
     assert alive.exists() and not dead.exists()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as run_demo uses with threads=1 (two on the shared 2-core machine are many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stage_api_with_an_auxiliary_objective_of_ones_own(tmp_path, one_thread):
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"), teacher_schedule=TrainSchedule(4, 4, 3e-3, 0))
+    prepared = demo.prepare(config, log=lambda m: None)
+    data, teacher = prepared.data, prepared.teacher
+    assert not teacher.provided and Path(teacher.path, "model.safetensors").is_file()
+    assert prepared.teacher_tokenizer.get_vocab() == data.tokenizer.get_vocab()  # one shared vocabulary
+
+    class Penalty:
+        """A toy method: 0.5 * w^2 on a parameter of its own, to check the trainer's contract."""
+
+        teacher_forward_seconds = teacher_tokenize_seconds = 0.0
+        aligned_fraction = None
+
+        def __init__(self):
+            self.w, self.lambda_, self.calls = torch.nn.Parameter(torch.ones(())), 0.0, []
+
+        def parameters(self):
+            return iter([self.w])
+
+        def __call__(self, step, inputs, logits, loss):
+            self.calls.append((step, tuple(inputs.shape), tuple(logits.shape), loss.item()))
+            self.lambda_ = 0.5
+            return loss + self.lambda_ * self.w**2
+
+    penalty = Penalty()
+    runs = [demo.target_run(config, data, 0, name="baseline"),
+            demo.target_run(config, data, 0, name="LET", let=config.let, teacher_path=teacher.path),
+            demo.RunSpec("penalty", demo.build_model(config.target_shape, data.vocab_size, config.seq_len, 0), [penalty])]
+    assert runs[0].objectives == [] and isinstance(runs[1].objectives[0], demo.LETAlignment)
+    baseline, let, own = demo.train_lockstep(runs, data, config.target_schedule, seq_len=config.seq_len, data_seed=0,
+                                             eval_every=config.eval_every, eval_sequences=config.eval_sequences,
+                                             progress=False)
+    steps, batch = config.target_schedule.steps, config.target_schedule.batch_size
+    assert [c[0] for c in penalty.calls] == list(range(steps))
+    assert {c[1:3] for c in penalty.calls} == {((batch, config.seq_len), (batch, config.seq_len, data.vocab_size))}
+    assert penalty.calls[0][3] == pytest.approx(math.log(data.vocab_size), rel=0.1)  # it received the NLL
+    assert 0 < penalty.w.item() < 1  # its parameter trained alongside the model's
+    assert own.curve[-1].lambda_ == 0.5 and baseline.curve[-1].lambda_ == 0.0
+    assert let.curve[1].lambda_ > 0 and let.teacher_forward_seconds > 0 == baseline.teacher_forward_seconds
+    assert [p.step for p in own.curve] == [p.step for p in baseline.curve] == [0, 4, 8, 12, 16]
+    assert set(demo.compare_runs(baseline, let)) >= {"step_speedup", "wall_speedup", "reached"}
 
 
 def test_crossing_is_interpolated_between_evaluations():
@@ -333,10 +387,24 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
          "cannot be combined with --teacher"),
         (["--corpus", str(corpus), "--stop-step", "0"], "--stop-step must be in 1 .."),
         (["--corpus", str(corpus), "--seeds", "0"], "seeds must be >= 1"),
+        (["--corpus", str(corpus), "--threads", "-2"], "threads must be >= 1 (or unset for torch's choice), got -2"),
+        (["--corpus", str(corpus), "--threads", "0"], "threads must be >= 1 (or unset for torch's choice), got 0"),
+        (["--corpus", str(corpus), "--vocab-size", "10"],
+         "vocab_size must be >= 257 (256 byte tokens and <|endoftext|>), got 10"),
     ]
 
 
-def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, capsys):
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test as soon as any model starts training (every training step reads its learning rate)."""
+
+    def lr_at(self, step):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(TrainSchedule, "lr_at", lr_at)
+
+
+def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, capsys, no_training):
     cases = bad_inputs(tmp_path)
     for args, message in cases:
         code = main(["demo", *args, "--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
@@ -348,6 +416,49 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, capsys):
         assert not (tmp_path / "out").exists()
         if "--teacher" in args and "--tokenizer" in args and "--cross-tokenizer" not in args:
             assert "--cross-tokenizer" in err  # a teacher with another vocabulary: the error names the flag
+
+
+def test_unwritable_out_is_refused_before_any_training(tmp_path, monkeypatch, capsys, no_training):
+    corpus = make_corpus(tmp_path / "corpus")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    taken = tmp_path / "taken"
+    (taken / "metrics.json").mkdir(parents=True)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):  # root ignores permission bits: stand in for a read-only mount
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+            not (mode & os.W_OK and Path(path) == read_only) and real_access(path, mode, **kw)))
+    cases = [
+        (a_file, f"--out {str(a_file)!r} is an existing file; it must be a directory"),
+        (a_file / "out", f"is below the file {str(a_file)!r}; it must be a directory"),
+        (read_only, f"--out {str(read_only)!r} is not writable"),
+        (read_only / "new" / "out", f"its parent {str(read_only)!r} is not writable"),
+        (taken, f"{str(taken / 'metrics.json')!r} is a directory, where the demo writes a file"),
+    ]
+    for out, message in cases:
+        code = main(["demo", "--quick", "--corpus", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+                     "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("letkit demo: error: ") and message in err, (out, err)
+        assert cache_files(tmp_path) == [], out  # stopped before the tokenizer, let alone any training
+    assert a_file.read_text() == "keep me" and not any(read_only.iterdir())
+    # a writable --out that does not exist yet passes, and is created only when the metrics are written
+    demo.check_output_dir(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_corpus_too_small_for_the_bpe_vocabulary_is_reported(tmp_path):
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"), vocab_size=100_000)
+    messages = []
+    data = demo.prepare_data(config, tmp_path / "cache", log=messages.append)
+    assert data.vocab_size < 100_000
+    assert f"the corpus yields only {data.vocab_size} of the 100000 BPE tokens asked for" in "\n".join(messages)
+    messages.clear()
+    cached = demo.prepare_data(config, tmp_path / "cache", log=messages.append)  # the cached tokenizer: same note
+    assert cached.vocab_size == data.vocab_size and any("yields only" in m for m in messages)
 
 
 def test_library_errors_are_value_errors(tmp_path):
@@ -415,7 +526,7 @@ def test_cli_help_and_overrides(capsys):
 def record_objective_calls(monkeypatch) -> list[dict]:
     """Record every LETObjective call's teacher ids, alignment and output."""
     calls = []
-    real_forward = demo.LETObjective.forward
+    real_forward = LETObjective.forward
 
     def forward(self, input_ids, **kwargs):
         out = real_forward(self, input_ids, **kwargs)
@@ -423,7 +534,7 @@ def record_objective_calls(monkeypatch) -> list[dict]:
                       "token_alignment": kwargs.get("token_alignment"), "out": out})
         return out
 
-    monkeypatch.setattr(demo.LETObjective, "forward", forward)
+    monkeypatch.setattr(LETObjective, "forward", forward)
     return calls
 
 
@@ -495,10 +606,11 @@ def test_cross_tokenizer_inputs_are_the_teacher_tokenization_of_the_decoded_text
         model = demo.build_model(config.teacher_shape, vocab, teacher_config.seq_len, 0)
         save_pretrained(model, tmp_path / name, tokenizer=tokenizer)
         spec = demo.target_run(config, data, 0, name="LET", let=config.let, teacher_path=str(tmp_path / name))
-        assert (spec.teacher_inputs is not None) == cross_expected
+        [let] = spec.objectives
+        assert (let.teacher_inputs is not None) == cross_expected
         if cross_expected:
-            assert spec.teacher_inputs.mode == "mean"
-            assert spec.teacher_inputs.teacher_max_length == teacher_config.seq_len
+            assert let.teacher_inputs.mode == "mean"
+            assert let.teacher_inputs.teacher_max_length == teacher_config.seq_len
         plain = demo.target_run(dataclasses.replace(config, cross_tokenizer=None, teacher_vocab_size=None), data, 0,
                                 name="LET", let=config.let, teacher_path=str(tmp_path / "same"))
-        assert plain.teacher_inputs is None
+        assert plain.objectives[0].teacher_inputs is None
