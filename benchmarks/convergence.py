@@ -9,8 +9,15 @@ commands pass lambda0, S_stop and the layer map explicitly, so they reproduce th
 LET defaults change; the default preset's LR sweep uses that preset's LET settings (when it ran: lambda0 3,
 S_stop = all steps, L2M, interpolate)::
 
-    # the default preset's LR sweep (baseline and the demo's LET at each LR; repeated with --seed 1 --seeds 2)
-    python benchmarks/convergence.py --preset default --threads 2 --lr 1.5e-3,2e-3,3e-3 --out default_lr_seed0.json
+    # the 3-block default's LR sweep (baseline and the demo's LET at each LR; repeated with --seed 1 --seeds 2)
+    python benchmarks/convergence.py --preset default --target-shape 192,3,4,512 --threads 2 --lr 1.5e-3,2e-3,3e-3 \
+        --out default_lr_seed0.json
+    # the 6-block default (before it was the default, hence --target-shape): the baseline's LR sweep (also run
+    # with --seed 1 --seeds 2 --lr 1e-3,2e-3), then baseline, LET (L2M) and L2E at lr 1.5e-3 (also --seed 1 --seeds 2)
+    python benchmarks/convergence.py --preset default --threads 2 --target-shape 192,6,4,512 --no-let-base \
+        --lr 7.5e-4,1e-3,2e-3 --out deep6_baseline_lr_seed0.json
+    python benchmarks/convergence.py --preset default --threads 2 --target-shape 192,6,4,512 --vary layer_map=L2E \
+        --out deep6_seed0.json
     # --quick's LR sweep: baseline and LET (lambda0 1, S_stop = half the steps, L2E) at three LRs
     python benchmarks/convergence.py --preset quick --threads 1 --lr 1e-3,2e-3,4e-3 --lambda0 1 \
         --stop-fraction 0.5 --layer-map L2E --out quick_lr.json

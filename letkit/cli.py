@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--seed", type=int, metavar="S", help=f"first seed ({_preset_default('seed')})")
     size.add_argument("--steps", type=int, metavar="N",
                       help=f"target training steps, S_stop scaling along ({_preset_default('target_schedule.steps')})")
+    size.add_argument("--target-layers", type=int, metavar="N",
+                      help=f"blocks of the target model ({_preset_default('target_shape.num_layers')})")
     size.add_argument("--teacher-steps", type=int, metavar="N",
                       help=f"teacher pretraining steps ({_preset_default('teacher_schedule.steps')})")
     size.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
@@ -215,6 +217,10 @@ def demo_config_from_args(args: argparse.Namespace):
             raise DemoError(f"--steps must be >= 1, got {args.steps}")
         warmup = min(config.target_schedule.warmup_steps, args.steps // 10)
         config.target_schedule = dataclasses.replace(config.target_schedule, steps=args.steps, warmup_steps=warmup)
+    if args.target_layers is not None:
+        if args.target_layers < 1:
+            raise DemoError(f"--target-layers must be >= 1, got {args.target_layers}")
+        config.target_shape = dataclasses.replace(config.target_shape, num_layers=args.target_layers)
     if args.teacher_steps is not None:
         if args.teacher_steps < 1:
             raise DemoError(f"--teacher-steps must be >= 1, got {args.teacher_steps}")

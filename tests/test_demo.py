@@ -391,6 +391,7 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--corpus", str(corpus), "--threads", "0"], "threads must be >= 1 (or unset for torch's choice), got 0"),
         (["--corpus", str(corpus), "--vocab-size", "10"],
          "vocab_size must be >= 257 (256 byte tokens and <|endoftext|>), got 10"),
+        (["--corpus", str(corpus), "--target-layers", "0"], "--target-layers must be >= 1, got 0"),
     ]
 
 
@@ -495,7 +496,8 @@ def test_cli_help_and_overrides(capsys):
         assert option in help_text
     option_help = {entry.split()[0]: " ".join(entry.split()) for entry in re.split(r"\n  (?=-)", help_text)}
     for option, field in (("--eval-every", "eval_every"), ("--teacher-steps", "teacher_schedule.steps"),
-                          ("--steps", "target_schedule.steps"), ("--seeds", "seeds")):
+                          ("--steps", "target_schedule.steps"), ("--seeds", "seeds"),
+                          ("--target-layers", "target_shape.num_layers")):
         default, quick = (operator.attrgetter(field)(demo.PRESETS[name]) for name in ("default", "quick"))
         shown = f"(default {default})" if default == quick else f"(default {default}, --quick {quick})"
         assert option_help[option].endswith(shown), option_help[option]
@@ -506,6 +508,8 @@ def test_cli_help_and_overrides(capsys):
     assert config.let.lambda0 == 3 and config.let.stop_step(100) == 25 and config.let.projector == "linear"
     assert config.seeds == 3 and config.teacher_shape == demo.PRESETS["quick"].teacher_shape
     assert demo.PRESETS["quick"].target_schedule.steps != 100  # presets are not modified
+    layers = demo_config_from_args(build_parser().parse_args(["demo", "--target-layers", "3"]))
+    assert layers.target_shape.num_layers == 3 and demo.PRESETS["default"].target_shape.num_layers == 6
     assert main([]) == 2
     assert config.alignment_mode is None and config.cross_tokenizer is None  # off by default
     cross = demo_config_from_args(build_parser().parse_args(["demo", "--cross-tokenizer"]))
