@@ -1,28 +1,18 @@
-"""Shared setup of the fused-kernel tests: Triton's CPU interpreter, poisoned allocations, relative error.
+"""Shared helpers of the fused-kernel tests: the device, poisoned allocations, relative error.
 
-Without CUDA the kernels run under Triton's CPU interpreter, which must be switched on before
-``letkit.kernels`` is imported: test modules import this one first.
+Without CUDA the kernels run under Triton's CPU interpreter, switched on by tests/conftest.py.
 """
 
 import contextlib
 import math
-import os
 from unittest import mock
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
-from letkit.kernels import alignment_common
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not alignment_common.INTERPRETED:
-    raise RuntimeError("letkit.kernels was imported without TRITON_INTERPRET=1 before the kernel tests; run them on their own")
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 

@@ -1,6 +1,6 @@
 """Fused identity/interpolate alignment kernels vs the float64 torch reference (letkit.losses).
 
-Without CUDA the kernels run under Triton's CPU interpreter (switched on by tests/kernel_testing.py).
+Without CUDA the kernels run under Triton's CPU interpreter (switched on by tests/conftest.py).
 """
 
 import math
@@ -264,3 +264,20 @@ def test_cpu_tensors_without_the_interpreter_are_refused_clearly():
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
     assert "run on CUDA devices" in result.stdout and "got tensors on cpu" in result.stdout, result.stderr[-2000:]
+
+
+def test_kernels_imported_by_an_earlier_test_module_still_run_under_the_interpreter(tmp_path):
+    """tests/conftest.py switches the interpreter on before any test module is collected, so a module collected
+    before the kernel tests may import letkit.kernels without breaking them."""
+    import subprocess
+    import sys
+
+    early = tmp_path / "test_imports_kernels_first.py"
+    early.write_text("import letkit.kernels\n\ndef test_nothing():\n    pass\n")
+    # Selected with -k: a "file::test" argument would be collected first, whatever the order of the arguments.
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(early), os.path.abspath(__file__),
+               "-k", "test_nothing or test_single_token_and_all_masked_batch"]
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    environment["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]

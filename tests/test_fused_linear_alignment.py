@@ -1,6 +1,6 @@
 """Fused linear-projector alignment kernels vs the float64 torch reference (letkit.losses).
 
-Without CUDA the kernels run under Triton's CPU interpreter (switched on by tests/kernel_testing.py).
+Without CUDA the kernels run under Triton's CPU interpreter (switched on by tests/conftest.py).
 """
 
 import math
