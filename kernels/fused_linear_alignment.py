@@ -56,7 +56,9 @@ _GEMM_CONFIGS = [
 ]
 # The Triton CPU interpreter cannot autotune (and is slow): one small tile shape that exercises partial tiles.
 _INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
-_MIN_BLOCK_N = _INTERPRETER_GEMM_CONFIG["BLOCK_N"] if INTERPRETED else min(config.kwargs["BLOCK_N"] for config in _GEMM_CONFIGS)
+_LOSS_SLOT = 16
+"""Columns per partial-loss slot of the fused MSE epilogue; divides every config's ``BLOCK_N``."""
+assert all(config.kwargs["BLOCK_N"] % _LOSS_SLOT == 0 for config in _GEMM_CONFIGS + [triton.Config(_INTERPRETER_GEMM_CONFIG)])
 
 
 @triton.jit
@@ -70,6 +72,7 @@ def _linear_projection_kernel(
     denom_ptr,
     loss_part_ptr,
     n_rows,
+    rows_bucket,
     d_in,
     d_out,
     stride_h,
@@ -87,6 +90,7 @@ def _linear_projection_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LOSS_SLOT: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
     pid = tl.program_id(0)
@@ -129,8 +133,13 @@ def _linear_projection_kernel(
             weight = tl.where(row_ok, 1.0, 0.0)
         scale = weight / tl.load(denom_ptr)
         keep = weight != 0.0
-        partial_loss = tl.sum(diff * diff, axis=1) * (scale / d_out)
-        tl.store(loss_part_ptr + rows.to(tl.int64) * stride_loss_part + pid_n, tl.where(keep, partial_loss, 0.0), mask=row_ok)
+        partial_loss = tl.where(keep, tl.sum(diff * diff, axis=1) * (scale / d_out), 0.0)
+        # Every launch writes every slot of its rows -- the tile's sum into its first slot, 0 into the others --
+        # so no slot keeps a value from another launch (autotuning runs each config on these same buffers).
+        slots = pid_n * (BLOCK_N // LOSS_SLOT) + tl.arange(0, BLOCK_N // LOSS_SLOT)
+        slot_values = tl.where((slots % (BLOCK_N // LOSS_SLOT) == 0)[None, :], partial_loss[:, None], 0.0)
+        slot_ok = row_ok[:, None] & (slots < tl.cdiv(d_out, LOSS_SLOT))[None, :]
+        tl.store(loss_part_ptr + rows.to(tl.int64)[:, None] * stride_loss_part + slots[None, :], slot_values, mask=slot_ok)
         if COMPUTE_GRAD:
             grad = tl.where(keep[:, None], diff * (scale * (2.0 / d_out))[:, None], 0.0)
             out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
@@ -140,8 +149,9 @@ def _linear_projection_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
+# Tuned per power-of-two bucket of the row count (not per count: each new key compiles and times every config).
 _linear_projection_tuned = triton.autotune(
-    configs=_GEMM_CONFIGS, key=["n_rows", "d_in", "d_out", "HAS_BIAS", "FUSE_MSE", "COMPUTE_GRAD"]
+    configs=_GEMM_CONFIGS, key=["rows_bucket", "d_in", "d_out", "HAS_BIAS", "FUSE_MSE", "COMPUTE_GRAD"]
 )(_linear_projection_kernel)
 
 
@@ -171,6 +181,7 @@ def _launch_projection(h, weight, bias, out, *, teacher=None, weights=None, deno
         denom,
         loss_part,
         n_rows,
+        triton.next_power_of_2(n_rows),
         d_in,
         d_out,
         h.stride(0),
@@ -184,6 +195,7 @@ def _launch_projection(h, weight, bias, out, *, teacher=None, weights=None, deno
         COMPUTE_GRAD=compute_grad,
         DOT_DTYPE=dot_dtype,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
+        LOSS_SLOT=_LOSS_SLOT,
         **meta,
     )
 
@@ -239,8 +251,8 @@ def linear_alignment_forward(
     grad_weight = torch.zeros(d_out, d_in, dtype=torch.float32, device=device) if need_weight_grad else None
     grad_bias = torch.zeros(d_out, dtype=torch.float32, device=device) if need_bias_grad else None
     if fuse_mse:
-        # One partial sum per (token, column tile); tiles the chosen config does not have stay 0.
-        losses = torch.zeros(n_tokens, triton.cdiv(d_out, _MIN_BLOCK_N), dtype=torch.float32, device=device)
+        # Partial sums per (token, slot of _LOSS_SLOT columns), all written by the kernel.
+        losses = torch.empty(n_tokens, triton.cdiv(d_out, _LOSS_SLOT), dtype=torch.float32, device=device)
     else:
         losses = torch.empty(n_tokens, dtype=torch.float32, device=device)
 

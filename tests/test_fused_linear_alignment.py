@@ -259,7 +259,7 @@ def compile_sm90(kernel, types, constexprs, num_warps, num_stages=3, tensor_core
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     assert not tensor_cores or "wgmma" in compiled.asm["ptx"], "the bf16 projection GEMM must use Hopper wgmma"
 
-ints = ["n_rows", "d_in", "d_out", "adj_taps", "stride_x", "stride_teacher", "stride_grad", "stride_h", "stride_w", "stride_out", "stride_loss_part", "n_elements"]
+ints = ["n_rows", "rows_bucket", "d_in", "d_out", "adj_taps", "stride_x", "stride_teacher", "stride_grad", "stride_h", "stride_w", "stride_out", "stride_loss_part", "n_elements"]
 types = dict.fromkeys(ints, "i32")
 types.update(x_ptr="*bf16", teacher_ptr="*bf16", lo_ptr="*i32", hi_ptr="*i32", frac_ptr="*fp32", adj_first_ptr="*i32", adj_count_ptr="*i32",
              token_weight_ptr="*fp32", denom_ptr="*fp32", loss_ptr="*fp32", grad_ptr="*bf16", h_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16",
@@ -270,7 +270,7 @@ for kind, interpolate in [(0, True), (1, False)]:
     compile_sm90(fused_interpolate_alignment._row_alignment_kernel, types,
                  dict(KIND=kind, INTERPOLATE=interpolate, HAS_MASK=True, COMPUTE_GRAD=True, BLOCK_ROWS=2, BLOCK_OUT=1024, BLOCK_IN=1024, **unused), 8)
 tile = fused_linear_alignment._GEMM_CONFIGS[0]
-common = dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee", HAS_MASK=True, COMPUTE_GRAD=True, **tile.kwargs)
+common = dict(DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee", HAS_MASK=True, COMPUTE_GRAD=True, LOSS_SLOT=fused_linear_alignment._LOSS_SLOT, **tile.kwargs)
 compile_sm90(fused_linear_alignment._linear_projection_kernel, types,
              dict(HAS_BIAS=True, FUSE_MSE=False, teacher_ptr=None, token_weight_ptr=None, denom_ptr=None, loss_part_ptr=None, **common),
              tile.num_warps, tile.num_stages, tensor_cores=True)
@@ -292,3 +292,44 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+
+
+def tuned_projection(block_ns, bench_calls):
+    """The projection kernel autotuned over tiles of width ``block_ns`` (the first tried first); the stub benchmark
+    runs each config once, as a real one does, and makes the last config the fastest."""
+    import triton
+
+    configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": 16, "GROUP_M": 2}) for block_n in block_ns]
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        bench_calls.append(1)
+        time_ms = float(len(configs) - (len(bench_calls) - 1) % len(configs))
+        return [time_ms] * len(quantiles)
+
+    return triton.autotune(configs=configs, key=fla._linear_projection_tuned.keys, do_bench=bench)(fla._linear_projection_kernel)
+
+
+def test_autotuned_mse_loss_is_exact_on_the_first_call():
+    """Tuning runs every config on the real buffers; a wider winning tile must not leave the narrower configs'
+    partial losses behind (they inflated the first call's loss for each autotune key)."""
+    target, teacher, weight, bias = make_problem((8,), 24, 40, torch.float32, bias=True, seed=15)
+    bench_calls = []
+    with mock.patch.object(fla, "_linear_projection_tuned", tuned_projection([16, 32], bench_calls)), mock.patch.object(
+        fla, "INTERPRETED", False
+    ):
+        check_against_reference(target, teacher, weight, bias, "mse")
+    assert len(bench_calls) == 2  # the tuned path really ran
+
+
+def test_autotuning_is_shared_by_token_counts_of_one_power_of_two():
+    """A new token count must not re-tune (each tuning compiles and times every config): chunks of 20 and 23
+    tokens share one tuning, 40 tokens gets its own."""
+    bench_calls = []
+    with mock.patch.object(fla, "_linear_projection_tuned", tuned_projection([16, 32], bench_calls)), mock.patch.object(
+        fla, "INTERPRETED", False
+    ):
+        for tokens, tunings in [(20, 1), (23, 1), (40, 2)]:
+            target, teacher, weight, _ = make_problem((tokens,), 16, 8, torch.float32, bias=False, seed=tokens)
+            fused_alignment_loss(target, teacher, "mse", projection="linear", weight=weight)
+            assert len(bench_calls) == 2 * tunings, tokens
