@@ -18,8 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from letkit.losses import COSINE_EPS, LAYER_NORM_EPS, SMOOTH_L1_BETA
 
 LOSS_CODES = {"cosine": 0, "smooth_l1": 1, "mse": 2}
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
 # Constants of the reference (letkit.losses), as compile-time values for the kernels.
 COSINE = tl.constexpr(LOSS_CODES["cosine"])

@@ -112,6 +112,34 @@ def _torch_alignment_loss(
     return (losses * keep).sum() / keep.sum().clamp_min(1)
 
 
+FUSED_GRAD_DTYPES = (torch.float32, torch.bfloat16)
+"""Dtypes the fused kernels take for ``target``, ``weight`` and ``bias`` (what they differentiate). Not float16:
+the kernels compute the gradients in the forward pass, before GradScaler's loss scale is known (it arrives with
+backward), so float16 gradients of small per-token losses would underflow."""
+FUSED_TEACHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes the fused kernels take for ``teacher`` (only read)."""
+
+
+def fused_dtype_error(target: Tensor, teacher: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> str | None:
+    """Why the fused kernels cannot take these inputs' dtypes (a message naming the argument), or None if they can."""
+    named = [("target", target, FUSED_GRAD_DTYPES), ("teacher", teacher, FUSED_TEACHER_DTYPES),
+             ("weight", weight, FUSED_GRAD_DTYPES), ("bias", bias, FUSED_GRAD_DTYPES)]
+    for name, tensor, supported in named:
+        if tensor is None or tensor.dtype in supported:
+            continue
+        if tensor.dtype == torch.float16:
+            return (
+                f"{name} has dtype torch.float16: the fused alignment kernels compute gradients in the forward pass, "
+                "before GradScaler's loss scale is known, where float16 gradients would underflow. Use bfloat16, or "
+                "backend='torch' for float16 (backend='auto' picks it)"
+            )
+        return (
+            f"{name} has dtype {tensor.dtype}; the fused alignment kernels support {', '.join(map(str, supported))} "
+            "(use backend='torch' for other dtypes)"
+        )
+    return None
+
+
 def triton_backend_available(device: torch.device) -> bool:
     """Whether the fused Triton kernels can run on ``device`` (CUDA, or any device under TRITON_INTERPRET=1)."""
     if importlib.util.find_spec("triton") is None:
@@ -123,18 +151,20 @@ def triton_backend_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype_error: str | None = None) -> str:
     """Turn ``"auto" | "torch" | "triton"`` into the backend that will run on ``device``.
 
-    ``"auto"`` resolves to ``"triton"`` on CUDA when the kernels are available and to ``"torch"``
-    elsewhere; an explicit ``"triton"`` that cannot run raises a ``RuntimeError`` saying why.
+    ``"auto"`` resolves to ``"triton"`` on CUDA when the kernels are available and take the inputs' dtypes
+    (``dtype_error``, from :func:`fused_dtype_error`, is None), and to ``"torch"`` otherwise; an explicit
+    ``"triton"`` that cannot run on ``device`` raises a ``RuntimeError`` saying why (and the kernels refuse
+    dtypes they do not take with a ``TypeError``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_backend_available(device) else "torch"
+        return "triton" if device.type == "cuda" and dtype_error is None and triton_backend_available(device) else "torch"
     if not triton_backend_available(device):
         raise RuntimeError(
             f"backend='triton' is not available for tensors on {device}: the fused kernels need the `triton` package, "
@@ -273,7 +303,8 @@ def alignment_loss(
         mask: optional ``(...)`` tensor over tokens on the features' device, bool or holding only 0 and 1;
             True/1 keeps a token (e.g. non-padding). With every token masked the loss is 0. Non-bool masks have
             their values checked (a host-device sync on GPUs; see :func:`check_mask`).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (the fused kernels on CUDA for float32/bfloat16 inputs, else torch), ``"torch"``
+            or ``"triton"``.
         check_finite: fail if the teacher features hold NaN/Inf (see :func:`check_teacher_finite`): a
             ValueError on CPU; on CUDA a device-side assertion that never syncs the host, so the default
             costs no more than ``check_finite=False`` beyond one reduction. Skipped inside ``torch.compile``d
@@ -286,7 +317,7 @@ def alignment_loss(
     if check_finite:
         check_teacher_finite(teacher)
     teacher = teacher.detach()
-    if resolve_backend(backend, target.device) == "triton":
+    if resolve_backend(backend, target.device, fused_dtype_error(target, teacher, weight, bias)) == "triton":
         from letkit.kernels import fused_alignment_loss
 
         return fused_alignment_loss(target, teacher, kind, projection=projection, weight=weight, bias=bias, mask=mask)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from letkit.losses import check_teacher_finite
+from letkit.losses import check_teacher_finite, fused_dtype_error, resolve_backend
 
 
 class RecordOps(TorchDispatchMode):
@@ -35,3 +35,26 @@ def test_finiteness_check_on_cpu_raises_a_value_error_at_once(bad):
     teacher[1, 2, 3] = bad
     with pytest.raises(ValueError, match="teacher features contain 1 non-finite values"):
         check_teacher_finite(teacher)
+
+
+def test_float16_gradients_are_refused_by_the_kernels_and_auto_picks_torch():
+    """The fused kernels compute gradients in the forward pass, before GradScaler's loss scale is known: float16
+    gradients of a mean over many tokens would underflow there (1.5e-2 relative error at 16k tokens, measured).
+    They refuse float16 for what they differentiate; backend='auto' sends such inputs to the torch reference."""
+    pytest.importorskip("triton")
+    from letkit.kernels import fused_alignment_loss
+
+    half, single = torch.randn(4, 8).half(), torch.randn(4, 8)
+    weight = torch.randn(6, 8)
+    for arguments, name in [((half, single), "target"), ((single, torch.randn(4, 6)), "weight")]:
+        extra = {"projection": "linear", "weight": weight.half()} if name == "weight" else {}
+        with pytest.raises(TypeError, match=f"{name} has dtype torch.float16: .*GradScaler.*backend='torch'"):
+            fused_alignment_loss(*arguments, "cosine", **extra)
+        assert fused_dtype_error(*arguments, **{k: v for k, v in extra.items() if k == "weight"}) is not None
+
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, fused_dtype_error(half, single)) == "torch"
+    assert resolve_backend("auto", cuda, fused_dtype_error(single, single)) == "triton"
+    # an only-read float16 teacher is fine for the kernels
+    assert fused_dtype_error(single, half) is None and fused_dtype_error(single.bfloat16(), half) is None
+    assert resolve_backend("auto", torch.device("cpu"), None) == "torch"

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from letkit.kernels import fused_alignment_loss
 from letkit.kernels import fused_interpolate_alignment as fia
-from letkit.losses import LOSS_KINDS, alignment_loss, interpolation_taps
+from letkit.losses import FUSED_GRAD_DTYPES, FUSED_TEACHER_DTYPES, LOSS_KINDS, alignment_loss, interpolation_taps
 
 
 def check_against_reference(target, teacher, kind, projection, mask=None, grad_scale=1.0):
@@ -62,7 +62,8 @@ def problems(draw):
     return dict(
         projection=projection,
         kind=draw(st.sampled_from(LOSS_KINDS)),
-        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+        dtype=draw(st.sampled_from(FUSED_GRAD_DTYPES)),
+        teacher_dtype=draw(st.sampled_from(FUSED_TEACHER_DTYPES)),
         shape=(batch, seq),
         d_target=d_target,
         d_teacher=d_teacher,
@@ -79,7 +80,7 @@ def test_matches_float64_reference(problem):
     generator = torch.Generator(device=DEVICE).manual_seed(problem["seed"])
     dtype, shape = problem["dtype"], problem["shape"]
     target = torch.randn(*shape, problem["d_target"], generator=generator, device=DEVICE).to(dtype)
-    teacher = torch.randn(*shape, problem["d_teacher"], generator=generator, device=DEVICE).to(dtype)
+    teacher = torch.randn(*shape, problem["d_teacher"], generator=generator, device=DEVICE).to(problem["teacher_dtype"])
     mask = problem["mask"]
     if mask is not None:
         mask = mask.reshape(shape)

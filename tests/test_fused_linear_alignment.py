@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from letkit.kernels import alignment_common, fused_alignment_loss
 from letkit.kernels import fused_linear_alignment as fla
-from letkit.losses import LOSS_KINDS, alignment_loss
+from letkit.losses import FUSED_GRAD_DTYPES, FUSED_TEACHER_DTYPES, LOSS_KINDS, alignment_loss
 
 
 def make_problem(shape, d_target, d_teacher, dtype, *, bias, seed, weight_dtype=None, teacher_dtype=None):
@@ -67,14 +67,15 @@ def problems(draw):
         "all_masked": torch.zeros(tokens, dtype=torch.bool, device=DEVICE),
         "float_0_1": (torch.rand(tokens, device=DEVICE) < 0.6).float(),
     }[mask_pattern]
-    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-    # 16-bit dL/dz is rounded to the input dtype before the tensor-core GEMMs (as in any bf16 autograd graph);
+    dtype = draw(st.sampled_from(FUSED_GRAD_DTYPES))
+    # bf16 dL/dz is rounded to the input dtype before the tensor-core GEMMs (as in any bf16 autograd graph);
     # with only a few dims, dL/dh = dL/dz @ W can be a cancellation of a handful of rounded terms that
-    # exceeds the 1e-2 budget by itself, so 16-bit problems use at least 8 dims.
+    # exceeds the 1e-2 budget by itself, so bf16 problems use at least 8 dims.
     smallest_dim = 1 if dtype == torch.float32 else 8
     return dict(
         kind=draw(st.sampled_from(LOSS_KINDS)),
         dtype=dtype,
+        teacher_dtype=draw(st.sampled_from(FUSED_TEACHER_DTYPES)),
         shape=(batch, seq),
         d_target=draw(st.integers(smallest_dim, 48)),
         d_teacher=draw(st.integers(smallest_dim, 48)),
@@ -92,7 +93,8 @@ def problems(draw):
 def test_matches_float64_reference(problem):
     assume(not ill_conditioned(problem["kind"], "linear", problem["d_target"], problem["d_teacher"], problem["bias"]))
     target, teacher, weight, bias = make_problem(
-        problem["shape"], problem["d_target"], problem["d_teacher"], problem["dtype"], bias=problem["bias"], seed=problem["seed"]
+        problem["shape"], problem["d_target"], problem["d_teacher"], problem["dtype"], bias=problem["bias"], seed=problem["seed"],
+        teacher_dtype=problem["teacher_dtype"],
     )
     tokens_per_chunk = -(-target[..., 0].numel() // problem["chunks"])
     with mock.patch.object(fla, "CHUNK_ELEMENTS", tokens_per_chunk * problem["d_teacher"]), mock.patch.object(
