@@ -96,12 +96,12 @@ class FusedAlignmentFunction(torch.autograd.Function):
 
 
 def accumulate_weight_grad(grad_weight: Tensor, grad_projected: Tensor, features: Tensor) -> None:
-    """``grad_weight += grad_projected.T @ features`` with float32 accumulation into the float32 ``grad_weight``."""
+    """``grad_weight += grad_projected.T @ features`` (both in the GEMM dtype) into the float32 ``grad_weight``."""
     if grad_projected.dtype == torch.float32:
-        grad_weight.addmm_(grad_projected.t(), features.to(torch.float32))
+        grad_weight.addmm_(grad_projected.t(), features)
     elif grad_projected.is_cuda and _ADDMM_HAS_OUT_DTYPE:
-        # bf16/fp16 tensor-core GEMM accumulating straight into the fp32 buffer (no fp32 temporaries).
-        torch.addmm(grad_weight, grad_projected.t(), features.to(grad_projected.dtype), out_dtype=torch.float32, out=grad_weight)
+        # bf16 tensor-core GEMM accumulating straight into the fp32 buffer (no fp32 temporaries).
+        torch.addmm(grad_weight, grad_projected.t(), features, out_dtype=torch.float32, out=grad_weight)
     else:
         grad_weight.addmm_(grad_projected.t().to(torch.float32), features.to(torch.float32))
 

@@ -231,13 +231,15 @@ def linear_alignment_forward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Loss and the requested gradients ``(loss, d_target, d_weight, d_bias)`` for ``(tokens, d)`` inputs.
 
-    The projection GEMMs run in the inputs' dtype when ``target`` and ``weight`` share it (bf16/fp16 on tensor
-    cores, float32 accumulation) and in float32 otherwise; losses and ``dL/dz`` are computed in float32.
+    As under autocast, the projection GEMMs run in the activations' (``target``'s) dtype with float32
+    accumulation: a float32 weight with bf16 activations is rounded to bf16 once and every GEMM runs on tensor
+    cores. Losses and ``dL/dz`` are computed in float32; the weight's and bias's gradients are accumulated in
+    float32 and returned in their own dtype (float32 master weights get float32 gradients).
     """
     n_tokens, d_in = target.shape
     d_out = weight.shape[0]
     device = target.device
-    gemm_dtype = target.dtype if target.dtype == weight.dtype else torch.float32
+    gemm_dtype = target.dtype
     weight_g = weight.to(gemm_dtype).contiguous()
     bias = None if bias is None else bias.contiguous()
     need_bias_grad = need_bias_grad and bias is not None
@@ -280,10 +282,7 @@ def linear_alignment_forward(
                 loss_out=losses[start:stop], grad_out=g,
             )
         if grad_target is not None:
-            if gemm_dtype == target.dtype:
-                torch.mm(g, weight_g, out=grad_target[start:stop])
-            else:
-                grad_target[start:stop] = torch.mm(g, weight_g)
+            torch.mm(g, weight_g, out=grad_target[start:stop])
         if grad_weight is not None:
             accumulate_weight_grad(grad_weight, g, h)
         if grad_bias is not None:

@@ -335,3 +335,24 @@ def test_autotuning_is_shared_by_token_counts_of_one_power_of_two():
             target, teacher, weight, _ = make_problem((tokens,), 16, 8, torch.float32, bias=False, seed=tokens)
             fused_alignment_loss(target, teacher, "mse", projection="linear", weight=weight)
             assert len(bench_calls) == 2 * tunings, tokens
+
+
+def test_bf16_activations_with_an_fp32_weight_follow_autocast():
+    """bf16 activations with an fp32 (master) projector weight: as under autocast, the projection runs in bf16
+    (the weight rounded once; bf16 tensor-core GEMMs accumulating in fp32), not as an fp32 FMA GEMM, and the
+    weight's gradient stays fp32. The teacher is the exact fp32-weight projection, so the MSE is ~0 with an fp32
+    GEMM and the weight's rounding error with a bf16 one."""
+    target, _, weight, bias = make_problem((4, 6), 64, 32, torch.bfloat16, bias=True, seed=16, weight_dtype=torch.float32)
+    teacher = torch.nn.functional.linear(target.double(), weight.double(), bias.double()).float()
+    leaves = [x.detach().requires_grad_() for x in (target, weight, bias)]
+    loss = fused_alignment_loss(leaves[0], teacher, "mse", projection="linear", weight=leaves[1], bias=leaves[2])
+    loss.backward()
+
+    leaves64 = [target.double().requires_grad_(), weight.bfloat16().double().requires_grad_(), bias.double().requires_grad_()]
+    autocast = alignment_loss(leaves64[0], teacher.double(), "mse", projection="linear", weight=leaves64[1], bias=leaves64[2], backend="torch")
+    autocast.backward()
+    assert autocast.item() > 1e-8
+    assert abs(loss.item() - autocast.item()) <= 1e-3 * autocast.item()
+    assert leaves[1].grad.dtype == torch.float32 and leaves[2].grad.dtype == torch.float32
+    for leaf, expected in zip(leaves, [x.grad for x in leaves64]):
+        assert_gradient_close(leaf.grad, expected, TOLERANCE[torch.bfloat16])
