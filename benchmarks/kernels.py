@@ -8,8 +8,7 @@ fraction of the roofline (projection GEMM FLOPs vs. the minimal bytes moved) tha
     python benchmarks/kernels.py --out benchmarks/kernels_h100.json         # full run on a CUDA GPU
     python benchmarks/kernels.py --device cpu --smoke                        # CPU smoke test of the code paths
 
-Providers: ``fused`` (letkit.kernels, Triton projection GEMM), ``fused_cublas`` (letkit.kernels with the
-projection GEMM on cuBLAS), ``eager`` (letkit.losses torch backend), ``compile`` (torch.compile of the torch
+Providers: ``fused`` (letkit.kernels), ``eager`` (letkit.losses torch backend), ``compile`` (torch.compile of the torch
 backend) and ``liger`` (``LigerFusedLinearCosineSimilarityLoss``, linear+cosine only, when installed).
 """
 
@@ -25,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-PROVIDERS = ("fused", "fused_cublas", "eager", "compile", "liger")
+PROVIDERS = ("fused", "eager", "compile", "liger")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 CPU_HELP = (
     "no CUDA device: this benchmark measures GPU kernels. For a CPU smoke test of its code paths run\n"
@@ -113,7 +112,6 @@ def gpu_peaks(torch, args) -> tuple[float, float, str]:
 
 def build_providers(torch, case: Case, inputs: dict, names: list[str], notes: dict) -> dict:
     """Closures computing the scalar loss on ``inputs`` for each requested provider that applies to ``case``."""
-    from letkit.kernels import fused_linear_alignment
     from letkit.losses import alignment_loss
 
     h, teacher, weight = inputs["h"], inputs["teacher"], inputs["weight"]
@@ -121,19 +119,10 @@ def build_providers(torch, case: Case, inputs: dict, names: list[str], notes: di
     def loss_with(backend, h_=h, teacher_=teacher, weight_=weight):
         return alignment_loss(h_, teacher_, case.kind, projection=case.projection, weight=weight_, backend=backend, check_finite=False)
 
-    def fused_with(projection_gemm):
-        def run():
-            fused_linear_alignment.PROJECTION_GEMM = projection_gemm
-            return loss_with("triton")
-
-        return run
-
     providers = {}
     for name in names:
         if name == "fused":
-            providers[name] = fused_with("triton")
-        elif name == "fused_cublas" and case.projection == "linear":
-            providers[name] = fused_with("torch")
+            providers[name] = lambda: loss_with("triton")
         elif name == "eager":
             providers[name] = lambda: loss_with("torch")
         elif name == "compile":
