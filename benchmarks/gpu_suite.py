@@ -11,6 +11,7 @@ Stages, in this order; each row goes to the JSON as soon as it is measured (esti
   let_overhead         examples/pretrain_fsdp.py at the 1.4b preset on one GPU: baseline (--teacher.path none) vs
                        LET (--teacher.path random:smollm-135m); steady-state s/step, tokens/s, MFU, peak
                        memory, overhead while the teacher runs and after S_stop                           ~190 s
+  correctness          the kernel tests that need CUDA (tests/test_fused_*.py -k cuda) against float64     ~45 s
   kernels_grid         the rest of benchmarks/kernels.py's default grid, case by case, while time remains
 
 Expected run time on one H200: about 7 minutes. ``--time-budget`` (default 420 s) starts no stage (and no grid case)
@@ -296,6 +297,17 @@ def run_let_overhead(suite: Suite) -> Iterator[dict]:
     yield summary
 
 
+def run_correctness(suite: Suite) -> Iterator[dict]:
+    """The kernel tests that need CUDA (compiled kernels on ragged shapes, masks, every loss) against float64."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fused_linear_alignment.py",
+               "tests/test_fused_interpolate_alignment.py", "-k", "cuda"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=None if suite.smoke else max(60.0, suite.time_left() + 30),
+                            cwd=REPO, env={key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"})
+    lines = result.stdout.strip().splitlines()
+    yield {"command": " ".join(["python", *command[1:]]), "returncode": result.returncode, "summary": lines[-1] if lines else "",
+           "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))]}
+
+
 STAGES: list[Stage] = [
     Stage("peaks", 10, run_peaks),
     Stage("kernels_headline", 90, kernel_stage(
@@ -308,12 +320,24 @@ STAGES: list[Stage] = [
     )),
     Stage("model_step", 50, run_model_step),
     Stage("let_overhead", 190, run_let_overhead),
+    Stage("correctness", 45, run_correctness),
     Stage("kernels_grid", GRID_CASE_ESTIMATE_S, kernel_stage(
         grid_cases, lambda smoke: ["eager", "fused"] if smoke else ["compile", "eager", "fused"], budgeted=True,
     )),
 ]
 """The suite, in order. A new stage is one more entry: a name, an estimate in seconds on one H200, and a function
 ``run(suite)`` yielding result rows (plain dicts, JSON-serialisable)."""
+
+
+NOTES = {
+    "kernels": "rows of benchmarks/kernels.py (its docstring and notes() explain the columns): median do_bench times of "
+    "fwd and fwd+bwd; speed goals against 'compile' (torch.compile of the user's bf16 code), memory against 'eager'; "
+    "rooflines use the peaks stage's measured matmul rate and copy bandwidth when it ran, else the data sheet's",
+    "model_step": "benchmarks/model_step.py: interleaved training steps (forward, fp32 cross-entropy, backward), medians",
+    "let_overhead": "examples/pretrain_fsdp.py, a world of one; step_time_s/tokens_per_s/mfu/peak_memory_gib from its "
+    "metrics.jsonl (MFU counts the target's FLOPs only), medians over the windows named in each row; overhead = LET "
+    "window s/step / baseline s/step - 1",
+}
 
 
 # -------------------------------------------------------------------------------------------------- the runner
@@ -516,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     slug = "cpu-smoke" if args.smoke else "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
     stem = f"gpu_suite_{slug}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
     suite = Suite(args, args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md")
-    suite.payload.update(environment=env, stages=[], rows=[])
+    suite.payload.update(environment=env, notes=NOTES, stages=[], rows=[])
     stages = [stage for stage in STAGES if args.stages is None or stage.name in args.stages]
     run_suite(suite, stages)
     print(markdown(suite.payload))

@@ -88,6 +88,16 @@ def test_matches_float64_reference(problem):
         check_against_reference(target, teacher, problem["kind"], problem["projection"], mask)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled (not interpreted) kernels need CUDA")
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_cuda_kernels_on_ragged_shapes(kind):
+    generator = torch.Generator(device=DEVICE).manual_seed(19)
+    target = torch.randn(3, 173, 2000, generator=generator, device=DEVICE).bfloat16()
+    teacher = torch.randn(3, 173, 576, generator=generator, device=DEVICE).bfloat16()
+    mask = torch.rand(3, 173, generator=generator, device=DEVICE) < 0.8
+    check_against_reference(target, teacher, kind, "interpolate", mask, grad_scale=0.5)
+
+
 @pytest.mark.parametrize("kind", LOSS_KINDS)
 @pytest.mark.parametrize("d_target,d_teacher", [(40, 24), (24, 40), (3, 9), (9, 3), (37, 37)])
 def test_interpolation_both_directions_with_scaled_grad(kind, d_target, d_teacher):

@@ -105,6 +105,8 @@ def test_cpu_smoke_run_covers_every_stage(tmp_path):
     assert let["baseline"]["steady"]["s_per_step"] > 0
     assert let["let"]["while_teacher"]["steps"] == [1, 1] and let["let"]["after_stop"]["steps"] == [3, 3]
     assert "overhead_teacher_pct" in let["overhead"] and "overhead_after_pct" in let["overhead"]
+    correctness = rows["correctness"][0]
+    assert correctness["returncode"] == 0 and "skipped" in correctness["summary"], correctness  # the CUDA-only tests
 
 
 def test_an_isolated_stage_past_the_budget_is_stopped_and_keeps_its_rows(tmp_path, monkeypatch):
