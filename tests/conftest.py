@@ -8,8 +8,10 @@ was imported before this file (a plugin, or ``pytest.main`` from a script that i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +63,18 @@ def tiny_lm():
         return TinyLM(vocab, dim, layers)
 
     return make
+
+
+@pytest.fixture
+def benchmark_script():
+    """``load(name)``: the script benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -2,7 +2,6 @@
 run of every stage (so the suite cannot rot between the rare runs on a GPU)."""
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,16 +13,8 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
 
 
-def load_suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_budget_skips_stages_that_would_overrun_and_every_row_is_saved_at_once(tmp_path):
-    gpu_suite = load_suite()
+def test_budget_skips_stages_that_would_overrun_and_every_row_is_saved_at_once(tmp_path, benchmark_script):
+    gpu_suite = benchmark_script("gpu_suite")
     args = argparse.Namespace(device="cuda", smoke=False, time_budget=100.0)
     suite = gpu_suite.Suite(args, tmp_path / "suite.json", tmp_path / "suite.md")
     suite.payload.update(environment={key: "-" for key in ("device", "torch", "cuda", "triton", "python", "date", "command", "git_commit")},
@@ -66,7 +57,7 @@ def test_help_shows_the_offline_install_and_the_run_time():
     assert "liger-kernel==0.8.5" in result.stdout
 
 
-def test_cpu_smoke_run_covers_every_stage(tmp_path):
+def test_cpu_smoke_run_covers_every_stage(tmp_path, benchmark_script):
     pytest.importorskip("triton")
     pytest.importorskip("transformers")
     environment = dict(os.environ, CUDA_VISIBLE_DEVICES="")
@@ -78,7 +69,7 @@ def test_cpu_smoke_run_covers_every_stage(tmp_path):
     payload = json.loads(json_file.read_text())
     for key in ("device", "torch", "triton", "date", "command"):
         assert payload["environment"][key]
-    gpu_suite = load_suite()
+    gpu_suite = benchmark_script("gpu_suite")
     assert [stage["name"] for stage in payload["stages"]] == [stage.name for stage in gpu_suite.STAGES]
     assert all(stage["status"] == "done" for stage in payload["stages"]), payload["stages"]
 
@@ -109,9 +100,9 @@ def test_cpu_smoke_run_covers_every_stage(tmp_path):
     assert correctness["returncode"] == 0 and "skipped" in correctness["summary"], correctness  # the CUDA-only tests
 
 
-def test_an_isolated_stage_past_the_budget_is_stopped_and_keeps_its_rows(tmp_path, monkeypatch):
+def test_an_isolated_stage_past_the_budget_is_stopped_and_keeps_its_rows(tmp_path, monkeypatch, benchmark_script):
     """Isolated stages run in a child process: a hang (or a crash) loses only what that stage had not yet measured."""
-    gpu_suite = load_suite()
+    gpu_suite = benchmark_script("gpu_suite")
     monkeypatch.setattr(gpu_suite, "OVERRUN_GRACE_S", 1.0)
     hanging_child = [sys.executable, "-c", f"import time; print({gpu_suite.ROW_PREFIX!r} + '{{\"value\": 1}}', flush=True); time.sleep(120)"]
     real_popen = subprocess.Popen
