@@ -9,8 +9,6 @@ inside one ``torch.autograd.Function``: the same autograd path runs eagerly and 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import triton
 import triton.language as tl

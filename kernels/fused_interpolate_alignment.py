@@ -10,6 +10,10 @@ storing ``dL/dz``. Nothing of size tokens x d_teacher is materialised.
 
 The same row kernel, with the identity projection, is the loss stage of the linear projector
 (:mod:`letkit.kernels.fused_linear_alignment`), where it reads the projected chunk.
+
+The custom op ``letkit::fused_interpolate_alignment`` returns the loss and the gradient (opaque to
+``torch.compile``: no graph break); backward only scales the gradient in place (see
+:func:`letkit.kernels.alignment_common.hand_over_gradients`). One autograd path, eager and compiled alike.
 """
 
 from __future__ import annotations

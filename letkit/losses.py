@@ -18,7 +18,7 @@ Per-token losses (computed in float32 whatever the input dtype):
 
 Two backends compute the same quantity: ``"torch"`` (reference, any device) and ``"triton"``
 (fused projection + loss kernels from :mod:`letkit.kernels`); ``"auto"`` picks Triton on CUDA when it
-is available and torch otherwise.
+is available and takes the inputs' dtypes (float32/bfloat16, see :func:`fused_dtype_error`), torch otherwise.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from kernel_testing import (
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from letkit.kernels import alignment_common, fused_alignment_loss
+from letkit.kernels import fused_alignment_loss
 from letkit.kernels import fused_linear_alignment as fla
 from letkit.losses import FUSED_GRAD_DTYPES, FUSED_TEACHER_DTYPES, LOSS_KINDS, alignment_loss
 
