@@ -11,6 +11,7 @@ import pytest
 import torch
 from kernel_testing import (
     DEVICE,
+    LOSS_ATOL,
     TOLERANCE,
     assert_gradient_close,
     ill_conditioned,
@@ -26,7 +27,8 @@ from letkit.losses import FUSED_GRAD_DTYPES, FUSED_TEACHER_DTYPES, LOSS_KINDS, a
 
 
 def check_against_reference(target, teacher, kind, projection, mask=None, grad_scale=1.0):
-    """Fused vs float64 torch loss and target gradient, within the dtype's tolerance."""
+    """Fused vs float64 torch loss and target gradient, within the dtype's tolerance (or, for an ill-conditioned
+    gradient, as close as letkit's float32 torch path)."""
     target = target.detach().requires_grad_()
     with poisoned_allocations():
         loss = fused_alignment_loss(target, teacher, kind, projection=projection, mask=mask)
@@ -34,12 +36,15 @@ def check_against_reference(target, teacher, kind, projection, mask=None, grad_s
     reference_target = target.detach().double().requires_grad_()
     reference = alignment_loss(reference_target, teacher.double(), kind, projection=projection, mask=mask, backend="torch")
     (reference * grad_scale).backward()
+    torch_target = target.detach().clone().requires_grad_()
+    (alignment_loss(torch_target, teacher, kind, projection=projection, mask=mask, backend="torch") * grad_scale).backward()
 
     tolerance = TOLERANCE[target.dtype]
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert abs(loss.item() - reference.item()) <= tolerance * max(abs(reference.item()), 1e-6)
+    # Plus an absolute LOSS_ATOL: 1 - cos of nearly parallel features is computed next to 1, where float32 resolves ~1e-7.
+    assert abs(loss.item() - reference.item()) <= tolerance * abs(reference.item()) + LOSS_ATOL
     assert target.grad.dtype == target.dtype and target.grad.shape == target.shape
-    assert_gradient_close(target.grad, reference_target.grad, tolerance)
+    assert_gradient_close(target.grad, reference_target.grad, tolerance, torch_target.grad)
 
 
 def random_mask(draw, tokens):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from kernel_testing import (
     DEVICE,
+    LOSS_ATOL,
     TOLERANCE,
     assert_gradient_close,
     ill_conditioned,
@@ -35,7 +36,8 @@ def make_problem(shape, d_target, d_teacher, dtype, *, bias, seed, weight_dtype=
 
 
 def check_against_reference(target, teacher, weight, bias, kind, mask=None, grad_scale=1.0):
-    """Fused vs float64 torch loss and gradients (target, weight, bias), within the dtype's tolerance."""
+    """Fused vs float64 torch loss and gradients (target, weight, bias), within the dtype's tolerance (or, for
+    ill-conditioned gradients, as close as letkit's float32 torch path)."""
     leaves = [x.detach().requires_grad_() for x in (target, weight) + ((bias,) if bias is not None else ())]
 
     def run(tensors, teacher_, backend):
@@ -47,13 +49,15 @@ def check_against_reference(target, teacher, weight, bias, kind, mask=None, grad
     with poisoned_allocations():
         loss, grads = run(leaves, teacher, "triton")
     reference, reference_grads = run([x.detach().double().requires_grad_() for x in leaves], teacher.double(), "torch")
+    _, torch_grads = run([x.detach().clone().requires_grad_() for x in leaves], teacher, "torch")
 
     tolerance = max(TOLERANCE[x.dtype] for x in leaves)
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert abs(loss.item() - reference.item()) <= tolerance * max(abs(reference.item()), 1e-6)
-    for leaf, grad, expected in zip(leaves, grads, reference_grads):
+    # Plus an absolute LOSS_ATOL: 1 - cos of nearly parallel features is computed next to 1, where float32 resolves ~1e-7.
+    assert abs(loss.item() - reference.item()) <= tolerance * abs(reference.item()) + LOSS_ATOL
+    for leaf, grad, expected, torch_grad in zip(leaves, grads, reference_grads, torch_grads):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
-        assert_gradient_close(grad, expected, tolerance)
+        assert_gradient_close(grad, expected, tolerance, torch_grad)
 
 
 @st.composite
