@@ -18,7 +18,7 @@ from letkit.models import Llama, LlamaConfig, count_parameters, from_preset
 from letkit.models.llama import hf_checkpoint_mapping
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="letkit preset (tiny, 125m, 1.4b, 7b); default: the CPU config below")
     p.add_argument("--hidden-size", type=int, default=256)
@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's choice")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def build_models(args: argparse.Namespace) -> tuple[Llama, torch.nn.Module]:
@@ -63,10 +63,9 @@ def build_models(args: argparse.Namespace) -> tuple[Llama, torch.nn.Module]:
     return ours.train(), theirs.train()
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def measure(args: argparse.Namespace) -> dict:
+    """Interleaved training steps of both models; per model the median/min/max seconds per step, tokens/s, the last
+    loss and (on CUDA) the peak memory of a step, and the letkit / transformers ratios."""
     ours, theirs = build_models(args)
     device = torch.device(args.device)
     vocab = ours.config.vocab_size
@@ -77,15 +76,18 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(model, get_logits) -> tuple[float, float]:
+    def step(model, get_logits) -> tuple[float, float, float | None]:
         sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         loss = F.cross_entropy(get_logits(model).flatten(0, 1).float(), targets.flatten())
         loss.backward()
         sync()
         elapsed = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         model.zero_grad(set_to_none=True)
-        return elapsed, loss.item()
+        return elapsed, loss.item(), peak
 
     runners = {
         "letkit": (ours, lambda m: m(inputs)),
@@ -93,27 +95,46 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {name: [] for name in runners}
     losses: dict[str, float] = {}
+    peaks: dict[str, float | None] = {}
     for i in range(args.warmup + args.steps):
         # Interleaved, alternating which goes first, so that load from other processes hits both alike.
         for name in (list(runners) if i % 2 == 0 else list(reversed(runners))):
             model, get_logits = runners[name]
-            elapsed, losses[name] = step(model, get_logits)
+            elapsed, losses[name], peak = step(model, get_logits)
             if i >= args.warmup:
                 times[name].append(elapsed)
+                peaks[name] = peak if peaks.get(name) is None else max(peaks[name], peak)
 
     tokens = args.batch * args.seq
     c = ours.config
-    print(f"config: {args.preset or 'custom'} d={c.hidden_size} layers={c.num_hidden_layers} heads={c.num_attention_heads}"
-          f"/{c.num_key_value_heads} ffn={c.intermediate_size} vocab={c.vocab_size} params={count_parameters(ours) / 1e6:.1f}M"
-          f" | batch={args.batch} seq={args.seq} {args.dtype} on {args.device}, torch {torch.__version__}"
-          f", threads={torch.get_num_threads()}")
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    for name, median in medians.items():
-        print(f"{name:>13}: median {median * 1e3:8.1f} ms/step  ({tokens / median:,.0f} tok/s)  loss {losses[name]:.5f}"
-              f"  [min {min(times[name]) * 1e3:.1f}, max {max(times[name]) * 1e3:.1f} ms over {args.steps} steps]")
-    paired = statistics.median(a / b for a, b in zip(times["letkit"], times["transformers"]))
-    print(f"ratio letkit / transformers: {medians['letkit'] / medians['transformers']:.3f} (medians), "
-          f"{paired:.3f} (median of the {args.steps} per-step ratios)")
+    result = {
+        "config": f"{args.preset or 'custom'} d={c.hidden_size} layers={c.num_hidden_layers} heads={c.num_attention_heads}"
+                  f"/{c.num_key_value_heads} ffn={c.intermediate_size} vocab={c.vocab_size}",
+        "parameters": count_parameters(ours), "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+        "device": args.device, "steps": args.steps,
+    }
+    for name, model_times in times.items():
+        median = statistics.median(model_times)
+        result[name] = {"median_s": median, "min_s": min(model_times), "max_s": max(model_times),
+                        "tokens_per_s": tokens / median, "loss": losses[name], "peak_memory_gib": peaks[name]}
+    result["ratio_of_medians"] = result["letkit"]["median_s"] / result["transformers"]["median_s"]
+    result["median_of_ratios"] = statistics.median(a / b for a, b in zip(times["letkit"], times["transformers"]))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = measure(args)
+    print(f"config: {result['config']} params={result['parameters'] / 1e6:.1f}M | batch={args.batch} seq={args.seq} "
+          f"{args.dtype} on {args.device}, torch {torch.__version__}, threads={torch.get_num_threads()}")
+    for name in ("letkit", "transformers"):
+        r = result[name]
+        print(f"{name:>13}: median {r['median_s'] * 1e3:8.1f} ms/step  ({r['tokens_per_s']:,.0f} tok/s)  loss {r['loss']:.5f}"
+              f"  [min {r['min_s'] * 1e3:.1f}, max {r['max_s'] * 1e3:.1f} ms over {args.steps} steps]")
+    print(f"ratio letkit / transformers: {result['ratio_of_medians']:.3f} (medians), "
+          f"{result['median_of_ratios']:.3f} (median of the {args.steps} per-step ratios)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""Pieces shared by the fused alignment ops: loss codes, token weights, gradient scaling, autograd glue.
+"""Pieces shared by the fused alignment ops: loss codes, token weights, the in-place gradient scale, backward.
 
 Both fused ops follow the fused-linear-loss recipe: the loss is a scalar leaf of the graph, so the
 forward pass computes the gradients of the loss with respect to its inputs while the intermediates are
-still on chip, and backward only multiplies them by the incoming scalar gradient.
+still on chip, and backward only multiplies them, in place, by the incoming scalar gradient. Each fused op is a
+``torch.library`` custom op computing ``(loss, gradients)`` (opaque to ``torch.compile``, so no graph break)
+inside one ``torch.autograd.Function``: the same autograd path runs eagerly and compiled.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import triton
@@ -18,8 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from letkit.losses import COSINE_EPS, LAYER_NORM_EPS, SMOOTH_L1_BETA
 
 LOSS_CODES = {"cosine": 0, "smooth_l1": 1, "mse": 2}
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
 # Constants of the reference (letkit.losses), as compile-time values for the kernels.
 COSINE = tl.constexpr(LOSS_CODES["cosine"])
@@ -47,13 +46,13 @@ INTERPRETED: bool = isinstance(_scale_inplace_kernel, InterpretedFunction)
 """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
 
 
-def scale_(grad: Tensor, factor: Tensor) -> Tensor:
-    """Multiply the contiguous ``grad`` in place by the 0-dim device tensor ``factor``; returns ``grad``."""
+@torch.library.custom_op("letkit::scale_", mutates_args=("grad",))
+def scale_(grad: Tensor, factor: Tensor) -> None:
+    """Multiply the contiguous ``grad`` in place by the 1-element tensor ``factor``, read on the device."""
     n = grad.numel()
     if n:
         factor = factor.reshape(1).to(device=grad.device, dtype=torch.float32)
         _scale_inplace_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, factor, n, BLOCK=_SCALE_BLOCK)
-    return grad
 
 
 def token_weights(mask: Tensor | None, n_tokens: int, device: torch.device) -> tuple[Tensor | None, Tensor]:
@@ -67,42 +66,36 @@ def token_weights(mask: Tensor | None, n_tokens: int, device: torch.device) -> t
     return weights, weights.sum().clamp_min(1.0).reshape(1)
 
 
-class FusedAlignmentFunction(torch.autograd.Function):
-    """Autograd node for a loss whose gradients were computed together with it in the forward pass.
+def hand_over_gradients(ctx, grad_loss: Tensor) -> list[Tensor | None]:
+    """The gradients a fused op's forward saved (``ctx.save_for_backward``), scaled in place by ``grad_loss``;
+    ``None`` for the placeholders of gradients nobody asked for (``ctx.requested``, one bool per saved tensor).
 
-    ``compute(*tensors)`` returns ``(loss, grads)`` with ``grads`` aligned with ``tensors`` (``None`` where
-    no gradient is wanted). Backward scales the stored gradients in place by ``grad_output`` and hands
-    them over, so they are released with the graph; a second backward through the same graph
-    (``retain_graph=True``) therefore raises instead of returning stale gradients.
+    They are handed over, not copied, so a second backward through the same graph (``retain_graph=True``)
+    would see them scaled twice: it raises instead (eagerly with this message; compiled, with autograd's
+    "modified by an inplace operation", since the in-place scale bumps the saved tensors' versions).
     """
-
-    @staticmethod
-    def forward(ctx, compute: Callable[..., tuple[Tensor, tuple[Tensor | None, ...]]], *tensors: Tensor | None) -> Tensor:
-        loss, grads = compute(*tensors)
-        ctx.grads = grads
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError(
-                "the fused alignment loss computes its gradients in the forward pass and hands them over on the first "
-                "backward; backpropagating through the same graph twice (retain_graph=True) is not supported. "
-                "Recompute the loss, or use backend='torch'."
-            )
-        ctx.grads = None
-        return (None, *(None if grad is None else scale_(grad, grad_loss) for grad in grads))
+    if getattr(ctx, "handed_over", False):
+        raise RuntimeError(
+            "the fused alignment loss computes its gradients in the forward pass and hands them over on the first "
+            "backward; backpropagating through the same graph twice (retain_graph=True) is not supported. "
+            "Recompute the loss, or use backend='torch'."
+        )
+    ctx.handed_over = True
+    grads = []
+    for grad, requested in zip(ctx.saved_tensors, ctx.requested, strict=True):
+        if requested:
+            torch.ops.letkit.scale_(grad, grad_loss)
+        grads.append(grad if requested else None)
+    return grads
 
 
 def accumulate_weight_grad(grad_weight: Tensor, grad_projected: Tensor, features: Tensor) -> None:
-    """``grad_weight += grad_projected.T @ features`` with float32 accumulation into the float32 ``grad_weight``."""
+    """``grad_weight += grad_projected.T @ features`` (both in the GEMM dtype) into the float32 ``grad_weight``."""
     if grad_projected.dtype == torch.float32:
-        grad_weight.addmm_(grad_projected.t(), features.to(torch.float32))
+        grad_weight.addmm_(grad_projected.t(), features)
     elif grad_projected.is_cuda and _ADDMM_HAS_OUT_DTYPE:
-        # bf16/fp16 tensor-core GEMM accumulating straight into the fp32 buffer (no fp32 temporaries).
-        torch.addmm(grad_weight, grad_projected.t(), features.to(grad_projected.dtype), out_dtype=torch.float32, out=grad_weight)
+        # bf16 tensor-core GEMM accumulating straight into the fp32 buffer (no fp32 temporaries).
+        torch.addmm(grad_weight, grad_projected.t(), features, out_dtype=torch.float32, out=grad_weight)
     else:
         grad_weight.addmm_(grad_projected.t().to(torch.float32), features.to(torch.float32))
 

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from letkit.kernels.alignment_common import INTERPRETED, KERNEL_DTYPES
+from letkit.kernels.alignment_common import INTERPRETED
 from letkit.kernels.fused_interpolate_alignment import fused_interpolate_alignment
 from letkit.kernels.fused_linear_alignment import fused_linear_alignment
-from letkit.losses import check_alignment_inputs
+from letkit.losses import check_alignment_inputs, fused_dtype_error
 
 
-def _check_kernel_support(target: Tensor, teacher: Tensor, weight: Tensor | None, bias: Tensor | None, mask: Tensor | None) -> None:
-    named = {"target": target, "teacher": teacher, "weight": weight, "bias": bias}
-    for name, tensor in named.items():
-        if tensor is not None and tensor.dtype not in KERNEL_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {tensor.dtype}; the fused alignment kernels support {', '.join(map(str, KERNEL_DTYPES))} "
-                "(use backend='torch' for other dtypes)"
-            )
-    if mask is not None and mask.is_complex():
-        raise TypeError(f"mask must be a bool, integer or floating tensor, got dtype {mask.dtype}")
-    named["mask"] = mask
-    devices = {name: tensor.device for name, tensor in named.items() if tensor is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"all tensors must be on one device, got {', '.join(f'{n} on {d}' for n, d in devices.items())}")
+def _check_kernel_support(target: Tensor, teacher: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
+    # What the kernels add to check_alignment_inputs (which already checked shapes, devices and the mask).
+    dtype_error = fused_dtype_error(target, teacher, weight, bias)
+    if dtype_error is not None:
+        raise TypeError(dtype_error)
     if target.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
             f"the fused alignment kernels run on CUDA devices (or any device under TRITON_INTERPRET=1 set before "
@@ -51,13 +41,14 @@ def fused_alignment_loss(
 ) -> Tensor:
     """Fused-kernel version of :func:`letkit.losses.alignment_loss` (same arguments and semantics).
 
-    ``target`` ``(..., d_target)`` and ``teacher`` ``(..., d_teacher)`` are float32/bfloat16/float16 (mixed
-    is fine); any leading dims are flattened into tokens. The result is a float32 scalar, differentiable in
+    ``target``, ``weight`` and ``bias`` are float32 or bfloat16 and ``teacher`` float32, bfloat16 or float16 (mixed
+    is fine; float16 gradients are refused, see :data:`letkit.losses.FUSED_GRAD_DTYPES`); any leading dims of
+    ``target`` ``(..., d_target)`` and ``teacher`` ``(..., d_teacher)`` are flattened into tokens. The result is a float32 scalar, differentiable in
     ``target``, ``weight`` and ``bias`` (the teacher is a constant). One deliberate difference from the torch
     reference: masked tokens are skipped, so non-finite values in them do not reach the loss.
     """
     check_alignment_inputs(target, teacher, kind, projection, weight, bias, mask)
-    _check_kernel_support(target, teacher, weight, bias, mask)
+    _check_kernel_support(target, teacher, weight, bias)
     target_rows = _as_rows(target, target.shape[-1])
     teacher_rows = _as_rows(teacher.detach(), teacher.shape[-1])
     token_mask = None if mask is None else mask.reshape(-1)

@@ -10,6 +10,10 @@ storing ``dL/dz``. Nothing of size tokens x d_teacher is materialised.
 
 The same row kernel, with the identity projection, is the loss stage of the linear projector
 (:mod:`letkit.kernels.fused_linear_alignment`), where it reads the projected chunk.
+
+The custom op ``letkit::fused_interpolate_alignment`` returns the loss and the gradient (opaque to
+``torch.compile``: no graph break); backward only scales the gradient in place (see
+:func:`letkit.kernels.alignment_common.hand_over_gradients`). One autograd path, eager and compiled alike.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from letkit.kernels.alignment_common import (
     LOSS_CODES,
     SL1_BETA,
     SMOOTH_L1,
-    FusedAlignmentFunction,
+    hand_over_gradients,
     token_weights,
 )
 from letkit.losses import interpolation_taps
@@ -320,14 +324,16 @@ def launch_row_alignment(
     )
 
 
-def interpolate_alignment_forward(
+@torch.library.custom_op("letkit::fused_interpolate_alignment", mutates_args=())
+def _interpolate_alignment_op(
     target: Tensor, teacher: Tensor, mask: Tensor | None, kind: str, interpolate: bool, need_target_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Loss and (optionally) its gradient w.r.t. ``target`` for ``(tokens, d)`` inputs; see the module doc."""
+) -> tuple[Tensor, Tensor]:
+    """``(loss, dL/dtarget)`` for ``(tokens, d)`` inputs; the gradient is an empty placeholder unless requested.
+    Not differentiable itself: :class:`_InterpolateAlignmentFunction` makes the loss a graph node."""
     n_tokens = target.shape[0]
     weights, denom = token_weights(mask, n_tokens, target.device)
     losses = torch.empty(n_tokens, dtype=torch.float32, device=target.device)
-    grad = torch.empty_like(target) if need_target_grad else None
+    grad = target.new_empty(target.shape if need_target_grad else (0,))
     launch_row_alignment(
         target,
         teacher,
@@ -336,53 +342,37 @@ def interpolate_alignment_forward(
         weights=weights,
         denom=denom,
         loss_out=losses,
-        grad_out=grad,
+        grad_out=grad if need_target_grad else None,
     )
     return losses.sum(), grad
 
 
-def _compute(target: Tensor, teacher: Tensor, mask: Tensor | None, *, kind: str, interpolate: bool, need_target_grad: bool):
-    loss, grad = interpolate_alignment_forward(target, teacher, mask, kind, interpolate, need_target_grad)
-    return loss, (grad, None, None)
+@_interpolate_alignment_op.register_fake
+def _(target, teacher, mask, kind, interpolate, need_target_grad):
+    return target.new_empty((), dtype=torch.float32), target.new_empty(target.shape if need_target_grad else (0,))
+
+
+class _InterpolateAlignmentFunction(torch.autograd.Function):
+    """The op's loss as a graph node whose backward scales the forward-computed gradient in place."""
+
+    @staticmethod
+    def forward(ctx, target, teacher, mask, kind, interpolate, need_target_grad):
+        loss, grad_target = _interpolate_alignment_op(target, teacher, mask, kind, interpolate, need_target_grad)
+        ctx.requested = (need_target_grad,)
+        ctx.save_for_backward(grad_target)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        (grad_target,) = hand_over_gradients(ctx, grad_loss)
+        return grad_target, None, None, None, None, None
 
 
 def fused_interpolate_alignment(
     target: Tensor, teacher: Tensor, mask: Tensor | None, kind: str, *, interpolate: bool
 ) -> Tensor:
-    """Alignment loss with the identity/interpolation projection for ``(tokens, d)`` inputs, differentiable in ``target``.
-
-    Eager calls go through :class:`FusedAlignmentFunction`; inside ``torch.compile`` the registered
-    ``letkit::fused_interpolate_alignment`` custom op is used, so the graph does not break.
-    """
+    """Alignment loss with the identity/interpolation projection for ``(tokens, d)`` inputs, differentiable in
+    ``target``; the same path runs eagerly and under ``torch.compile``."""
     need_target_grad = torch.is_grad_enabled() and target.requires_grad
-    if torch.compiler.is_compiling():
-        return torch.ops.letkit.fused_interpolate_alignment(target, teacher, mask, kind, interpolate, need_target_grad)[0]
-    compute = functools.partial(_compute, kind=kind, interpolate=interpolate, need_target_grad=need_target_grad)
-    return FusedAlignmentFunction.apply(compute, target, teacher, mask)
-
-
-@torch.library.custom_op("letkit::fused_interpolate_alignment", mutates_args=())
-def _interpolate_alignment_op(
-    target: Tensor, teacher: Tensor, mask: Tensor | None, kind: str, interpolate: bool, need_target_grad: bool
-) -> tuple[Tensor, Tensor]:
-    loss, grad = interpolate_alignment_forward(target, teacher, mask, kind, interpolate, need_target_grad)
-    return loss, target.new_empty(0) if grad is None else grad
-
-
-@_interpolate_alignment_op.register_fake
-def _(target, teacher, mask, kind, interpolate, need_target_grad):
-    loss = target.new_empty((), dtype=torch.float32)
-    return loss, torch.empty_like(target) if need_target_grad else target.new_empty(0)
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.need_target_grad = inputs[-1]
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    return (grad * grad_loss if ctx.need_target_grad else None), None, None, None, None, None
-
-
-_interpolate_alignment_op.register_autograd(_backward, setup_context=_setup_context)
+    return _InterpolateAlignmentFunction.apply(target, teacher, mask, kind, interpolate, need_target_grad)

@@ -3,7 +3,7 @@
 Tokens are processed in chunks, so the extra memory is O(chunk x d_teacher), never O(tokens x d_teacher):
 
 1. ``_linear_projection_kernel`` (Triton, ``tl.dot`` tiles with float32 accumulation -- tensor cores for
-   bf16/fp16) computes the chunk's ``z`` tile by tile and adds the bias. For ``mse``, whose gradient is
+   bf16) computes the chunk's ``z`` tile by tile and adds the bias. For ``mse``, whose gradient is
    elementwise, its epilogue also reads the teacher tile and writes the loss and ``dL/dz`` directly, so
    ``z`` is never stored. For ``cosine``/``smooth_l1``, which need whole-row statistics, ``z`` goes to a
    float32 chunk buffer (cache-resident at the default chunk size) and
@@ -12,13 +12,12 @@ Tokens are processed in chunks, so the extra memory is O(chunk x d_teacher), nev
 3. ``dL/dh = dL/dz @ weight`` and ``dL/dW += dL/dz.T @ h`` (float32 accumulator), ``dL/db += sum dL/dz`` with
    cuBLAS on the chunk.
 
-Gradients are produced in the forward pass; backward only scales them (see
-:class:`letkit.kernels.alignment_common.FusedAlignmentFunction`).
+Gradients are produced in the forward pass by the custom op ``letkit::fused_linear_alignment`` (opaque to
+``torch.compile``: no graph break); backward only scales them in place (see
+:func:`letkit.kernels.alignment_common.hand_over_gradients`). One autograd path, eager and compiled alike.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -28,19 +27,14 @@ from torch import Tensor
 from letkit.kernels.alignment_common import (
     INTERPRETED,
     TL_DTYPES,
-    FusedAlignmentFunction,
     accumulate_weight_grad,
+    hand_over_gradients,
     token_weights,
 )
 from letkit.kernels.fused_interpolate_alignment import launch_row_alignment
 
 CHUNK_ELEMENTS = 1 << 22
 """Target size (rows x d_teacher) of one token chunk: 16 MiB of float32 projections plus ``dL/dz``."""
-
-PROJECTION_GEMM = "triton"
-"""Who computes ``z = h @ W.T + b``: ``"triton"`` (the kernel below; for ``mse`` with the loss fused into its
-epilogue) or ``"torch"`` (cuBLAS with float32 output, then the row kernel for every loss). Both are exact
-to float32 accumulation; which is faster depends on the GPU and shapes -- ``benchmarks/kernels.py`` measures both."""
 
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
@@ -56,7 +50,9 @@ _GEMM_CONFIGS = [
 ]
 # The Triton CPU interpreter cannot autotune (and is slow): one small tile shape that exercises partial tiles.
 _INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
-_MIN_BLOCK_N = _INTERPRETER_GEMM_CONFIG["BLOCK_N"] if INTERPRETED else min(config.kwargs["BLOCK_N"] for config in _GEMM_CONFIGS)
+_LOSS_SLOT = 16
+"""Columns per partial-loss slot of the fused MSE epilogue; divides every config's ``BLOCK_N``."""
+assert all(config.kwargs["BLOCK_N"] % _LOSS_SLOT == 0 for config in _GEMM_CONFIGS + [triton.Config(_INTERPRETER_GEMM_CONFIG)])
 
 
 @triton.jit
@@ -70,6 +66,7 @@ def _linear_projection_kernel(
     denom_ptr,
     loss_part_ptr,
     n_rows,
+    rows_bucket,
     d_in,
     d_out,
     stride_h,
@@ -87,6 +84,7 @@ def _linear_projection_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LOSS_SLOT: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
     pid = tl.program_id(0)
@@ -129,8 +127,13 @@ def _linear_projection_kernel(
             weight = tl.where(row_ok, 1.0, 0.0)
         scale = weight / tl.load(denom_ptr)
         keep = weight != 0.0
-        partial_loss = tl.sum(diff * diff, axis=1) * (scale / d_out)
-        tl.store(loss_part_ptr + rows.to(tl.int64) * stride_loss_part + pid_n, tl.where(keep, partial_loss, 0.0), mask=row_ok)
+        partial_loss = tl.where(keep, tl.sum(diff * diff, axis=1) * (scale / d_out), 0.0)
+        # Every launch writes every slot of its rows -- the tile's sum into its first slot, 0 into the others --
+        # so no slot keeps a value from another launch (autotuning runs each config on these same buffers).
+        slots = pid_n * (BLOCK_N // LOSS_SLOT) + tl.arange(0, BLOCK_N // LOSS_SLOT)
+        slot_values = tl.where((slots % (BLOCK_N // LOSS_SLOT) == 0)[None, :], partial_loss[:, None], 0.0)
+        slot_ok = row_ok[:, None] & (slots < tl.cdiv(d_out, LOSS_SLOT))[None, :]
+        tl.store(loss_part_ptr + rows.to(tl.int64)[:, None] * stride_loss_part + slots[None, :], slot_values, mask=slot_ok)
         if COMPUTE_GRAD:
             grad = tl.where(keep[:, None], diff * (scale * (2.0 / d_out))[:, None], 0.0)
             out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
@@ -140,8 +143,9 @@ def _linear_projection_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
+# Tuned per power-of-two bucket of the row count (not per count: each new key compiles and times every config).
 _linear_projection_tuned = triton.autotune(
-    configs=_GEMM_CONFIGS, key=["n_rows", "d_in", "d_out", "HAS_BIAS", "FUSE_MSE", "COMPUTE_GRAD"]
+    configs=_GEMM_CONFIGS, key=["rows_bucket", "d_in", "d_out", "HAS_BIAS", "FUSE_MSE", "COMPUTE_GRAD"]
 )(_linear_projection_kernel)
 
 
@@ -171,6 +175,7 @@ def _launch_projection(h, weight, bias, out, *, teacher=None, weights=None, deno
         denom,
         loss_part,
         n_rows,
+        triton.next_power_of_2(n_rows),
         d_in,
         d_out,
         h.stride(0),
@@ -184,17 +189,9 @@ def _launch_projection(h, weight, bias, out, *, teacher=None, weights=None, deno
         COMPUTE_GRAD=compute_grad,
         DOT_DTYPE=dot_dtype,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
+        LOSS_SLOT=_LOSS_SLOT,
         **meta,
     )
-
-
-def _project_with_torch(h: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
-    if h.is_cuda and weight.dtype != torch.float32:
-        torch.mm(h, weight.t(), out_dtype=torch.float32, out=out)
-    else:
-        torch.mm(h.to(torch.float32), weight.t().to(torch.float32), out=out)
-    if bias is not None:
-        out += bias
 
 
 def _chunk_rows(n_tokens: int, d_out: int) -> int:
@@ -206,7 +203,8 @@ def _chunk_rows(n_tokens: int, d_out: int) -> int:
     return min(triton.cdiv(rows, 128) * 128, cap) if rows > 128 else max(1, rows)
 
 
-def linear_alignment_forward(
+@torch.library.custom_op("letkit::fused_linear_alignment", mutates_args=())
+def _linear_alignment_op(
     target: Tensor,
     teacher: Tensor,
     weight: Tensor,
@@ -216,31 +214,32 @@ def linear_alignment_forward(
     need_target_grad: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Loss and the requested gradients ``(loss, d_target, d_weight, d_bias)`` for ``(tokens, d)`` inputs.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, dL/dtarget, dL/dweight, dL/dbias)`` for ``(tokens, d)`` inputs; gradients nobody asked for are
+    empty placeholders. Not differentiable itself: :class:`_LinearAlignmentFunction` makes the loss a graph node.
 
-    The projection GEMMs run in the inputs' dtype when ``target`` and ``weight`` share it (bf16/fp16 on tensor
-    cores, float32 accumulation) and in float32 otherwise; losses and ``dL/dz`` are computed in float32.
+    As under autocast, the projection GEMMs run in the activations' (``target``'s) dtype with float32
+    accumulation: a float32 weight with bf16 activations is rounded to bf16 once and every GEMM runs on tensor
+    cores. Losses and ``dL/dz`` are computed in float32; the weight's and bias's gradients are accumulated and
+    returned in float32 (cast to their parameters' dtype in backward, after the scale).
     """
     n_tokens, d_in = target.shape
     d_out = weight.shape[0]
     device = target.device
-    gemm_dtype = target.dtype if target.dtype == weight.dtype else torch.float32
+    gemm_dtype = target.dtype
     weight_g = weight.to(gemm_dtype).contiguous()
     bias = None if bias is None else bias.contiguous()
     need_bias_grad = need_bias_grad and bias is not None
     compute_grad = need_target_grad or need_weight_grad or need_bias_grad
     weights, denom = token_weights(mask, n_tokens, device)
-    if PROJECTION_GEMM not in ("triton", "torch"):
-        raise ValueError(f"PROJECTION_GEMM must be 'triton' or 'torch', got {PROJECTION_GEMM!r}")
-    fuse_mse = kind == "mse" and PROJECTION_GEMM == "triton"
+    fuse_mse = kind == "mse"
 
-    grad_target = torch.empty_like(target) if need_target_grad else None
-    grad_weight = torch.zeros(d_out, d_in, dtype=torch.float32, device=device) if need_weight_grad else None
-    grad_bias = torch.zeros(d_out, dtype=torch.float32, device=device) if need_bias_grad else None
+    grad_target = target.new_empty(target.shape if need_target_grad else (0,))
+    grad_weight = torch.zeros(weight.shape if need_weight_grad else (0,), dtype=torch.float32, device=device)
+    grad_bias = torch.zeros(d_out if need_bias_grad else 0, dtype=torch.float32, device=device)
     if fuse_mse:
-        # One partial sum per (token, column tile); tiles the chosen config does not have stay 0.
-        losses = torch.zeros(n_tokens, triton.cdiv(d_out, _MIN_BLOCK_N), dtype=torch.float32, device=device)
+        # Partial sums per (token, slot of _LOSS_SLOT columns), all written by the kernel.
+        losses = torch.empty(n_tokens, triton.cdiv(d_out, _LOSS_SLOT), dtype=torch.float32, device=device)
     else:
         losses = torch.empty(n_tokens, dtype=torch.float32, device=device)
 
@@ -259,120 +258,71 @@ def linear_alignment_forward(
             )
         else:
             z = projected[: stop - start]
-            if PROJECTION_GEMM == "triton":
-                _launch_projection(h, weight_g, bias, z)
-            else:
-                _project_with_torch(h, weight_g, bias, z)
+            _launch_projection(h, weight_g, bias, z)
             launch_row_alignment(
                 z, teacher[start:stop], kind, interpolate=False, weights=chunk_weights, denom=denom,
                 loss_out=losses[start:stop], grad_out=g,
             )
-        if grad_target is not None:
-            if gemm_dtype == target.dtype:
-                torch.mm(g, weight_g, out=grad_target[start:stop])
-            else:
-                grad_target[start:stop] = torch.mm(g, weight_g)
-        if grad_weight is not None:
+        if need_target_grad:
+            torch.mm(g, weight_g, out=grad_target[start:stop])
+        if need_weight_grad:
             accumulate_weight_grad(grad_weight, g, h)
-        if grad_bias is not None:
+        if need_bias_grad:
             grad_bias += g.sum(0, dtype=torch.float32)
+    return losses.sum(), grad_target, grad_weight, grad_bias
 
+
+@_linear_alignment_op.register_fake
+def _(target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad):
+    need_bias_grad = need_bias_grad and bias is not None
     return (
-        losses.sum(),
-        grad_target,
-        None if grad_weight is None else grad_weight.to(weight.dtype),
-        None if grad_bias is None else grad_bias.to(bias.dtype),
+        target.new_empty((), dtype=torch.float32),
+        target.new_empty(target.shape if need_target_grad else (0,)),
+        target.new_empty(weight.shape if need_weight_grad else (0,), dtype=torch.float32),
+        target.new_empty(weight.shape[0] if need_bias_grad else 0, dtype=torch.float32),
     )
 
 
-def _compute(target, teacher, weight, bias, mask, *, kind, need_target_grad, need_weight_grad, need_bias_grad):
-    loss, grad_target, grad_weight, grad_bias = linear_alignment_forward(
-        target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad
-    )
-    return loss, (grad_target, None, grad_weight, grad_bias, None)
+class _LinearAlignmentFunction(torch.autograd.Function):
+    """The op's loss as a graph node whose backward scales the forward-computed gradients in place."""
+
+    @staticmethod
+    def forward(ctx, target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad):
+        loss, grad_target, grad_weight, grad_bias = _linear_alignment_op(
+            target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad
+        )
+        ctx.requested = (need_target_grad, need_weight_grad, need_bias_grad and bias is not None)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(grad_target, grad_weight, grad_bias)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_target, grad_weight, grad_bias = hand_over_gradients(ctx, grad_loss)
+        return (
+            grad_target,
+            None,
+            None if grad_weight is None else grad_weight.to(ctx.weight_dtype),
+            None if grad_bias is None else grad_bias.to(ctx.bias_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def fused_linear_alignment(
     target: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, kind: str
 ) -> Tensor:
-    """Alignment loss of ``target @ weight.T + bias`` vs ``teacher`` for ``(tokens, d)`` inputs.
-
-    Differentiable in ``target``, ``weight`` and ``bias``. Eager calls go through
-    :class:`FusedAlignmentFunction`; inside ``torch.compile`` the registered ``letkit::fused_linear_alignment``
-    custom op is used, so the graph does not break.
-    """
+    """Alignment loss of ``target @ weight.T + bias`` vs ``teacher`` for ``(tokens, d)`` inputs, differentiable in
+    ``target``, ``weight`` and ``bias``; the same path runs eagerly and under ``torch.compile``."""
     grad_enabled = torch.is_grad_enabled()
     need_target_grad = grad_enabled and target.requires_grad
     need_weight_grad = grad_enabled and weight.requires_grad
     need_bias_grad = grad_enabled and bias is not None and bias.requires_grad
-    if torch.compiler.is_compiling():
-        return torch.ops.letkit.fused_linear_alignment(
-            target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad
-        )[0]
-    compute = functools.partial(
-        _compute,
-        kind=kind,
-        need_target_grad=need_target_grad,
-        need_weight_grad=need_weight_grad,
-        need_bias_grad=need_bias_grad,
-    )
-    return FusedAlignmentFunction.apply(compute, target, teacher, weight, bias, mask)
-
-
-@torch.library.custom_op("letkit::fused_linear_alignment", mutates_args=())
-def _linear_alignment_op(
-    target: Tensor,
-    teacher: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    mask: Tensor | None,
-    kind: str,
-    need_target_grad: bool,
-    need_weight_grad: bool,
-    need_bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    loss, grad_target, grad_weight, grad_bias = linear_alignment_forward(
+    return _LinearAlignmentFunction.apply(
         target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad
     )
-    empty = target.new_empty(0)
-    return (
-        loss,
-        empty if grad_target is None else grad_target,
-        weight.new_empty(0) if grad_weight is None else grad_weight,
-        target.new_empty(0) if grad_bias is None else grad_bias,
-    )
-
-
-@_linear_alignment_op.register_fake
-def _(target, teacher, weight, bias, mask, kind, need_target_grad, need_weight_grad, need_bias_grad):
-    return (
-        target.new_empty((), dtype=torch.float32),
-        torch.empty_like(target) if need_target_grad else target.new_empty(0),
-        torch.empty_like(weight) if need_weight_grad else weight.new_empty(0),
-        torch.empty_like(bias) if bias is not None and need_bias_grad else target.new_empty(0),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.needs = inputs[-3:]
-    ctx.has_bias = inputs[3] is not None
-    ctx.save_for_backward(*output[1:])
-
-
-def _backward(ctx, grad_loss, *_grads_of_grads):
-    grad_target, grad_weight, grad_bias = ctx.saved_tensors
-    need_target_grad, need_weight_grad, need_bias_grad = ctx.needs
-    return (
-        grad_target * grad_loss if need_target_grad else None,
-        None,
-        grad_weight * grad_loss if need_weight_grad else None,
-        grad_bias * grad_loss if need_bias_grad and ctx.has_bias else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-_linear_alignment_op.register_autograd(_backward, setup_context=_setup_context)

@@ -18,7 +18,7 @@ Per-token losses (computed in float32 whatever the input dtype):
 
 Two backends compute the same quantity: ``"torch"`` (reference, any device) and ``"triton"``
 (fused projection + loss kernels from :mod:`letkit.kernels`); ``"auto"`` picks Triton on CUDA when it
-is available and torch otherwise.
+is available and takes the inputs' dtypes (float32/bfloat16, see :func:`fused_dtype_error`), torch otherwise.
 """
 
 from __future__ import annotations
@@ -112,6 +112,34 @@ def _torch_alignment_loss(
     return (losses * keep).sum() / keep.sum().clamp_min(1)
 
 
+FUSED_GRAD_DTYPES = (torch.float32, torch.bfloat16)
+"""Dtypes the fused kernels take for ``target``, ``weight`` and ``bias`` (what they differentiate). Not float16:
+the kernels compute the gradients in the forward pass, before GradScaler's loss scale is known (it arrives with
+backward), so float16 gradients of small per-token losses would underflow."""
+FUSED_TEACHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes the fused kernels take for ``teacher`` (only read)."""
+
+
+def fused_dtype_error(target: Tensor, teacher: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> str | None:
+    """Why the fused kernels cannot take these inputs' dtypes (a message naming the argument), or None if they can."""
+    named = [("target", target, FUSED_GRAD_DTYPES), ("teacher", teacher, FUSED_TEACHER_DTYPES),
+             ("weight", weight, FUSED_GRAD_DTYPES), ("bias", bias, FUSED_GRAD_DTYPES)]
+    for name, tensor, supported in named:
+        if tensor is None or tensor.dtype in supported:
+            continue
+        if tensor.dtype == torch.float16:
+            return (
+                f"{name} has dtype torch.float16: the fused alignment kernels compute gradients in the forward pass, "
+                "before GradScaler's loss scale is known, where float16 gradients would underflow. Use bfloat16, or "
+                "backend='torch' for float16 (backend='auto' picks it)"
+            )
+        return (
+            f"{name} has dtype {tensor.dtype}; the fused alignment kernels support {', '.join(map(str, supported))} "
+            "(use backend='torch' for other dtypes)"
+        )
+    return None
+
+
 def triton_backend_available(device: torch.device) -> bool:
     """Whether the fused Triton kernels can run on ``device`` (CUDA, or any device under TRITON_INTERPRET=1)."""
     if importlib.util.find_spec("triton") is None:
@@ -123,18 +151,20 @@ def triton_backend_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype_error: str | None = None) -> str:
     """Turn ``"auto" | "torch" | "triton"`` into the backend that will run on ``device``.
 
-    ``"auto"`` resolves to ``"triton"`` on CUDA when the kernels are available and to ``"torch"``
-    elsewhere; an explicit ``"triton"`` that cannot run raises a ``RuntimeError`` saying why.
+    ``"auto"`` resolves to ``"triton"`` on CUDA when the kernels are available and take the inputs' dtypes
+    (``dtype_error``, from :func:`fused_dtype_error`, is None), and to ``"torch"`` otherwise; an explicit
+    ``"triton"`` that cannot run on ``device`` raises a ``RuntimeError`` saying why (and the kernels refuse
+    dtypes they do not take with a ``TypeError``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_backend_available(device) else "torch"
+        return "triton" if device.type == "cuda" and dtype_error is None and triton_backend_available(device) else "torch"
     if not triton_backend_available(device):
         raise RuntimeError(
             f"backend='triton' is not available for tensors on {device}: the fused kernels need the `triton` package, "
@@ -228,14 +258,26 @@ def check_mask(mask: object, token_shape: tuple[int, ...], device: torch.device,
                              f"{outside.numel()} other values, e.g. {outside[:4].tolist()}")
 
 
+_NON_FINITE_TEACHER = (
+    "the teacher is broken or overflowed in its dtype. Pass check_finite=False to skip this check."
+)
+
+
 def check_teacher_finite(teacher: Tensor) -> None:
-    """Raise a ValueError when the teacher's features hold NaN/Inf (skipped inside ``torch.compile``d code)."""
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(teacher).all()):
+    """Fail when the teacher's features hold NaN/Inf, without ever waiting for the device.
+
+    On CPU this raises a ValueError right away. On any other device (CUDA) the check is queued on the device
+    (``torch._assert_async``): no host-device sync, so it costs a reduction over the features and nothing
+    else, and a non-finite teacher fails the run at the next synchronisation with a device-side assertion
+    (after which the CUDA context is unusable: the process must exit). Skipped inside ``torch.compile``d code.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if teacher.device.type != "cpu":
+        torch._assert_async(torch.isfinite(teacher).all(), f"teacher features contain NaN/Inf: {_NON_FINITE_TEACHER}")
+    elif not bool(torch.isfinite(teacher).all()):
         bad = int((~torch.isfinite(teacher)).sum())
-        raise ValueError(
-            f"teacher features contain {bad} non-finite values (NaN/Inf) out of {teacher.numel()}: the teacher is broken "
-            "or overflowed in its dtype. Pass check_finite=False to skip this check."
-        )
+        raise ValueError(f"teacher features contain {bad} non-finite values (NaN/Inf) out of {teacher.numel()}: {_NON_FINITE_TEACHER}")
 
 
 def alignment_loss(
@@ -261,9 +303,12 @@ def alignment_loss(
         mask: optional ``(...)`` tensor over tokens on the features' device, bool or holding only 0 and 1;
             True/1 keeps a token (e.g. non-padding). With every token masked the loss is 0. Non-bool masks have
             their values checked (a host-device sync on GPUs; see :func:`check_mask`).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
-        check_finite: raise if the teacher features hold NaN/Inf (costs a device sync; skipped inside
-            ``torch.compile``d code, where a data-dependent check would break the graph).
+        backend: ``"auto"`` (the fused kernels on CUDA for float32/bfloat16 inputs, else torch), ``"torch"``
+            or ``"triton"``.
+        check_finite: fail if the teacher features hold NaN/Inf (see :func:`check_teacher_finite`): a
+            ValueError on CPU; on CUDA a device-side assertion that never syncs the host, so the default
+            costs no more than ``check_finite=False`` beyond one reduction. Skipped inside ``torch.compile``d
+            code, where a data-dependent check would break the graph.
 
     Returns:
         A float32 scalar (float64 for float64 inputs).
@@ -272,7 +317,7 @@ def alignment_loss(
     if check_finite:
         check_teacher_finite(teacher)
     teacher = teacher.detach()
-    if resolve_backend(backend, target.device) == "triton":
+    if resolve_backend(backend, target.device, fused_dtype_error(target, teacher, weight, bias)) == "triton":
         from letkit.kernels import fused_alignment_loss
 
         return fused_alignment_loss(target, teacher, kind, projection=projection, weight=weight, bias=bias, mask=mask)
@@ -280,7 +325,11 @@ def alignment_loss(
 
 
 class AlignmentLoss(nn.Module):
-    """Module form of :func:`alignment_loss`: holds the loss kind, backend and finiteness check."""
+    """Module form of :func:`alignment_loss`: holds the loss kind, backend and finiteness check.
+
+    ``check_finite`` (default True) is :func:`check_teacher_finite`: on CUDA it runs on the device without a
+    host sync, so leaving it on does not slow training down.
+    """
 
     def __init__(self, kind: str = "cosine", *, backend: str = "auto", check_finite: bool = True) -> None:
         super().__init__()

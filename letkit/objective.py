@@ -68,10 +68,10 @@ class LETObjective(nn.Module):
             teacher, ``teacher_dims`` is required (the projector is rebuilt so a checkpoint's state loads).
         block_list: module path of the target's block list, when automatic discovery is wrong or ambiguous
             (the same argument as :class:`TeacherFeatureExtractor`'s for the teacher).
-        check_finite: raise a ValueError on any step where the teacher's features hold NaN/Inf (a broken
-            teacher, or one overflowing in its dtype) instead of training on them. The check reads a flag back
-            from the device: one host-device sync per step on GPUs; pass False to skip it where the loss is
-            checked anyway. Applies when ``loss`` is a kind; an :class:`AlignmentLoss` keeps its own setting.
+        check_finite: fail on any step where the teacher's features hold NaN/Inf (a broken teacher, or one
+            overflowing in its dtype) instead of training on them: a ValueError on CPU; on GPUs a device-side
+            assertion that fails the run at its next synchronisation and never syncs the host, so it does not
+            slow the step down. Applies when ``loss`` is a kind; an :class:`AlignmentLoss` keeps its own setting.
         target_block_list: deprecated alias of ``block_list``.
 
     Typical use, inside any training loop::

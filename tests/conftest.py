@@ -1,10 +1,31 @@
-"""Shared test helpers: a tiny causal LM that is not one of letkit's models (any nn.Module must work)."""
+"""Shared test setup: Triton's CPU interpreter for the fused kernels, and a tiny causal LM that is not one of letkit's
+models (any nn.Module must work).
+
+Without CUDA the fused kernels run under Triton's interpreter, which is chosen when ``letkit.kernels`` is imported:
+``TRITON_INTERPRET=1`` is set here, before any test module is collected, and a session in which ``letkit.kernels``
+was imported before this file (a plugin, or ``pytest.main`` from a script that imported it) is refused.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    _kernels = sys.modules.get("letkit.kernels.alignment_common")
+    if _kernels is not None and not _kernels.INTERPRETED:
+        raise pytest.UsageError(
+            "letkit.kernels was imported before tests/conftest.py switched on Triton's CPU interpreter "
+            "(TRITON_INTERPRET=1), so its kernels were built for a GPU this machine does not have: "
+            "set TRITON_INTERPRET=1 before starting the tests, or do not import letkit.kernels before pytest"
+        )
 
 
 class TinyBlock(nn.Module):
@@ -42,3 +63,18 @@ def tiny_lm():
         return TinyLM(vocab, dim, layers)
 
     return make
+
+
+@pytest.fixture
+def benchmark_script():
+    """``load(name)``: the script benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+        spec.loader.exec_module(module)
+        return module
+
+    return load

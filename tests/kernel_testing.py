@@ -1,30 +1,22 @@
-"""Shared setup of the fused-kernel tests: Triton's CPU interpreter, poisoned allocations, relative error.
+"""Shared helpers of the fused-kernel tests: the device, poisoned allocations, relative error.
 
-Without CUDA the kernels run under Triton's CPU interpreter, which must be switched on before
-``letkit.kernels`` is imported: test modules import this one first.
+Without CUDA the kernels run under Triton's CPU interpreter, switched on by tests/conftest.py.
 """
 
 import contextlib
 import math
-import os
 from unittest import mock
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
-from letkit.kernels import alignment_common
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not alignment_common.INTERPRETED:
-    raise RuntimeError("letkit.kernels was imported without TRITON_INTERPRET=1 before the kernel tests; run them on their own")
 
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+LOSS_ATOL = 1e-6
+"""Absolute slack of a loss value: 1 - cos of nearly parallel features has float32 rounding errors of ~1e-7."""
 
 
 @contextlib.contextmanager
@@ -49,11 +41,15 @@ def relative_error(actual, expected):
     return ((actual.double() - expected).norm() / scale).item()
 
 
-def assert_gradient_close(actual, expected, tolerance):
-    """Norm-wise relative error ``|actual - expected| / |expected| <= tolerance``."""
+def assert_gradient_close(actual, expected, tolerance, torch_path=None):
+    """Norm-wise relative error ``|actual - expected| / |expected| <= tolerance``, or, when given letkit's torch path's
+    gradient on the same inputs (``torch_path``, float32 math), no more than 10x its error: a gradient that is a
+    cancellation of much larger terms (cosine of nearly parallel features) is beyond any float32 relative bound."""
     expected = expected.double()
     error = (actual.double() - expected).norm().item()
     allowed = tolerance * expected.norm().item()
+    if torch_path is not None:
+        allowed = max(allowed, 10 * (torch_path.double() - expected).norm().item())
     assert error <= allowed, f"gradient error {error:.3e} > allowed {allowed:.3e} (|expected| = {expected.norm().item():.3e})"
 
 

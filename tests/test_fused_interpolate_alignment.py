@@ -1,6 +1,6 @@
 """Fused identity/interpolate alignment kernels vs the float64 torch reference (letkit.losses).
 
-Without CUDA the kernels run under Triton's CPU interpreter (switched on by tests/kernel_testing.py).
+Without CUDA the kernels run under Triton's CPU interpreter (switched on by tests/conftest.py).
 """
 
 import math
@@ -11,6 +11,7 @@ import pytest
 import torch
 from kernel_testing import (
     DEVICE,
+    LOSS_ATOL,
     TOLERANCE,
     assert_gradient_close,
     ill_conditioned,
@@ -22,11 +23,12 @@ from hypothesis import strategies as st
 
 from letkit.kernels import fused_alignment_loss
 from letkit.kernels import fused_interpolate_alignment as fia
-from letkit.losses import LOSS_KINDS, alignment_loss, interpolation_taps
+from letkit.losses import FUSED_GRAD_DTYPES, FUSED_TEACHER_DTYPES, LOSS_KINDS, alignment_loss, interpolation_taps
 
 
 def check_against_reference(target, teacher, kind, projection, mask=None, grad_scale=1.0):
-    """Fused vs float64 torch loss and target gradient, within the dtype's tolerance."""
+    """Fused vs float64 torch loss and target gradient, within the dtype's tolerance (or, for an ill-conditioned
+    gradient, as close as letkit's float32 torch path)."""
     target = target.detach().requires_grad_()
     with poisoned_allocations():
         loss = fused_alignment_loss(target, teacher, kind, projection=projection, mask=mask)
@@ -34,12 +36,15 @@ def check_against_reference(target, teacher, kind, projection, mask=None, grad_s
     reference_target = target.detach().double().requires_grad_()
     reference = alignment_loss(reference_target, teacher.double(), kind, projection=projection, mask=mask, backend="torch")
     (reference * grad_scale).backward()
+    torch_target = target.detach().clone().requires_grad_()
+    (alignment_loss(torch_target, teacher, kind, projection=projection, mask=mask, backend="torch") * grad_scale).backward()
 
     tolerance = TOLERANCE[target.dtype]
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert abs(loss.item() - reference.item()) <= tolerance * max(abs(reference.item()), 1e-6)
+    # Plus an absolute LOSS_ATOL: 1 - cos of nearly parallel features is computed next to 1, where float32 resolves ~1e-7.
+    assert abs(loss.item() - reference.item()) <= tolerance * abs(reference.item()) + LOSS_ATOL
     assert target.grad.dtype == target.dtype and target.grad.shape == target.shape
-    assert_gradient_close(target.grad, reference_target.grad, tolerance)
+    assert_gradient_close(target.grad, reference_target.grad, tolerance, torch_target.grad)
 
 
 def random_mask(draw, tokens):
@@ -62,7 +67,8 @@ def problems(draw):
     return dict(
         projection=projection,
         kind=draw(st.sampled_from(LOSS_KINDS)),
-        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+        dtype=draw(st.sampled_from(FUSED_GRAD_DTYPES)),
+        teacher_dtype=draw(st.sampled_from(FUSED_TEACHER_DTYPES)),
         shape=(batch, seq),
         d_target=d_target,
         d_teacher=d_teacher,
@@ -79,12 +85,22 @@ def test_matches_float64_reference(problem):
     generator = torch.Generator(device=DEVICE).manual_seed(problem["seed"])
     dtype, shape = problem["dtype"], problem["shape"]
     target = torch.randn(*shape, problem["d_target"], generator=generator, device=DEVICE).to(dtype)
-    teacher = torch.randn(*shape, problem["d_teacher"], generator=generator, device=DEVICE).to(dtype)
+    teacher = torch.randn(*shape, problem["d_teacher"], generator=generator, device=DEVICE).to(problem["teacher_dtype"])
     mask = problem["mask"]
     if mask is not None:
         mask = mask.reshape(shape)
     with mock.patch.object(fia, "MAX_ROW_BLOCK", problem["max_row_block"]):
         check_against_reference(target, teacher, problem["kind"], problem["projection"], mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled (not interpreted) kernels need CUDA")
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_cuda_kernels_on_ragged_shapes(kind):
+    generator = torch.Generator(device=DEVICE).manual_seed(19)
+    target = torch.randn(3, 173, 2000, generator=generator, device=DEVICE).bfloat16()
+    teacher = torch.randn(3, 173, 576, generator=generator, device=DEVICE).bfloat16()
+    mask = torch.rand(3, 173, generator=generator, device=DEVICE) < 0.8
+    check_against_reference(target, teacher, kind, "interpolate", mask, grad_scale=0.5)
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
@@ -199,7 +215,8 @@ def test_second_backward_through_the_same_graph_raises():
 
 
 def test_custom_op_passes_opcheck():
-    target = torch.randn(4, 12, device=DEVICE, requires_grad=True)
+    """The op computes the gradient itself and is not differentiable: its inputs do not require grad here."""
+    target = torch.randn(4, 12, device=DEVICE)
     teacher = torch.randn(4, 7, device=DEVICE)
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0], device=DEVICE)
     torch.library.opcheck(torch.ops.letkit.fused_interpolate_alignment.default, (target, teacher, mask, "smooth_l1", True, True))
@@ -264,3 +281,20 @@ def test_cpu_tensors_without_the_interpreter_are_refused_clearly():
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
     assert "run on CUDA devices" in result.stdout and "got tensors on cpu" in result.stdout, result.stderr[-2000:]
+
+
+def test_kernels_imported_by_an_earlier_test_module_still_run_under_the_interpreter(tmp_path):
+    """tests/conftest.py switches the interpreter on before any test module is collected, so a module collected
+    before the kernel tests may import letkit.kernels without breaking them."""
+    import subprocess
+    import sys
+
+    early = tmp_path / "test_imports_kernels_first.py"
+    early.write_text("import letkit.kernels\n\ndef test_nothing():\n    pass\n")
+    # Selected with -k: a "file::test" argument would be collected first, whatever the order of the arguments.
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(early), os.path.abspath(__file__),
+               "-k", "test_nothing or test_single_token_and_all_masked_batch"]
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    environment["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
