@@ -11,3 +11,13 @@ def test_letkit_imports_no_trainer_framework():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_letkit_modules_import_no_deprecated_alias():
+    # letkit.tokenization and letkit.data's moved names are kept for users; letkit itself must not warn on import
+    code = ("import warnings\n"
+            "warnings.simplefilter('error', DeprecationWarning)\n"
+            "import letkit, letkit.cli, letkit.export, letkit.evaluation\n"
+            "import letkit.integrations.checks, letkit.integrations.ddp, letkit.integrations.lightning\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -11,7 +11,7 @@ from torch import nn
 
 from letkit.objective import LETObjective
 from letkit.schedulers import LambdaSchedule
-from letkit.tokenization import same_tokenizer
+from letkit.token_alignment import same_tokenizer
 
 __all__ = [
     "check_projector_in_optimizer",

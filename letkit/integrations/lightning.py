@@ -35,7 +35,7 @@ from letkit.integrations.checks import (
     warn_if_schedule_outlasts_run,
 )
 from letkit.objective import LETObjective
-from letkit.tokenization import TokenAlignment
+from letkit.token_alignment import TokenAlignment
 
 __all__ = ["LETMixin"]
 
