@@ -85,7 +85,7 @@ def export_checkpoint(
     tok = _tokenizer(trainer_state, tokenizer)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir.parent)
+    remove_stale_temporaries(out_dir.parent, recursive=False)  # its siblings: the parent may hold other live trees
     staging = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}-new")
     save_pretrained(model.to(dtype), staging, tokenizer=tok)
     if out_dir.exists():

@@ -113,6 +113,20 @@ def test_export_refuses_bad_checkpoints_and_existing_outputs(fsdp_run, tmp_path)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
+def test_export_clears_only_its_own_parents_leftovers(fsdp_run, tmp_path):
+    # another tree below the parent (e.g. a run directory on a filesystem shared with other nodes, whose pids are
+    # not this machine's) keeps its temporaries: only the parent's own .tmp-* entries are export's to clear
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    nested = tmp_path / "run" / "checkpoints" / "step_0000008.tmp" / f".tmp-trainer_state.json-{dead_pid}-abc123"
+    nested.parent.mkdir(parents=True)
+    nested.write_text("{}")
+    own = tmp_path / f".tmp-hf-{dead_pid}-new"
+    own.mkdir()
+    export_checkpoint(fsdp_run / "checkpoints" / "step_0000004", tmp_path / "hf")
+    assert nested.is_file() and not own.exists()
+
+
 def _train_counting_model(steps: int) -> torch.nn.Module:
     torch.manual_seed(0)
     tokenizer = counting_tokenizer()
