@@ -46,8 +46,8 @@ from torch.autograd.function import once_differentiable
 
 from letkit.losses import check_mask
 from letkit.module_paths import get_submodule
-from letkit.objective import refuse_shared_parameters
-from letkit.schedulers import LambdaSchedule, require_schedule
+from letkit.objective import TeacherObjective
+from letkit.schedulers import LambdaSchedule
 from letkit.target_capture import TargetCapture
 from letkit.teacher import TeacherFeatureExtractor
 
@@ -279,7 +279,7 @@ def _logits_of(output: Any) -> Tensor:
     )
 
 
-class LogitDistillation(nn.Module):
+class LogitDistillation(TeacherObjective):
     """Logit distillation from a frozen teacher into any target ``nn.Module``, weighted by a lambda schedule.
 
     SALT and RKD (see the module docstring) in one line each::
@@ -356,25 +356,14 @@ class LogitDistillation(nn.Module):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         check_finite: bool = True,
     ) -> None:
-        super().__init__()
-        self.schedule = require_schedule(
-            schedule, objective="LogitDistillation", example="letkit.ConstantWeight(0.5, stop_step=...)"
-        )
+        super().__init__(target, teacher, schedule, example="letkit.ConstantWeight(0.5, stop_step=...)")
         self.temperature = _check_temperature(temperature)
         self.chunk_size = _check_chunk_size(chunk_size)
         self.check_finite = check_finite
-        self._capture: TargetCapture | None = None
         if teacher is None:
-            if not self.schedule.is_done():
-                raise ValueError(
-                    f"teacher=None is only for a run at or after the end of the schedule, but the schedule is at step "
-                    f"{self.schedule.current_step} < stop_step {self.schedule.stop_step}: pass the teacher"
-                )
-            self.teacher: TeacherFeatureExtractor | None = None
             self.lm_head_path: str | None = None
             self.vocab_size = None if vocab_size is None else _check_vocab_size(vocab_size)
             return
-        refuse_shared_parameters(target, teacher)
         if isinstance(teacher, TeacherFeatureExtractor):
             teacher = TeacherFeatureExtractor(teacher.model, [-1], block_list=teacher.block_list_path)
         else:
@@ -408,18 +397,6 @@ class LogitDistillation(nn.Module):
                 "lm_head(final hidden state)"
             )
 
-    @property
-    def finished(self) -> bool:
-        """True once the schedule is done and the teacher and hooks are gone (from the start without a teacher)."""
-        return self.teacher is None or self.teacher.released
-
-    def finish(self) -> None:
-        """Release the teacher and remove the target hooks (called automatically once lambda is 0 for good)."""
-        if self._capture is not None:
-            self._capture.close()
-        if self.teacher is not None:
-            self.teacher.release()
-
     def forward(
         self, input_ids: Tensor, *, lm_loss: Tensor | None = None, step: int | None = None, mask: Tensor | None = None
     ) -> DistillationOutput:
@@ -445,17 +422,8 @@ class LogitDistillation(nn.Module):
             ValueError: the captured logits are not those of ``input_ids`` (another batch ran through the target
                 since), a bad mask, a vocabulary mismatch, or NaN/Inf teacher logits (with ``check_finite``).
         """
-        lam = self.schedule(step)  # checks step
-        step = self.schedule.current_step if step is None else step
-        if lam > 0.0 and self.finished:
-            how = "was built without one" if self.teacher is None else "was released at the end of the schedule"
-            raise RuntimeError(f"lambda({step}) = {lam} > 0, but the objective's teacher {how}")
-        self.schedule.current_step = step
+        lam = self._lambda_at(step)
         if lam == 0.0:
-            if self.schedule.is_done(step) and not self.finished:
-                self.finish()
-            if self._capture is not None:
-                self._capture.discard()
             total = lm_loss if lm_loss is not None else torch.zeros((), device=input_ids.device)
             return DistillationOutput(total, lm_loss, None, 0.0)
         (logits,) = self._capture.take(input_ids).values()

@@ -41,7 +41,59 @@ class LETOutput:
     lambda_: float
 
 
-class LETObjective(nn.Module):
+class TeacherObjective(nn.Module):
+    """What :class:`LETObjective` and :class:`~letkit.LogitDistillation` share: the required lambda schedule, whose
+    ``current_step`` is the one step counter; a frozen teacher that runs only while lambda > 0 and is released
+    for good once the schedule is done (None from the start in a run resumed after it); and the
+    :class:`TargetCapture` of the target's forward outputs, closed with it.
+
+    Subclasses set ``self.teacher`` and ``self._capture`` and start :meth:`forward` with :meth:`_lambda_at`.
+    """
+
+    def __init__(self, target: nn.Module, teacher: TeacherFeatureExtractor | nn.Module | None,
+                 schedule: LambdaSchedule | None, *, example: str) -> None:
+        super().__init__()
+        self.schedule = require_schedule(schedule, objective=type(self).__name__, example=example)
+        self.teacher: TeacherFeatureExtractor | None = None
+        self._capture: TargetCapture | None = None
+        if teacher is None and not self.schedule.is_done():
+            raise ValueError(
+                f"teacher=None is only for a run at or after the schedule's stop_step (S_stop), but the schedule is at "
+                f"step {self.schedule.current_step} < stop_step {self.schedule.stop_step}: pass the teacher"
+            )
+        if teacher is not None:
+            refuse_shared_parameters(target, teacher)
+
+    @property
+    def finished(self) -> bool:
+        """True once the schedule is done and the teacher and hooks are gone (from the start without a teacher)."""
+        return self.teacher is None or self.teacher.released
+
+    def finish(self) -> None:
+        """Release the teacher and remove the target hooks (called automatically once lambda is 0 for good)."""
+        if self._capture is not None:
+            self._capture.close()
+        if self.teacher is not None:
+            self.teacher.release()
+
+    def _lambda_at(self, step: int | None) -> float:
+        """lambda at ``step`` (None: ``schedule.current_step``), which becomes ``schedule.current_step``. At lambda = 0
+        what the target's forward captured is dropped and, once the schedule is done, the teacher is released."""
+        lam = self.schedule(step)  # checks step
+        step = self.schedule.current_step if step is None else step
+        if lam > 0.0 and self.finished:
+            how = "was built without one" if self.teacher is None else "was released at the end of the schedule"
+            raise RuntimeError(f"lambda({step}) = {lam} > 0, but the objective's teacher {how}")
+        self.schedule.current_step = step
+        if lam == 0.0:
+            if self.schedule.is_done(step) and not self.finished:
+                self.finish()
+            if self._capture is not None:
+                self._capture.discard()
+        return lam
+
+
+class LETObjective(TeacherObjective):
     """Late-to-Early Training objective for any target ``nn.Module``.
 
     Building it runs neither model when the feature sizes are known: from ``target_dims`` / ``teacher_dims``,
@@ -104,7 +156,7 @@ class LETObjective(nn.Module):
         check_finite: bool = True,
         target_block_list: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(target, teacher, schedule, example="letkit.LinearDecay(0.1, stop_step=...)")
         if target_block_list is not None:
             warnings.warn("LETObjective(target_block_list=...) is deprecated: pass block_list=... (the teacher's name "
                           "for it too)", DeprecationWarning, stacklevel=2)
@@ -115,26 +167,17 @@ class LETObjective(nn.Module):
         if isinstance(loss, AlignmentLoss) and loss.check_finite and not check_finite:
             raise ValueError("check_finite=False has no effect on the AlignmentLoss passed as loss (it has "
                              "check_finite=True): pass AlignmentLoss(..., check_finite=False) or a loss kind")
-        self.schedule = require_schedule(schedule, objective="LETObjective", example="letkit.LinearDecay(0.1, stop_step=...)")
         self.layer_map = layer_map if isinstance(layer_map, LayerMap) else LayerMap(layer_map)
         self.loss_fn = loss if isinstance(loss, AlignmentLoss) else AlignmentLoss(loss, check_finite=check_finite)
-        self._capture: TargetCapture | None = None
         if teacher is None:
-            if not schedule.is_done():
-                raise ValueError(
-                    f"teacher=None is only for a run at or after S_stop, but the schedule is at step "
-                    f"{schedule.current_step} < stop_step {schedule.stop_step}: pass the teacher"
-                )
             if isinstance(projector, str) and teacher_dims is None:
                 raise ValueError("without a teacher, pass teacher_dims= (and target_dims= unless target.config.hidden_size "
                                  "has it) so the projector is rebuilt and a checkpoint's state loads into it")
-            self.teacher: TeacherFeatureExtractor | None = None
             self.block_list_path: str | None = None
             self.pairs: list[tuple[int, int]] = []
             self.target_layers: list[int] = []
             num_pairs = len(self.layer_map.pairs)
         else:
-            refuse_shared_parameters(target, teacher)
             if not isinstance(teacher, TeacherFeatureExtractor):
                 teacher = TeacherFeatureExtractor(teacher)
             self.teacher = teacher
@@ -188,18 +231,6 @@ class LETObjective(nn.Module):
             teacher_dims = self.teacher.feature_dims(probe.to(_device_of(self.teacher.model, device)))
         return LayerMappingProjector(target_dims, teacher_dims, kind).to(device)
 
-    @property
-    def finished(self) -> bool:
-        """True once the schedule is done and the teacher and hooks are gone (from the start without a teacher)."""
-        return self.teacher is None or self.teacher.released
-
-    def finish(self) -> None:
-        """Release the teacher and remove the target hooks (called automatically once lambda is 0 for good)."""
-        if self._capture is not None:
-            self._capture.close()
-        if self.teacher is not None:
-            self.teacher.release()
-
     def forward(
         self,
         input_ids: Tensor,
@@ -238,17 +269,8 @@ class LETObjective(nn.Module):
             ValueError: the captured features are not those of ``input_ids`` (another batch ran through the
                 target since), or bad masks / cross-tokenizer inputs.
         """
-        lam = self.schedule(step)  # checks step
-        step = self.schedule.current_step if step is None else step
-        if lam > 0.0 and self.finished:
-            how = "was built without one" if self.teacher is None else "was released at the end of the schedule"
-            raise RuntimeError(f"lambda({step}) = {lam} > 0, but the objective's teacher {how}")
-        self.schedule.current_step = step
+        lam = self._lambda_at(step)
         if lam == 0.0:
-            if self.schedule.is_done(step) and not self.finished:
-                self.finish()
-            if self._capture is not None:
-                self._capture.discard()
             total = lm_loss if lm_loss is not None else torch.zeros((), device=input_ids.device)
             return LETOutput(total, lm_loss, None, 0.0)
         captured = self._capture.take(input_ids)

@@ -451,8 +451,8 @@ def test_no_teacher_after_the_end_of_the_schedule(tiny_lm):
     assert out.loss is lm and out.distill_loss is None and out.lambda_ == 0.0
     with pytest.raises(RuntimeError, match=r"lambda\(1\) = 1.0 > 0, but the objective's teacher was built without one"):
         objective(ids, step=1)
-    with pytest.raises(ValueError, match="teacher=None is only for a run at or after the end of the schedule, but the "
-                                         "schedule is at step 0 < stop_step 4: pass the teacher"):
+    with pytest.raises(ValueError, match=r"teacher=None is only for a run at or after the schedule's stop_step \(S_stop\), "
+                                         "but the schedule is at step 0 < stop_step 4: pass the teacher"):
         LogitDistillation(target, None, schedule=ConstantWeight(1.0, stop_step=4))
 
 

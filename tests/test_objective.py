@@ -246,7 +246,8 @@ def test_a_run_resumed_after_s_stop_needs_no_teacher(tiny_lm):
     with pytest.raises(RuntimeError, match=r"lambda\(1\) = 0.75 > 0, but the objective's teacher was built without one"):
         objective(ids, step=1)
 
-    with pytest.raises(ValueError, match="teacher=None is only for a run at or after S_stop, but the schedule is at step 0 < stop_step 4"):
+    with pytest.raises(ValueError, match=r"teacher=None is only for a run at or after the schedule's stop_step \(S_stop\), "
+                                         "but the schedule is at step 0 < stop_step 4"):
         LETObjective(target, None, target_dims=16, teacher_dims=8, schedule=LinearDecay(1.0, 4))
     with pytest.raises(ValueError, match="without a teacher, pass teacher_dims="):
         LETObjective(target, None, schedule=schedule)
