@@ -62,10 +62,10 @@ def _check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
-def _check_chunk_size(chunk_size: int) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}")
-    return chunk_size
+def _check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def _token_weights(mask: Tensor | None, leading_shape: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -199,7 +199,7 @@ def logit_distillation_loss(
     if not all(isinstance(t, Tensor) for t in (target_logits, teacher_hidden, head_weight)):
         raise TypeError("target_logits, teacher_hidden and head_weight must be tensors")
     temperature = _check_temperature(temperature)
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = _check_positive_int("chunk_size", chunk_size)
     if target_logits.dim() < 1 or teacher_hidden.dim() < 1 or target_logits.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             "target_logits and teacher_hidden must cover the same tokens (same leading dims): "
@@ -229,12 +229,6 @@ def logit_distillation_loss(
     )
 
 
-def _check_vocab_size(vocab_size: int) -> int:
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-    return vocab_size
-
-
 def _shared_vocab_size(teacher_vocab: int, target_vocab: int, vocab_size: int | None) -> int:
     if vocab_size is None:
         if teacher_vocab != target_vocab:
@@ -244,7 +238,7 @@ def _shared_vocab_size(teacher_vocab: int, target_vocab: int, vocab_size: int | 
                 "the tokenizer's vocabulary, pass vocab_size=<the tokenizer's size>."
             )
         return teacher_vocab
-    if _check_vocab_size(vocab_size) > min(teacher_vocab, target_vocab):
+    if _check_positive_int("vocab_size", vocab_size) > min(teacher_vocab, target_vocab):
         raise ValueError(
             f"vocab_size={vocab_size} is larger than the teacher's ({teacher_vocab}) or the target's ({target_vocab}) "
             "number of logits: both must cover the shared vocabulary"
@@ -358,11 +352,11 @@ class LogitDistillation(TeacherObjective):
     ) -> None:
         super().__init__(target, teacher, schedule, example="letkit.ConstantWeight(0.5, stop_step=...)")
         self.temperature = _check_temperature(temperature)
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
         self.check_finite = check_finite
         if teacher is None:
             self.lm_head_path: str | None = None
-            self.vocab_size = None if vocab_size is None else _check_vocab_size(vocab_size)
+            self.vocab_size = None if vocab_size is None else _check_positive_int("vocab_size", vocab_size)
             return
         if isinstance(teacher, TeacherFeatureExtractor):
             teacher = TeacherFeatureExtractor(teacher.model, [-1], block_list=teacher.block_list_path)
@@ -371,7 +365,7 @@ class LogitDistillation(TeacherObjective):
         self.teacher = teacher
         self.lm_head_path = _find_lm_head(teacher.model, lm_head)
         teacher_vocab = self._head().weight.shape[0]
-        if vocab_size is not None and _check_vocab_size(vocab_size) > teacher_vocab:
+        if vocab_size is not None and _check_positive_int("vocab_size", vocab_size) > teacher_vocab:
             raise ValueError(f"vocab_size={vocab_size} is larger than the teacher's LM head ({teacher_vocab} outputs)")
         self.vocab_size = vocab_size
         self._check_head_reproduces_logits()

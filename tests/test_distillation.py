@@ -158,6 +158,9 @@ def test_bad_inputs_name_the_argument():
         logit_distillation_loss(target, hidden, weight[:, :6], bias)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         logit_distillation_loss(target, hidden, weight, bias, chunk_size=0)
+    for bad in (0, True, 5.0):
+        with pytest.raises(ValueError, match=f"vocab_size must be a positive int, got {bad!r}"):
+            logit_distillation_loss(target, hidden, weight, bias, vocab_size=bad)
 
 
 def test_non_finite_teacher_logits_are_refused_unless_asked_not_to():
