@@ -301,7 +301,8 @@ class LogitDistillation(TeacherObjective):
             output with ``.logits``).
         teacher: a :class:`TeacherFeatureExtractor` or a plain frozen ``nn.Module`` (a causal LM whose forward
             returns its logits). This objective builds its own extractor of the teacher's final hidden state
-            around the same model (a given extractor's layer choice is left alone). It must not share parameters
+            around the same model (a given extractor's layer choice is left alone; its block list, tokenizer and
+            ``stop_early`` are kept and its causality check, or opt-out, stands). It must not share parameters
             with ``target``. None only when ``schedule`` is already done (a run resumed at or after its
             ``stop_step``): the objective is then finished from the start, needs no teacher and returns the LM loss.
         schedule: the lambda schedule, required: when distillation ends is yours to choose (SALT: the end of its
@@ -359,7 +360,10 @@ class LogitDistillation(TeacherObjective):
             self.vocab_size = None if vocab_size is None else _check_positive_int("vocab_size", vocab_size)
             return
         if isinstance(teacher, TeacherFeatureExtractor):
-            teacher = TeacherFeatureExtractor(teacher.model, [-1], block_list=teacher.block_list_path)
+            # its constructor ran the causality check, or its user turned the check off: neither is redone
+            teacher = TeacherFeatureExtractor(teacher.model, [-1], block_list=teacher.block_list_path,
+                                              stop_early=teacher.stop_early, tokenizer=teacher.tokenizer,
+                                              check_causal=False)
         else:
             teacher = TeacherFeatureExtractor(teacher, [-1])
         self.teacher = teacher

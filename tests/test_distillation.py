@@ -441,6 +441,17 @@ def test_a_teacher_sharing_parameters_with_the_target_is_refused_before_freezing
     assert all(p.requires_grad for p in target.parameters()) and target.training
 
 
+@pytest.mark.parametrize("objective_class", OBJECTIVES.values(), ids=OBJECTIVES)
+def test_an_extractor_built_with_check_causal_false_is_not_probed_again(tiny_lm, objective_class):
+    teacher = tiny_lm(dim=8, seed=1)
+    teacher.blocks[0].register_forward_hook(lambda module, args, out: out + out.mean(1, keepdim=True))  # sees ahead
+    with pytest.raises(ValueError, match="is not causal"):
+        objective_class(tiny_lm(), teacher, schedule=ConstantWeight(1.0, stop_step=4))
+    extractor = TeacherFeatureExtractor(teacher, check_causal=False)  # the user's informed opt-out
+    objective = objective_class(tiny_lm(), extractor, schedule=ConstantWeight(1.0, stop_step=4))
+    assert objective.teacher.model is teacher
+
+
 def test_no_teacher_after_the_end_of_the_schedule(tiny_lm):
     """A run resumed at or after stop_step needs no teacher: the objective is finished from the start."""
     target = tiny_lm()
