@@ -61,7 +61,8 @@ class LETTrainer(Trainer):
     * a learned projector's parameters join the optimizer the Trainer builds (an optimizer passed in through
       ``optimizers=`` must hold them: otherwise the first step raises), and every checkpoint holds them
       (:data:`OBJECTIVE_FILE`) with the schedule (:data:`SCHEDULE_FILE`); ``train(resume_from_checkpoint=...)``
-      loads both;
+      loads both. The Trainer's gradient clipping (``max_grad_norm``) covers the model's parameters only: the
+      projector's gradients are neither clipped nor counted in the logged ``grad_norm``;
     * ``align_loss`` (mean over the micro-batches since the last log) and ``lambda`` join ``loss`` in the logs;
     * evaluation computes the plain LM loss: the teacher does not run;
     * the objective's projector and the teacher are moved to the Trainer's device with the model.
