@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from letkit.atomic import atomic_write_json
+
 __all__ = ["PAPER_TASKS", "PAPER_TASK_GROUP", "evaluate_checkpoint", "local_choice_task"]
 
 PAPER_TASK_GROUP = "letkit_paper9"
@@ -77,9 +79,7 @@ def local_choice_task(items: str | os.PathLike, out_dir: str | os.PathLike) -> s
         "target_delimiter": " ",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is valid YAML
+    atomic_write_json(Path(out_dir) / f"{name}.yaml", config)  # JSON is valid YAML
     return name
 
 
