@@ -21,3 +21,11 @@ def test_letkit_modules_import_no_deprecated_alias():
             "import letkit.integrations.checks, letkit.integrations.ddp, letkit.integrations.lightning\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_import_letkit_leaves_torch_distributed_tensor_unloaded():
+    # torch.distributed.tensor costs about half of torch's own import time; only a multi-rank run needs it
+    code = "import sys, letkit\nprint('torch.distributed.tensor' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

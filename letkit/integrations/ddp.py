@@ -29,7 +29,6 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from letkit.losses import AlignmentLoss
@@ -60,6 +59,8 @@ _replicas: weakref.WeakKeyDictionary[LayerMappingProjector, DistributedDataParal
 
 
 def _reduced_elsewhere(trainable: list[nn.Parameter]) -> bool:
+    from torch.distributed.tensor import DTensor  # here, not at import: it is slow to import and only ranks need it
+
     if any(isinstance(p, DTensor) for p in trainable):
         return True
     outer = DistributedDataParallel._get_active_ddp_module()
