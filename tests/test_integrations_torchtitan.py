@@ -153,3 +153,13 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path):
     let = LETConfig(teacher_path=str(tmp_path), teacher_dtype="float32")
     with pytest.raises(ValueError, match="target embeds 2048 token ids and the teacher 100.*--let.check_vocabulary"):
         objective_for(debug_model(), let)
+
+
+@pytest.mark.parametrize("let, message", [
+    (LETConfig(teacher_path="random:tiny", teacher_dtype="bf16"), "let.teacher_dtype must name a torch dtype, got 'bf16'"),
+    (LETConfig(teacher_path="random:tiny", teacher_dtype="Tensor"), "let.teacher_dtype must name a torch dtype"),
+    (LETConfig(teacher_path=""), "let.teacher_path is empty"),
+])
+def test_bad_let_settings_are_named(let, message):
+    with pytest.raises(ValueError, match=message):
+        build_objective(let, debug_model(), torch.device("cpu"))
