@@ -270,6 +270,30 @@ def test_shuffle_is_deterministic_and_seeded(shards):
     assert not torch.equal(take(0), torch.cat([next(in_order) for _ in range(10)]))
 
 
+def test_windows_split_off_a_held_out_part_that_training_never_reads(shards):
+    """windows=slice(None, -h) reads (shuffled, over epochs) only windows before the last h, which
+    windows=slice(-h, None) reads in order; a resume state of one split is refused by the other, and the default
+    (all windows) keeps the fingerprint of states saved before ``windows`` existed."""
+    out, _ = shards
+    every = ShardedTokenLoader(out, seq_len=5, batch_size=1, shuffle=False)
+    all_windows = [tuple(next(every)[0].tolist()) for _ in range(every.num_windows)]
+    held_out = 7
+    train = ShardedTokenLoader(out, seq_len=5, batch_size=1, seed=1, windows=slice(None, -held_out))
+    assert train.num_windows == len(all_windows) - held_out
+    read = [tuple(next(train)[0].tolist()) for _ in range(2 * train.num_windows)]  # two epochs
+    assert sorted(read) == sorted(all_windows[:-held_out] * 2) and read[:10] != all_windows[:10]  # shuffled
+    validation = ShardedTokenLoader(out, seq_len=5, batch_size=held_out, shuffle=False, windows=slice(-held_out, None))
+    assert [tuple(row.tolist()) for row in next(validation)] == all_windows[-held_out:]
+    assert every.fingerprint == ShardedTokenLoader(out, seq_len=5, batch_size=1, windows=slice(0, None)).fingerprint
+    with pytest.raises(ValueError, match=r"fingerprint=.* \(different data\)"):
+        ShardedTokenLoader(out, seq_len=5, batch_size=1, seed=1).load_state_dict(train.state_dict())
+    with pytest.raises(ValueError, match=r"has 7 windows .* \(windows=slice\(-7, None, None\) of its \d+\).* fewer than "
+                                         r"one global batch of world_size \* batch_size = 2 \* 4"):
+        ShardedTokenLoader(out, seq_len=5, batch_size=4, world_size=2, windows=slice(-held_out, None))
+    with pytest.raises(ValueError, match="windows must be a slice with step 1, got slice"):
+        ShardedTokenLoader(out, seq_len=5, batch_size=1, windows=slice(None, None, 2))
+
+
 @pytest.mark.parametrize("stop_after", [1, 7, "epoch - 2"])
 def test_resume_continues_exactly(shards, stop_after):
     out, _ = shards

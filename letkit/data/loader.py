@@ -90,6 +90,8 @@ class ShardedTokenLoader:
         batch_size: sequences per batch on this rank.
         rank, world_size: this rank and the number of ranks sharing the data.
         seed: shuffling seed; ``shuffle=False`` reads shards and windows in order.
+        windows: the part of the windows (numbered in shard order) this loader reads, e.g. ``slice(None, -64)`` for
+            training and ``slice(-64, None)`` for a held-out validation set of the last 64; default all.
     """
 
     MAX_OPEN_SHARDS = 8
@@ -104,6 +106,7 @@ class ShardedTokenLoader:
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        windows: slice = slice(None),
     ) -> None:
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -116,16 +119,22 @@ class ShardedTokenLoader:
         self.seed, self.shuffle = seed, shuffle
         self.windows_per_shard = np.array([max(0, (s["tokens"] - 1) // seq_len) for s in self.index["shards"]])
         self.window_ends = np.cumsum(self.windows_per_shard)
-        self.num_windows = int(self.window_ends[-1]) if len(self.window_ends) else 0
+        total = int(self.window_ends[-1]) if len(self.window_ends) else 0
+        if not isinstance(windows, slice) or windows.step not in (None, 1):
+            raise ValueError(f"windows must be a slice with step 1, got {windows!r}")
+        self.first_window, stop, _ = windows.indices(total)
+        self.num_windows = max(0, stop - self.first_window)
         self.global_batch = world_size * batch_size
         if self.num_windows < self.global_batch:
+            part = "" if self.num_windows == total else f" (windows={windows!r} of its {total})"
             raise ValueError(
-                f"the data has {self.num_windows} windows of seq_len + 1 = {seq_len + 1} tokens "
+                f"the data has {self.num_windows} windows of seq_len + 1 = {seq_len + 1} tokens{part} "
                 f"({self.index['total_tokens']} tokens in {len(self.index['shards'])} shards), fewer than one global "
                 f"batch of world_size * batch_size = {world_size} * {batch_size}"
             )
         shard_sizes = ",".join(str(s["tokens"]) for s in self.index["shards"])
-        self.fingerprint = hashlib.sha256(f"{self.index['tokenizer_sha256']}:{shard_sizes}".encode()).hexdigest()[:16]
+        part = "" if self.num_windows == total else f":{self.first_window}:{stop}"  # all: resumes states saved before windows=
+        self.fingerprint = hashlib.sha256(f"{self.index['tokenizer_sha256']}:{shard_sizes}{part}".encode()).hexdigest()[:16]
         self.epoch = 0
         self.position = 0  # global windows consumed in this epoch
         self._shards: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -163,6 +172,7 @@ class ShardedTokenLoader:
                 self._permutation = WindowPermutation(self.num_windows, [self.seed, self.epoch])
                 self._permutation_epoch = self.epoch
             g = self._permutation(g)
+        g = g + self.first_window
         shard = np.searchsorted(self.window_ends, g, side="right")
         first = np.concatenate([[0], self.window_ends])[shard]
         return shard, g - first
