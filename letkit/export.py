@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from letkit.checkpointing import checkpoint_problem
 from letkit.models import from_preset, save_pretrained
 from letkit.models.hub import CheckpointError
 
@@ -54,8 +55,9 @@ def export_checkpoint(
         ``out_dir``.
 
     Raises:
-        CheckpointError: the checkpoint is incomplete, damaged, or its tensors do not fit the model its config
-            describes; FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        CheckpointError: the checkpoint is incomplete, damaged (a file's size or SHA-256 differs from what
+            trainer_state.json recorded at save time: the error names the file), or its tensors do not fit the
+            model its config describes; FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
 
     Memory: the whole model is assembled in float32 on the CPU (4 bytes per parameter: ~5.5 GB for 1.4B).
     """
@@ -101,23 +103,18 @@ def export_checkpoint(
 def _read_trainer_state(checkpoint: Path) -> dict:
     if not checkpoint.is_dir():
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} is not a directory")
-    if checkpoint.name.endswith(".tmp"):
-        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is incomplete: its save was interrupted (.tmp)")
-    for required in ("trainer_state.json", ".metadata"):
-        if not (checkpoint / required).is_file():
-            raise CheckpointError(f"checkpoint {str(checkpoint)!r} is incomplete: it has no {required} (not a "
-                                  "complete step_N directory of examples/pretrain_fsdp.py)")
+    problem = checkpoint_problem(checkpoint)  # every file's size and SHA-256, before DCP reads (unpickles) any
+    if problem:
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} is incomplete or damaged: {problem}")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
     try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
         state["config"]["model"]["preset"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {str(checkpoint)!r}: trainer_state.json is damaged or not from "
-                              f"examples/pretrain_fsdp.py ({e!r})") from e
-    for name, size in state.get("files", {}).items():
-        actual = (checkpoint / name).stat().st_size if (checkpoint / name).is_file() else None
-        if actual != size:
-            raise CheckpointError(f"checkpoint {str(checkpoint)!r} is damaged: {name} has {actual} bytes, "
-                                  f"{size} were written")
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r}: trainer_state.json is not from "
+                              f"examples/pretrain_fsdp.py (no config.model.preset: {e!r})") from e
+    if "sha256" not in state:
+        warnings.warn(f"checkpoint {str(checkpoint)!r} records no checksums (an older letkit wrote it): only its file "
+                      "sizes were checked", stacklevel=3)
     return state
 
 

@@ -2,6 +2,8 @@
 
 import json
 import random
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,15 +87,13 @@ def test_export_refuses_bad_checkpoints_and_existing_outputs(fsdp_run, tmp_path)
     broken = tmp_path / "step_0000004"
     broken.mkdir()
     (broken / "trainer_state.json").write_bytes((good / "trainer_state.json").read_bytes())
-    with pytest.raises(CheckpointError, match=r"incomplete: it has no \.metadata"):
+    with pytest.raises(CheckpointError, match=r"incomplete or damaged: it has no \.metadata"):
         export_checkpoint(broken, tmp_path / "a")
     with pytest.raises(CheckpointError, match="is not a directory"):
         export_checkpoint(tmp_path / "missing", tmp_path / "a")
 
     other_shape = tmp_path / "other" / "step_0000004"
     other_shape.parent.mkdir()
-    import shutil
-
     shutil.copytree(good, other_shape)
     state = json.loads((other_shape / "trainer_state.json").read_text())
     state["config"]["model"]["preset"] = "125m"
@@ -105,7 +105,7 @@ def test_export_refuses_bad_checkpoints_and_existing_outputs(fsdp_run, tmp_path)
     shutil.copytree(good, truncated)
     shard = next(truncated.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="is damaged"):
+    with pytest.raises(CheckpointError, match=rf"incomplete or damaged: {shard.name} has \d+ bytes, \d+ were written"):
         export_checkpoint(truncated, tmp_path / "a")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".tmp-*"))
 
@@ -125,6 +125,32 @@ def test_export_clears_only_its_own_parents_leftovers(fsdp_run, tmp_path):
     own.mkdir()
     export_checkpoint(fsdp_run / "checkpoints" / "step_0000004", tmp_path / "hf")
     assert nested.is_file() and not own.exists()
+
+
+def test_export_refuses_a_checkpoint_whose_checksums_fail_naming_the_file(fsdp_run, tmp_path):
+    """Bytes changed in place (same size) in a shard or in DCP's .metadata: refused before DCP reads anything,
+    naming the file (before letkit.checkpointing, export checked sizes only and wrote the altered weights). A
+    checkpoint of a version that recorded no checksums is exported with a warning that only sizes were checked."""
+    good = fsdp_run / "checkpoints" / "step_0000004"
+    for name in ("__1_0.distcp", ".metadata"):
+        altered = tmp_path / name / "step_0000004"
+        shutil.copytree(good, altered)
+        content = bytearray((altered / name).read_bytes())
+        content[len(content) // 2] ^= 0x01
+        (altered / name).write_bytes(bytes(content))
+        with pytest.raises(CheckpointError, match=rf"incomplete or damaged: {re.escape(name)} has other bytes than were "
+                                                  r"written \(its SHA-256 differs"):
+            export_checkpoint(altered, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+    unchecked = tmp_path / "unchecked" / "step_0000004"
+    shutil.copytree(good, unchecked)
+    state = json.loads((unchecked / "trainer_state.json").read_text())
+    del state["sha256"]
+    (unchecked / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.warns(UserWarning, match="records no checksums .* only its file sizes were checked"):
+        export_checkpoint(unchecked, tmp_path / "out", dtype=torch.float32)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def _train_counting_model(steps: int) -> torch.nn.Module:
