@@ -12,24 +12,31 @@ Needs PyTorch >= 2.6 (FSDP2's public ``torch.distributed.fsdp.fully_shard``). Wh
   the root; ``to_empty`` + ``init_weights`` materialise only this rank's shards.
 * Teacher: a frozen, replicated bf16 copy on every rank (``TeacherFeatureExtractor.from_pretrained``, or
   ``random:<shape>`` for a randomly initialised one), pulled into ``LETObjective`` with a layer map (L2E by
-  default, ``--teacher.layer_map``); it is freed at S_stop (``--teacher.stop_step``) and never even loaded by a
-  run resumed after S_stop. Its tokenizer must be the data's, unless ``--teacher.alignment last|mean``
-  (cross-tokenizer LET): then a background thread decodes each window to text, re-tokenizes it for the teacher
-  and aligns the two (``TeacherTokenizedLoader``).
-* Run directory: rank 0 holds an exclusive lock on ``run_dir`` (``run.lock``, naming its host and pid) for the
-  whole run, so a second run there is refused; a lock left behind by a crashed run on this host is taken over.
+  default, ``--teacher.layer_map``) and a lambda schedule (any of ``letkit.SCHEDULES``, ``--teacher.schedule``); a
+  learned projector is sharded like the target. The teacher is freed at S_stop (``--teacher.stop_step``) and never
+  even loaded by a run resumed after S_stop. Its tokenizer must be the data's, unless ``--teacher.alignment
+  last|mean`` (cross-tokenizer LET): then a background thread decodes each window to text, re-tokenizes it for
+  the teacher and aligns the two (``TeacherTokenizedLoader``).
+* Run directory: rank 0 holds an exclusive lock on ``run_dir`` (``letkit.checkpointing.RunDirLock``) for the whole
+  run, so a second run there is refused; a lock left behind by a crashed run on this host is taken over.
 * Loop: ``train_step`` is one optimizer step, to copy into your own loop: gradient accumulation (gradients
   reduce-scattered once per optimizer step, in the last micro-step's backward), clipping of the sharded gradients,
-  AdamW with warmup + cosine LR, the lambda schedule. Rank 0 prints a progress line and appends metrics to
+  AdamW with warmup + cosine LR, lambda(step). Rank 0 prints a progress line and appends metrics to
   ``<run_dir>/metrics.jsonl``, and to TensorBoard or Weights & Biases with ``--log.tensorboard true`` /
   ``--log.wandb true`` (optional packages).
-* Checkpoints (``<run_dir>/checkpoints/step_XXXXXXX``): model, optimizer and projector through
-  ``torch.distributed.checkpoint`` (DCP); LR and lambda schedules, data position, RNG states and each file's size
-  and SHA-256 in ``trainer_state.json``. A checkpoint is written under a ``.tmp`` name and renamed once complete;
-  a run resumes from the newest checkpoint whose files all match what was written, skipping interrupted, damaged
-  or altered ones with a warning, and ``checkpoint.keep`` counts only such intact checkpoints. A resume on another
-  number of ranks (so another number of tokens per step) is warned about and recorded in metrics.jsonl. DCP's
-  ``.metadata`` is a pickle: only resume from checkpoints your own runs wrote.
+* Evaluation (off by default): every ``--eval.every`` steps, the validation loss on ``--eval.windows`` token windows
+  held out of training (the last ones of the shards), and with ``--eval.tasks`` / ``--eval.task_files``
+  lm-evaluation-harness scores of a temporary bf16 export of the current weights, computed on rank 0
+  (``letkit.evaluation.evaluate_checkpoint``; ``--eval.limit`` keeps it short). Records go to metrics.jsonl
+  (``{"step": ..., "eval": {...}}``) and the TensorBoard / W&B sinks (``eval/...``).
+* Checkpoints (``<run_dir>/checkpoints/step_XXXXXXX``, ``letkit.checkpointing``): model, optimizer and projector
+  through ``torch.distributed.checkpoint`` (DCP); LR and lambda schedules, data position, RNG states and each
+  file's size and SHA-256 in ``trainer_state.json``. A checkpoint is written under a ``.tmp`` name and renamed
+  once complete; a run resumes from the newest checkpoint whose files all match what was written, skipping
+  interrupted, damaged or altered ones with a warning, and ``checkpoint.keep`` counts only such intact
+  checkpoints. A resume on another number of ranks (so another number of tokens per step) is warned about and
+  recorded in metrics.jsonl. DCP's ``.metadata`` is a pickle: only resume from checkpoints your own runs wrote.
+  ``letkit export`` turns any of them into a Hugging Face checkpoint directory.
 * Export: at the end, rank 0 gathers the model and writes ``<run_dir>/final_model`` (bf16 safetensors, Hugging Face
   layout, with the data's ``tokenizer.json`` when it has one) for ``letkit.models.load_pretrained`` -- e.g. as the
   teacher of a larger run.
@@ -38,12 +45,10 @@ Needs PyTorch >= 2.6 (FSDP2's public ``torch.distributed.fsdp.fully_shard``). Wh
 from __future__ import annotations
 
 import argparse
-import base64
-import contextlib
 import dataclasses
 import functools
-import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -51,20 +56,19 @@ import os
 import re
 import resource
 import shutil
-import socket
 import sys
+import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -79,10 +83,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10: pip install tomli
     import tomli as tomllib
 
-from letkit import (LOSS_KINDS, PROJECTOR_KINDS, SCHEDULES, LayerMap, LayerMappingProjector, LETObjective,
+from letkit import (LOSS_KINDS, PROJECTOR_KINDS, SCHEDULES, LambdaSchedule, LayerMap, LETObjective,
                     TeacherFeatureExtractor, check_teacher_compatibility)
-from letkit.atomic import atomic_write_bytes, atomic_write_json
+from letkit.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from letkit.checkpointing import (find_checkpoint, load_checkpoint, locked_run_dir, prune_checkpoints,
+                                  save_checkpoint)
 from letkit.data import ShardedTokenLoader
+from letkit.evaluation import evaluate_checkpoint, local_choice_task
 from letkit.hardware import datasheet_peaks
 from letkit.models import PRESETS, Llama, LlamaConfig, from_preset, resolve_pretrained, save_pretrained
 from letkit.optim import warmup_cosine_lr, weight_decay_groups
@@ -94,6 +101,10 @@ DEFAULT_CONFIG = "tiny"
 
 
 # ----------------------------------------------------------------------------------------------------- config
+
+
+def _keyword_arguments(cls: type) -> str:
+    return ", ".join(p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY)
 
 
 @dataclass
@@ -115,8 +126,11 @@ class TeacherConfig:
         "help": "same: the data is tokenized with the teacher's tokenizer; last or mean: cross-tokenizer LET, the "
                 "teacher re-tokenizes the text of each window (needs a teacher checkpoint with a tokenizer.json)"})
     schedule: str = field(default="linear", metadata={
-        "help": "lambda schedule: a name in letkit.SCHEDULES built from lambda0 and stop_step alone (linear: the "
-                "paper's; cosine, constant, exponential)"})
+        "help": f"lambda schedule, one of letkit.SCHEDULES {sorted(SCHEDULES)} (linear: the paper's), built from "
+                "lambda0, stop_step and schedule_args"})
+    schedule_args: str = field(default="", metadata={
+        "help": "the schedule's keyword arguments, comma-separated key=value (e.g. step_size=500,gamma=0.5); "
+                + "; ".join(f"{name}: {_keyword_arguments(cls)}" for name, cls in SCHEDULES.items())})
     lambda0: float = field(default=0.1, metadata={"help": "alignment weight at step 0"})
     stop_step: int = field(default=10_000, metadata={"help": "S_stop: lambda reaches 0 and the teacher is freed"})
 
@@ -167,6 +181,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = field(default=0, metadata={"help": "evaluate every this many steps and at the last step (0: never)"})
+    windows: int = field(default=64, metadata={
+        "help": "token windows (data.seq_len + 1 tokens) for the validation loss, held out of training when eval.every "
+                "> 0: the last ones of the shards. Changing it (or turning evaluation on or off) changes the training "
+                "data, so a resume must keep it"})
+    tasks: str = field(default="", metadata={
+        "help": "comma-separated lm-evaluation-harness tasks or groups (e.g. letkit_paper9), scored on rank 0 while "
+                "the other ranks wait; needs lm-eval (pip install 'letkit[eval]') and the data's tokenizer.json"})
+    task_files: str = field(default="", metadata={
+        "help": "comma-separated local multiple-choice JSONL files scored like tasks (see letkit eval --task-file)"})
+    limit: int = field(default=0, metadata={"help": "items per lm-eval task (0: all); a quick look, not a comparable score"})
+    num_fewshot: int = field(default=1, metadata={"help": "in-context examples per lm-eval question (the paper: 1)"})
+    batch_size: int = field(default=8, metadata={"help": "lm-eval batch size"})
+
+
+@dataclass
 class LogConfig:
     every: int = 10
     peak_tflops: float = field(default=0.0, metadata={"help": "per-GPU peak for MFU; 0: known GPUs' bf16 dense peak"})
@@ -176,7 +207,9 @@ class LogConfig:
     wandb_project: str = "letkit"
 
 
-LOG_SINKS = {"log.tensorboard": "tensorboard", "log.wandb": "wandb"}  # the optional package each sink needs
+# the optional package each setting needs when turned on
+OPTIONAL_PACKAGES = {"log.tensorboard": "tensorboard", "log.wandb": "wandb", "eval.tasks": "lm_eval",
+                     "eval.task_files": "lm_eval"}
 
 
 @dataclass
@@ -187,6 +220,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -245,14 +279,44 @@ def parse_layer_map(text: str) -> LayerMap:
     return LayerMap([float(s) if re.fullmatch(r"[0-9.]+", s) else s for s in text.split(",")])
 
 
+def parse_assignments(items: list[str], option: str) -> dict[str, Any]:
+    """``["key=value", ...]`` (values in JSON: numbers, true/false, "strings") as a dict; ValueError naming ``option``."""
+    parsed = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        try:
+            if not (equals and key.strip()):
+                raise ValueError("expected key=value")
+            parsed[key.strip()] = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"{option}: {item!r} is not key=value with a JSON value ({e})") from None
+    return parsed
+
+
+def build_schedule(t: TeacherConfig) -> LambdaSchedule:
+    """The lambda schedule ``teacher.schedule`` of ``letkit.SCHEDULES``, from lambda0, stop_step and schedule_args."""
+    try:
+        kwargs = parse_assignments(t.schedule_args.split(",") if t.schedule_args else [], "teacher.schedule_args")
+        return SCHEDULES[t.schedule](t.lambda0, t.stop_step, **kwargs)
+    except (TypeError, ValueError) as e:  # e.g. "step" without step_size
+        raise ValueError(f"teacher.schedule={t.schedule!r} cannot be built from teacher.lambda0={t.lambda0}, "
+                         f"teacher.stop_step={t.stop_step} and teacher.schedule_args={t.schedule_args!r} "
+                         f"(its keyword arguments: {_keyword_arguments(SCHEDULES[t.schedule])}): {e}") from None
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def check_config(cfg: Config) -> None:
     """ValueError naming the first field with an invalid value; the kinds are letkit's own lists."""
     choices = {"train.mixed_precision": ("bf16", "fp32"), "teacher.schedule": tuple(SCHEDULES),
                "teacher.projector": PROJECTOR_KINDS, "teacher.loss": LOSS_KINDS,
                "teacher.alignment": ("same", *ALIGNMENT_MODES), "log.wandb_mode": ("offline", "online")}
     positive = ("train.steps", "data.seq_len", "data.micro_batch_size", "data.grad_accum", "teacher.stop_step",
-                "log.every", "optim.lr", "optim.grad_clip")
-    non_negative = ("train.stop_at", "train.shard_group", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep", "teacher.lambda0")
+                "log.every", "optim.lr", "optim.grad_clip", "eval.windows", "eval.batch_size")
+    non_negative = ("train.stop_at", "train.shard_group", "optim.warmup_steps", "checkpoint.every", "checkpoint.keep",
+                    "teacher.lambda0", "eval.every", "eval.limit", "eval.num_fewshot")
     for name in (*choices, *positive, *non_negative):
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -260,18 +324,34 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}")
         if (name in positive and value <= 0) or (name in non_negative and value < 0):
             raise ValueError(f"{name} must be {'positive' if name in positive else '>= 0'}, got {value!r}")
-    for name, package in LOG_SINKS.items():
-        if getattr(cfg.log, name.removeprefix("log.")) and importlib.util.find_spec(package) is None:
-            raise ValueError(f"{name}=true needs the {package} package, which is not installed: pip install {package}")
+    for name, package in OPTIONAL_PACKAGES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value and importlib.util.find_spec(package) is None:
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)
+            install = "'letkit[eval]'" if section == "eval" else package
+            raise ValueError(f"{name}={shown} needs the {package} package, which is not installed: pip install {install}")
     try:
         parse_layer_map(cfg.teacher.layer_map)
     except ValueError as e:
         raise ValueError(f"teacher.layer_map={cfg.teacher.layer_map!r}: {e}") from None
-    try:
-        SCHEDULES[cfg.teacher.schedule](cfg.teacher.lambda0, cfg.teacher.stop_step)
-    except (TypeError, ValueError) as e:  # e.g. "step" needs a step_size this script does not set
-        raise ValueError(f"teacher.schedule={cfg.teacher.schedule!r} cannot be built from teacher.lambda0 and "
-                         f"teacher.stop_step: {e}") from None
+    build_schedule(cfg.teacher)
+    check_eval_config(cfg)
+
+
+def check_eval_config(cfg: Config) -> None:
+    """Evaluation settings that need no process group: lm-eval only with evaluation on, shards to hold windows out
+    of, local task files that parse (each malformed item is named by file and line)."""
+    e = cfg.eval
+    if (e.tasks or e.task_files) and not e.every:
+        raise ValueError(f"eval.tasks={e.tasks!r} / eval.task_files={e.task_files!r} are scored every eval.every steps, "
+                         "but eval.every=0 (no evaluation): set eval.every")
+    if e.every and cfg.data.path.startswith("random:"):
+        raise ValueError(f"eval.every={e.every} evaluates on token windows held out of data.path, but data.path="
+                         f"{cfg.data.path!r} is random tokens: use token shards, or eval.every=0")
+    with tempfile.TemporaryDirectory() as scratch:
+        for task_file in _items(e.task_files):
+            local_choice_task(task_file, scratch)
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -355,56 +435,52 @@ def random_teacher_config(spec: str, data_vocab: int) -> LlamaConfig:
     shapes = {**PRESETS, **TEACHER_SHAPES}
     if name not in shapes:
         raise ValueError(f"teacher.path {spec!r}: unknown random teacher shape {name!r}; shapes: {sorted(shapes)}")
-    shape = dict(shapes[name])
-    for item in assignments:
-        key, _, value = item.partition("=")
-        shape[key.strip()] = json.loads(value)
+    shape = {**shapes[name], **parse_assignments(assignments, f"teacher.path {spec!r}")}
     return LlamaConfig(**{**shape, "vocab_size": data_vocab})
 
 
-def restore_lambda_schedule(schedule, teacher_cfg: TeacherConfig, trainer_state: dict[str, Any], checkpoint: Path) -> None:
+def restore_lambda_schedule(schedule: LambdaSchedule, teacher_cfg: TeacherConfig, trainer_state: dict[str, Any],
+                            checkpoint: Path) -> None:
     """Set ``schedule`` to the checkpoint's step; ValueError naming the fields if the config changed the schedule.
 
-    A checkpoint of a run without a teacher has no schedule state: the schedule starts at the checkpoint's step.
+    The step is trainer_state.json's: the training loop's step is the one counter (the objective sets the schedule's
+    ``current_step`` from it). A checkpoint of a run without a teacher has no schedule state to compare.
     """
-    saved_state, step = trainer_state.get("lambda_schedule"), trainer_state["step"]
-    if not saved_state:
-        schedule.current_step = step
-        return
-    saved_cfg = trainer_state.get("config", {}).get("teacher", {})
-    changed = [f"teacher.{key}: checkpoint {saved_cfg[key]!r}, config {getattr(teacher_cfg, key)!r}"
-               for key in ("schedule", "lambda0", "stop_step") if key in saved_cfg and saved_cfg[key] != getattr(teacher_cfg, key)]
-    if not changed:
-        try:
-            schedule.load_state_dict(saved_state)
-        except ValueError as e:
-            changed = [str(e)]
-    if changed:
-        raise ValueError(
-            f"cannot resume from {checkpoint}: this run's lambda schedule differs from the one it was trained with "
-            f"({'; '.join(changed)}). Resume with the checkpoint's values, or start a new train.run_dir "
-            "(or --checkpoint.resume false) to train with another schedule")
-    if schedule.current_step != step:
-        raise ValueError(f"{checkpoint}: trainer_state.json has step {step} but lambda schedule step {schedule.current_step}")
+    saved_state = trainer_state.get("lambda_schedule")
+    if saved_state:
+        saved_cfg = trainer_state.get("config", {}).get("teacher", {})
+        changed = [f"teacher.{key}: checkpoint {saved_cfg[key]!r}, config {getattr(teacher_cfg, key)!r}"
+                   for key in ("schedule", "lambda0", "stop_step") if key in saved_cfg and saved_cfg[key] != getattr(teacher_cfg, key)]
+        if not changed:
+            try:
+                schedule.load_state_dict(saved_state)  # also compares the other hyperparameters (schedule_args)
+            except ValueError as e:
+                changed = [str(e)]
+        if changed:
+            raise ValueError(
+                f"cannot resume from {checkpoint}: this run's lambda schedule differs from the one it was trained with "
+                f"({'; '.join(changed)}). Resume with the checkpoint's values, or start a new train.run_dir "
+                "(or --checkpoint.resume false) to train with another schedule")
+    schedule.current_step = trainer_state["step"]
 
 
-def build_objective(cfg: Config, target: nn.Module, teacher: TeacherFeatureExtractor, schedule, mesh: DeviceMesh,
-                    device: torch.device) -> LETObjective:
-    """LETObjective; a learned projector is sharded like the target (its grads are reduced like the target's)."""
-    layer_map = parse_layer_map(cfg.teacher.layer_map)
-    pairs = layer_map.resolve(teacher.num_layers, len(target.blocks))
-    teacher.select_layers([t for t, _ in pairs])
-    teacher_dims = teacher.feature_dims(torch.zeros(1, 2, dtype=torch.long, device=device))
-    projector = LayerMappingProjector([target.config.hidden_size] * len(pairs), teacher_dims, cfg.teacher.projector)
-    projector.to(device)
-    for p in projector.projectors:
-        if any(True for _ in p.parameters()):
-            fully_shard(p, **fsdp_kwargs(cfg, mesh))
-            register_fsdp_forward_method(p, "loss")  # the fused loss reads the weights through .loss(), not forward
+def build_objective(cfg: Config, target: nn.Module, teacher: TeacherFeatureExtractor, schedule: LambdaSchedule,
+                    mesh: DeviceMesh) -> LETObjective:
+    """LETObjective (sized from the models' configs, nothing run); a learned projector is sharded like the target,
+    so its gradients are reduced like the target's."""
     # check_finite=False: no host-device sync per step to check the teacher's features; a NaN/Inf teacher makes
     # the loss non-finite, which the training loop raises on at its next log or checkpoint step (before saving)
-    return LETObjective(target, teacher, layer_map=layer_map, projector=projector, loss=cfg.teacher.loss,
-                        schedule=schedule, target_block_list="blocks", check_finite=False)
+    objective = LETObjective(target, teacher, layer_map=parse_layer_map(cfg.teacher.layer_map),
+                             projector=cfg.teacher.projector, loss=cfg.teacher.loss, schedule=schedule,
+                             block_list="blocks", check_finite=False)
+    for projector in objective.projector.projectors:
+        if any(True for _ in projector.parameters()):
+            fully_shard(projector, **fsdp_kwargs(cfg, mesh))
+            register_fsdp_forward_method(projector, "loss")  # the fused loss reads the weights through .loss()
+    return objective
+
+
+# ------------------------------------------------------------------------------------------------------- data
 
 
 class RandomTokens:
@@ -426,239 +502,59 @@ class RandomTokens:
         self.batches = state["batches"]
 
 
-# ---------------------------------------------------------------------------------------------- run directory
+@dataclass
+class Data:
+    """This rank's batches, its validation windows and what the data says about its tokenizer."""
+
+    loader: Any  # ShardedTokenLoader or RandomTokens; TeacherTokenizedLoader around it for cross-tokenizer LET
+    vocab_size: int
+    tokenizer_sha256: str | None  # of the tokenizer.json the data was made with (index.json), if known
+    tokenizer_file: Path | None  # the data's copy of that tokenizer.json, if it has one
+    validation: torch.Tensor | None = None  # this rank's held-out windows [n, seq_len + 1] (with eval.every)
 
 
-class RunDirInUse(RuntimeError):
-    """Another run holds the run directory's lock."""
+def held_out_windows(cfg: Config) -> int:
+    """Windows held out of training for the validation loss: the last ``eval.windows`` when evaluating, else none."""
+    return cfg.eval.windows if cfg.eval.every else 0
 
 
-class RunDirLock:
-    """An exclusive lock on a run directory, so that two runs never train and checkpoint into it at once.
-
-    The lock is the file ``<run_dir>/run.lock``, created atomically (a hard link of a complete temporary file,
-    which works on NFS too) and naming its holder: host, pid namespace, pid, the process's start time, the
-    command. A lock whose holder ran here (same host and pid namespace) and is gone, or whose pid now belongs to
-    another process, is stale and is taken over; a holder on another host or in another container cannot be
-    checked from here, so the error says how to remove its lock.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / "run.lock"
-        pid = os.getpid()
-        self.holder = {"host": socket.gethostname(), "pid_namespace": _pid_namespace(), "pid": pid,
-                       "process_start": _process_start(pid), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                       "command": " ".join(sys.argv)}
-
-    def acquire(self) -> None:
-        """Take the lock; RunDirInUse naming the holder if a live run holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        mine = self.path.with_name(f"{self.path.name}.{self.holder['host']}.{self.holder['pid']}")
-        atomic_write_json(mine, self.holder)
-        try:
-            while True:
-                try:
-                    os.link(mine, self.path)
-                    return
-                except FileExistsError:
-                    pass
-                holder = self._read(self.path)
-                if holder is None:  # removed in between
-                    continue
-                here = all(holder.get(key) == self.holder[key] for key in ("host", "pid_namespace"))
-                if not here or _running(holder.get("pid"), holder.get("process_start")):
-                    raise RunDirInUse(
-                        f"{self.path.parent} is in use by another run: process {holder.get('pid')} on host "
-                        f"{holder.get('host')!r}, since {holder.get('since')} ({holder.get('command')!r}) holds "
-                        f"{self.path}. Stop that run first, or use another train.run_dir; if it is no longer running "
-                        f"(e.g. it crashed on another host or in another container), delete {self.path}")
-                log.warning("taking over the stale lock %s of process %s on this host, which is no longer running",
-                            self.path, holder.get("pid"))
-                self._break(holder)
-        finally:
-            mine.unlink()
-
-    def release(self) -> None:
-        """Remove the lock if it is still this process's."""
-        with contextlib.suppress(RunDirInUse):  # unreadable: not ours to remove
-            if self._read(self.path) == self.holder:
-                self.path.unlink()
-
-    def _break(self, stale: dict[str, Any]) -> None:
-        moved = self.path.with_name(f"{self.path.name}.stale.{self.holder['pid']}")
-        try:
-            os.rename(self.path, moved)
-        except FileNotFoundError:
-            return
-        if self._read(moved) != stale:  # another run took the lock over first: give it back
-            with contextlib.suppress(FileExistsError):
-                os.link(moved, self.path)
-        moved.unlink()
-
-    @staticmethod
-    def _read(path: Path) -> dict[str, Any] | None:
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            raise RunDirInUse(f"{path} exists but cannot be read ({e}): another run may hold it; if none does, delete it") from e
+def build_data(cfg: Config, rank: int, world: int) -> Data:
+    """Token shards (``data.path``) or uniform random tokens (``random:<vocab_size>``), this rank's part; with
+    evaluation, training reads all but the last ``eval.windows`` windows and this rank validates on its share of
+    those (whole micro-batches; the same number on every rank)."""
+    d, held_out = cfg.data, held_out_windows(cfg)
+    if d.path.startswith("random:"):
+        vocab = int(d.path.removeprefix("random:"))
+        return Data(RandomTokens(vocab, d.seq_len, d.micro_batch_size, rank, d.seed), vocab, None, None)
+    loader = ShardedTokenLoader(d.path, seq_len=d.seq_len, batch_size=d.micro_batch_size, rank=rank, world_size=world,
+                                seed=d.seed, windows=slice(None, -held_out) if held_out else slice(None))
+    data = Data(loader, loader.vocab_size, loader.index.get("tokenizer_sha256"), loader.tokenizer_file)
+    if held_out:
+        per_rank = held_out // world // d.micro_batch_size * d.micro_batch_size
+        if per_rank == 0:
+            raise ValueError(f"eval.windows={held_out} is less than one micro-batch per rank ({world} ranks x "
+                             f"data.micro_batch_size={d.micro_batch_size}): hold out at least {world * d.micro_batch_size}")
+        data.validation = next(ShardedTokenLoader(d.path, seq_len=d.seq_len, batch_size=per_rank, rank=rank,
+                                                  world_size=world, shuffle=False, windows=slice(-held_out, None)))
+    if (cfg.eval.tasks or cfg.eval.task_files) and data.tokenizer_file is None:
+        raise ValueError(f"eval.tasks / eval.task_files score an export of the model, which needs the data's "
+                         f"tokenizer.json, but data.path={d.path!r} has none (python -m letkit.data copies it there)")
+    return data
 
 
-def _pid_namespace() -> str | None:
-    """This process's pid namespace (containers on one host may share its name but not their pids)."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time (in clock ticks since boot, from /proc), to tell a reused pid from its old process."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _running(pid: Any, process_start: str | None) -> bool:
-    """Whether the process that wrote a lock still runs on this host."""
-    if not isinstance(pid, int):
-        return True  # not a lock of this script's: leave it to the user
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process
-    return process_start is None or _process_start(pid) in (None, process_start)
-
-
-@contextlib.contextmanager
-def locked_run_dir(run_dir: Path) -> Iterator[None]:
-    """Rank 0 holds :class:`RunDirLock` on ``run_dir`` for the block; if another run holds it, every rank raises."""
-    lock, refusal = RunDirLock(run_dir), [None]
-    if dist.get_rank() == 0:
-        try:
-            lock.acquire()
-        except RunDirInUse as e:
-            refusal = [str(e)]
-    dist.broadcast_object_list(refusal)
-    if refusal[0]:
-        raise RunDirInUse(refusal[0])
-    try:
-        yield
-    finally:
-        if dist.get_rank() == 0:
-            lock.release()
+def check_held_out(cfg: Config, trainer_state: dict[str, Any], checkpoint: Path) -> None:
+    """ValueError if this run would hold out other windows than the checkpoint's run (other training data)."""
+    saved, held_out = trainer_state.get("held_out_windows", 0), held_out_windows(cfg)
+    if saved != held_out:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: its run held out the last {saved} token windows for validation, this "
+            f"one would hold out {held_out} (eval.every={cfg.eval.every}, eval.windows={cfg.eval.windows}), so it "
+            f"would train on other data. Resume with " + ("--eval.every 0" if saved == 0 else
+                                                         f"--eval.every N --eval.windows {saved}")
+            + ", or start a new train.run_dir")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def checkpoint_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the ``step_XXXXXXX`` directories, newest first."""
-    found = [(int(p.name[5:]), p) for p in ckpt_dir.iterdir() if re.fullmatch(r"step_\d{7}", p.name)]
-    return sorted(found, reverse=True)
-
-
-def file_owner(name: str, world: int) -> int:
-    """The rank that checksums checkpoint file ``name``: DCP writes ``__<rank>_<n>.distcp`` from rank <rank>, which
-    reads it back from its page cache right after writing; other files (``.metadata``) are rank 0's. On a resume
-    with another number of ranks the files are spread over the ranks the same way (modulo the world size)."""
-    match = re.match(r"__(\d+)_", name)
-    return int(match.group(1)) % world if match else 0
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checkpoint_problem(path: Path, rank: int = 0, world: int = 1, *, checksums: bool = True) -> str | None:
-    """Why ``path`` is not a checkpoint to resume from, or None if it is one.
-
-    Checks that trainer_state.json is readable and for the directory's step, that every file it lists is there
-    with the size it was written with, and (``checksums``) the SHA-256 of this rank's share of the files
-    (:func:`file_owner`; with ``world=1`` all of them): bytes changed in place, in a shard or in DCP's
-    ``.metadata``, are found before DCP reads (or unpickles) anything. Checkpoints written before checksums were
-    recorded are checked by size only.
-    """
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-        if state["step"] != int(path.name.removeprefix("step_")):
-            raise ValueError(f"trainer_state.json says step {state['step']}")
-        for name, written in state["files"].items():
-            size = (path / name).stat().st_size
-            if size != written:
-                return f"{name} has {size} bytes, {written} were written"
-        for name, written in state.get("sha256", {}).items():  # none in checkpoints of versions before checksums
-            if checksums and file_owner(name, world) == rank and sha256_file(path / name) != written:
-                return f"{name} has other bytes than were written (its SHA-256 differs from trainer_state.json's)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return str(e) or type(e).__name__
-    return None
-
-
-def _on_every_rank(value: Any) -> list[Any]:
-    """``value`` of every rank (a list of one without a process group)."""
-    if not dist.is_initialized():
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
-def find_checkpoint(ckpt_dir: Path) -> tuple[Path | None, list[Path]]:
-    """The newest complete, intact checkpoint in ``ckpt_dir`` (None if there is none) and the ones skipped for it.
-
-    Interrupted saves (``.tmp``) and checkpoints with a :func:`checkpoint_problem` are skipped with a warning, so a
-    damaged checkpoint makes the run fall back to the previous one instead of loading it. Collective when a process
-    group exists: every rank checksums its share of each candidate's files and all agree on the result.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    listing = [sorted((p.name for p in ckpt_dir.iterdir()), reverse=True) if ckpt_dir.is_dir() else []]
-    if dist.is_initialized():
-        dist.broadcast_object_list(listing)  # rank 0's view, so every rank checks the same candidates
-    skipped = []
-    for name in listing[0]:
-        path = ckpt_dir / name
-        if name.endswith(".tmp"):
-            if rank == 0:
-                log.warning("skipping incomplete checkpoint %s (its save was interrupted)", path)
-            continue
-        if not re.fullmatch(r"step_\d{7}", name):
-            continue
-        problem = next((p for p in _on_every_rank(checkpoint_problem(path, rank, world)) if p), None)
-        if problem is None:
-            return path, skipped
-        if rank == 0:
-            log.warning("skipping damaged checkpoint %s: %s", path, problem)
-        skipped.append(path)
-    return None, skipped
-
-
-def prune_checkpoints(ckpt_dir: Path, newest: int, keep: int, skipped: list[Path]) -> list[Path]:
-    """Delete the intact checkpoints up to step ``newest`` but the ``keep`` newest of them; returns those deleted.
-
-    Counted are only checkpoints that pass :func:`checkpoint_problem`'s size checks and were not skipped at resume
-    (their checksums failed). Damaged ones, and any newer than ``newest`` (written by an earlier run, skipped at
-    resume), are neither counted nor deleted: they are left for inspection, and a save of the same step replaces
-    them. So the newest intact checkpoint is never deleted, whatever else lies in ``ckpt_dir``.
-    """
-    intact = [path for step, path in checkpoint_dirs(ckpt_dir) if step <= newest and path not in skipped
-              and checkpoint_problem(path, checksums=False) is None]
-    doomed = intact[keep:] if keep else []
-    for path in doomed:
-        shutil.rmtree(path)
-    return doomed
 
 
 def training_state(trainable: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -668,53 +564,18 @@ def training_state(trainable: nn.Module, optimizer: torch.optim.Optimizer) -> di
     return {"model": model_state, "optim": optim_state}
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, trainable: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any]) -> Path:
-    """Write a checkpoint under ``<name>.tmp``; rank 0 renames it to ``<name>`` once every rank has written.
-
-    trainer_state.json records each file's size (``files``) and SHA-256 (``sha256``). Each rank checksums the files
-    it wrote itself (:func:`file_owner`): one more sequential read of its own shard, mostly from the page cache.
-    """
-    final = ckpt_dir / checkpoint_name(step)
-    tmp = final.with_name(final.name + ".tmp")
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(training_state(trainable, optimizer), checkpoint_id=tmp)
-    mine = {p.name: (p.stat().st_size, sha256_file(p))
-            for p in sorted(tmp.iterdir()) if file_owner(p.name, dist.get_world_size()) == rank}
-    gathered = _on_every_rank((mine, _rng_state()))
-    if rank == 0:
-        written = dict(sorted(record for files, _ in gathered for record in files.items()))
-        state = {**trainer_state, "step": step, "world_size": dist.get_world_size(), "rng": [rng for _, rng in gathered],
-                 "files": {name: size for name, (size, _) in written.items()},
-                 "sha256": {name: digest for name, (_, digest) in written.items()}}
-        atomic_write_json(tmp / "trainer_state.json", state, indent=1)
-        if final.exists():  # a damaged checkpoint of this step, skipped at resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    dist.barrier()
-    return final
-
-
-def load_checkpoint(path: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load model and optimizer shards in place; returns trainer_state.json (RNG states restored when the
-    checkpoint was written by as many ranks as this run has)."""
+def resume_training_state(path: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load model and optimizer shards from checkpoint ``path`` in place; returns its trainer_state.json."""
     state = training_state(trainable, optimizer)
-    dcp.load(state, checkpoint_id=path)
+    trainer_state = load_checkpoint(path, state)
     set_state_dict(trainable, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(flatten_optimizer_state_dict=True))
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
-    if trainer_state["world_size"] == dist.get_world_size():
-        _set_rng_state(trainer_state["rng"][dist.get_rank()])
     return trainer_state
 
 
-def export_model(model: nn.Module, path: Path, tokenizer: Tokenizer | None) -> None:
-    """Gather the full model on rank 0's CPU and save it (bf16, Hugging Face layout, with the data's tokenizer
-    when known) with save_pretrained."""
+def export_model(model: nn.Module, path: Path | None, tokenizer: Tokenizer | None) -> None:
+    """Gather the full model on rank 0's CPU and save it to ``path`` (bf16, Hugging Face layout, with the data's
+    tokenizer when known) with save_pretrained. Collective; ``path`` is rank 0's."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         with torch.device("meta"):
@@ -722,22 +583,6 @@ def export_model(model: nn.Module, path: Path, tokenizer: Tokenizer | None) -> N
         plain.load_state_dict(full, assign=True)
         save_pretrained(plain.to(torch.bfloat16), path, tokenizer=tokenizer)
     dist.barrier()
-
-
-def _rng_state() -> dict[str, str]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in state.items()}
-
-
-def _set_rng_state(state: dict[str, str]) -> None:
-    def tensor(key: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(state[key])), dtype=torch.uint8)
-
-    torch.set_rng_state(tensor("cpu"))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensor("cuda"))
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -774,16 +619,16 @@ def memory_gib(device: torch.device) -> tuple[float, float]:
 
 
 class TensorBoardSink:
-    """Step records' numbers as TensorBoard scalars in ``<run_dir>/tensorboard``."""
+    """Records' numbers as TensorBoard scalars ``<section>/<name>`` in ``<run_dir>/tensorboard``."""
 
     def __init__(self, run_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def log(self, step: int, values: dict[str, float]) -> None:
+    def log(self, step: int, values: dict[str, float], section: str) -> None:
         for key, value in values.items():
-            self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.add_scalar(f"{section}/{key}", value, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -791,7 +636,7 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    """Step records' numbers as a Weights & Biases run (files in ``<run_dir>/wandb``; offline mode by default: upload
+    """Records' numbers as a Weights & Biases run (training's by name, the others ``<section>/<name>`` (files in ``<run_dir>/wandb``; offline mode by default: upload
     later with ``wandb sync``). Reruns in the same run_dir continue one W&B run, whose id is kept in
     ``<run_dir>/wandb_run_id``."""
 
@@ -804,16 +649,16 @@ class WandbSink:
         self.run = wandb.init(project=project, mode=mode, dir=str(run_dir), id=id_file.read_text().strip(),
                               resume="allow", name=run_dir.name, config=config)
 
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self.run.log(values, step=step)
+    def log(self, step: int, values: dict[str, float], section: str) -> None:
+        self.run.log(values if section == "train" else {f"{section}/{k}": v for k, v in values.items()}, step=step)
 
     def close(self) -> None:
         self.run.finish()
 
 
 class MetricsLog:
-    """Rank 0's progress lines and records: all go to ``<run_dir>/metrics.jsonl``, step records' numbers also to the
-    sinks the config turns on (TensorBoard, W&B). A no-op on other ranks."""
+    """Rank 0's progress lines and records: all go to ``<run_dir>/metrics.jsonl``, the numbers of step and evaluation
+    records also to the sinks the config turns on (TensorBoard, W&B). A no-op on other ranks."""
 
     def __init__(self, run_dir: Path, cfg: Config, enabled: bool) -> None:
         self.enabled, self.file, self.sinks = enabled, None, []
@@ -827,11 +672,20 @@ class MetricsLog:
             self.sinks.append(WandbSink(run_dir, cfg.log.wandb_project, cfg.log.wandb_mode, dataclasses.asdict(cfg)))
 
     def step(self, step: int, **values: Any) -> None:
-        """A step's record; its numbers (not None) go to the sinks too."""
+        """A step's record; its numbers (not None) go to the sinks too (section ``train``)."""
         if self.enabled:
             self._write({"step": step, **values})
-            for sink in self.sinks:
-                sink.log(step, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+            self._to_sinks(step, values, "train")
+
+    def evaluation(self, step: int, values: dict[str, float]) -> None:
+        """An evaluation's record, ``{"step": step, "eval": values}``; its numbers go to the sinks too (``eval``)."""
+        if self.enabled:
+            self._write({"step": step, "eval": values})
+            self._to_sinks(step, values, "eval")
+
+    def _to_sinks(self, step: int, values: dict[str, Any], section: str) -> None:
+        for sink in self.sinks:
+            sink.log(step, {k: v for k, v in values.items() if isinstance(v, (int, float))}, section)
 
     def event(self, name: str, step: int, **fields: Any) -> None:
         if self.enabled:
@@ -891,26 +745,6 @@ def build_mesh(shard_group: int, device: torch.device) -> DeviceMesh:
     return init_device_mesh(device.type, (world // shard_group, shard_group), mesh_dim_names=("replicate", "shard"))
 
 
-@dataclass
-class Data:
-    """This rank's batches and what the data says about its tokenizer."""
-
-    loader: Any  # ShardedTokenLoader or RandomTokens; TeacherTokenizedLoader around it for cross-tokenizer LET
-    vocab_size: int
-    tokenizer_sha256: str | None  # of the tokenizer.json the data was made with (index.json), if known
-    tokenizer_file: Path | None  # the data's copy of that tokenizer.json, if it has one
-
-
-def build_data(d: DataConfig, rank: int, world: int) -> Data:
-    """Token shards (``data.path``) or uniform random tokens (``random:<vocab_size>``), this rank's part."""
-    if d.path.startswith("random:"):
-        vocab = int(d.path.removeprefix("random:"))
-        return Data(RandomTokens(vocab, d.seq_len, d.micro_batch_size, rank, d.seed), vocab, None, None)
-    loader = ShardedTokenLoader(d.path, seq_len=d.seq_len, batch_size=d.micro_batch_size, rank=rank, world_size=world,
-                                seed=d.seed)
-    return Data(loader, loader.vocab_size, loader.index.get("tokenizer_sha256"), loader.tokenizer_file)
-
-
 def setup_let(cfg: Config, model: nn.Module, data: Data, mesh: DeviceMesh, device: torch.device,
               trainer_state: dict[str, Any], checkpoint: Path | None, metrics: MetricsLog):
     """The lambda schedule (at the checkpoint's step) and, unless S_stop has passed, the teacher and LETObjective.
@@ -921,7 +755,7 @@ def setup_let(cfg: Config, model: nn.Module, data: Data, mesh: DeviceMesh, devic
     """
     if cfg.teacher.path == "none":
         return None, None
-    schedule = SCHEDULES[cfg.teacher.schedule](cfg.teacher.lambda0, cfg.teacher.stop_step)
+    schedule = build_schedule(cfg.teacher)
     if checkpoint is not None:
         restore_lambda_schedule(schedule, cfg.teacher, trainer_state, checkpoint)
     if schedule.is_done():
@@ -931,7 +765,7 @@ def setup_let(cfg: Config, model: nn.Module, data: Data, mesh: DeviceMesh, devic
     teacher = build_teacher(cfg.teacher.path, data.vocab_size, device, cfg.train.seed, seq_len=cfg.data.seq_len,
                             data_tokenizer_sha256=data.tokenizer_sha256, data_tokenizer_file=data.tokenizer_file,
                             alignment=None if cfg.teacher.alignment == "same" else cfg.teacher.alignment)
-    objective = build_objective(cfg, model, teacher, schedule, mesh, device)
+    objective = build_objective(cfg, model, teacher, schedule, mesh)
     del teacher  # the objective holds the only reference, so releasing it frees the memory
     if cfg.teacher.alignment != "same":
         max_positions = getattr(getattr(objective.teacher.model, "config", None), "max_position_embeddings", None)
@@ -1010,17 +844,18 @@ class StepResult:
 
 
 def train_step(model: nn.Module, objective: LETObjective | None, trainable: nn.Module,
-               optimizer: torch.optim.Optimizer, lr_scheduler, schedule, loader, *, step: int, grad_accum: int,
-               grad_clip: float, device: torch.device) -> StepResult:
+               optimizer: torch.optim.Optimizer, lr_scheduler, loader, *, step: int, grad_accum: int, grad_clip: float,
+               device: torch.device) -> StepResult:
     """One optimizer step: ``grad_accum`` micro-batches of forward and backward of the LM loss (plus, while LET runs,
-    lambda * the alignment loss), gradient clipping, AdamW, then the LR and lambda schedules advance.
+    lambda(step) * the alignment loss), gradient clipping, AdamW, then the LR schedule advances.
 
-    Gradients are reduce-scattered only in the last micro-step's backward: the earlier ones accumulate this
-    rank's unsharded gradients locally, so there is one reduction per optimizer step, not one per micro-step.
+    ``step`` is the one step counter: the objective sets its lambda schedule's ``current_step`` from it. Gradients
+    are reduce-scattered only in the last micro-step's backward: the earlier ones accumulate this rank's unsharded
+    gradients locally, so there is one reduction per optimizer step, not one per micro-step.
     """
     optimizer.zero_grad(set_to_none=True)
     sums = torch.zeros(3, device=device)
-    has_align = False
+    has_align, lambda_ = False, 0.0
     for micro in range(grad_accum):
         set_gradient_sync(trainable, micro == grad_accum - 1)
         batch, teacher_inputs = next(loader), {}
@@ -1034,7 +869,7 @@ def train_step(model: nn.Module, objective: LETObjective | None, trainable: nn.M
         loss, align = lm_loss, None
         if objective is not None:
             out = objective(inputs, lm_loss=lm_loss, step=step, **teacher_inputs)
-            loss, align = out.loss, out.align_loss
+            loss, align, lambda_ = out.loss, out.align_loss, out.lambda_
         (loss / grad_accum).backward()
         sums += torch.stack([loss.detach(), lm_loss.detach(), align.detach() if align is not None else loss.new_zeros(())])
         has_align |= align is not None
@@ -1042,10 +877,69 @@ def train_step(model: nn.Module, objective: LETObjective | None, trainable: nn.M
     optimizer.step()
     lr = lr_scheduler.get_last_lr()[0]
     lr_scheduler.step()
-    lambda_ = schedule(step) if schedule is not None else 0.0
-    if schedule is not None:
-        schedule.step()
     return StepResult(sums, has_align, grad_norm, lr, lambda_)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, windows: torch.Tensor, micro_batch_size: int, device: torch.device) -> float:
+    """Mean next-token NLL over every rank's held-out ``windows`` (collective; each rank has as many)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # NLL, tokens
+    for chunk in windows.split(micro_batch_size):
+        chunk = chunk.to(device)
+        logits = model(chunk[:, :-1])
+        sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
+        sums[1] += chunk[:, 1:].numel()
+    model.train(was_training)
+    dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
+
+
+LM_EVAL_WAIT = timedelta(hours=24)
+"""How long the other ranks wait for rank 0's lm-evaluation-harness run (on a CPU process group: a GPU collective
+would time out within minutes)."""
+
+
+def lm_eval_scores(model: nn.Module, tokenizer_file: Path, e: EvalConfig, run_dir: Path, device: torch.device,
+                   wait_group: dist.ProcessGroup) -> dict[str, float]:
+    """lm-evaluation-harness scores of the current weights, as ``{"<task>/<metric>": value}`` on rank 0 ({} on the
+    others; collective): the model is gathered into a temporary bf16 Hugging Face export (like final_model) in
+    run_dir, which rank 0 scores with ``letkit.evaluation.evaluate_checkpoint`` while the other ranks wait."""
+    scratch = None
+    if dist.get_rank() == 0:
+        remove_stale_temporaries(run_dir, recursive=False)  # what killed evaluations left behind
+        scratch = Path(tempfile.mkdtemp(prefix=f".tmp-eval_model-{os.getpid()}-", dir=run_dir))
+    scores = {}
+    try:
+        export_model(model, scratch / "model" if scratch else None, Tokenizer.from_file(str(tokenizer_file)))
+        if scratch is not None:
+            tasks = _items(e.tasks) + [local_choice_task(f, scratch / "tasks") for f in _items(e.task_files)]
+            # lm-eval seeds torch's global RNG: keep the training's (checkpointed) RNG state as it was
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                result = evaluate_checkpoint(scratch / "model", tasks, num_fewshot=e.num_fewshot, batch_size=e.batch_size,
+                                             device=str(device), dtype="bfloat16", limit=e.limit or None,
+                                             include_paths=[scratch / "tasks"])
+            scores = {f"{task}/{metric}": value for task, values in result["results"].items()
+                      for metric, value in values.items()}
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    dist.barrier(group=wait_group)
+    return scores
+
+
+def evaluate(cfg: Config, model: nn.Module, data: Data, run_dir: Path, device: torch.device,
+             wait_group: dist.ProcessGroup | None) -> dict[str, float]:
+    """The validation loss on the held-out windows, and lm-eval scores when ``eval.tasks`` / ``eval.task_files`` are
+    set (``wait_group``); collective."""
+    values = {"val_loss": validation_loss(model, data.validation, cfg.data.micro_batch_size, device)}
+    if wait_group is not None:
+        values.update(lm_eval_scores(model, data.tokenizer_file, cfg.eval, run_dir, device, wait_group))
+    return values
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -1061,9 +955,11 @@ def train(cfg: Config) -> None:
     with locked_run_dir(run_dir), MetricsLog(run_dir, cfg, enabled=rank == 0) as metrics:
         checkpoint, skipped = find_checkpoint(ckpt_dir) if cfg.checkpoint.resume else (None, [])
         trainer_state = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
+        if checkpoint:
+            check_held_out(cfg, trainer_state, checkpoint)
         start_step = trainer_state.get("step", 0)
 
-        data = build_data(d, rank, world)
+        data = build_data(cfg, rank, world)
         vocab_size = cfg.model.vocab_size or data.vocab_size
         if vocab_size < data.vocab_size:
             raise ValueError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data.vocab_size})")
@@ -1075,11 +971,14 @@ def train(cfg: Config) -> None:
         optimizer, lr_scheduler = build_optimizer(cfg.optim, trainable, c.steps, device)
         tokens_per_step = world * d.micro_batch_size * d.grad_accum * d.seq_len
         if checkpoint:
-            trainer_state = load_checkpoint(checkpoint, trainable, optimizer)
+            trainer_state = resume_training_state(checkpoint, trainable, optimizer)
             lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
             data.loader.load_state_dict(trainer_state["data"])
             metrics.info("resumed from %s (step %d)", checkpoint, start_step)
             report_resume(metrics, checkpoint, trainer_state, world, tokens_per_step, d)
+        # lm-eval runs on rank 0 alone, for long: the others wait on a CPU group with a timeout to match
+        wait_group = (dist.new_group(backend="gloo", timeout=LM_EVAL_WAIT) if cfg.eval.tasks or cfg.eval.task_files
+                      else None)
 
         n_params = sum(p.numel() for p in model.parameters())
         flops = flops_per_token(model, d.seq_len)
@@ -1096,14 +995,15 @@ def train(cfg: Config) -> None:
             if objective is not None and schedule.is_done(step):
                 release_teacher(objective, data, step, device, metrics)
                 objective = None
-            result = train_step(model, objective, trainable, optimizer, lr_scheduler, schedule, data.loader,
-                                step=step, grad_accum=d.grad_accum, grad_clip=cfg.optim.grad_clip, device=device)
+            result = train_step(model, objective, trainable, optimizer, lr_scheduler, data.loader, step=step,
+                                grad_accum=d.grad_accum, grad_clip=cfg.optim.grad_clip, device=device)
             tokens_seen += tokens_per_step
             done = step + 1
 
             log_now = done % cfg.log.every == 0 or done == end
             checkpoint_now = cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or done == end)
-            if not (log_now or checkpoint_now):
+            eval_now = cfg.eval.every > 0 and (done % cfg.eval.every == 0 or done == c.steps)
+            if not (log_now or checkpoint_now or eval_now):
                 continue
             dist.all_reduce(result.losses)
             loss, lm_loss, align_loss = (result.losses / (world * d.grad_accum)).tolist()
@@ -1127,18 +1027,27 @@ def train(cfg: Config) -> None:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {done}; stopping before it is checkpointed")
             if checkpoint_now:
+                # the schedule's state at the step to resume at (its counter stops once the teacher is released)
+                lambda_state = None if schedule is None else {**schedule.state_dict(), "current_step": done}
                 state = {"tokens_seen": tokens_seen, "tokens_per_step": tokens_per_step,
                          "lr_scheduler": lr_scheduler.state_dict(), "data": data.loader.state_dict(),
-                         "lambda_schedule": schedule.state_dict() if schedule is not None else None,
+                         "lambda_schedule": lambda_state, "held_out_windows": held_out_windows(cfg),
                          "config": dataclasses.asdict(cfg)}
                 started = time.perf_counter()
-                path = save_checkpoint(ckpt_dir, done, trainable, optimizer, state)
+                path = save_checkpoint(ckpt_dir, done, training_state(trainable, optimizer), state)
                 metrics.info("saved %s in %.1fs", path, time.perf_counter() - started)
                 metrics.event("checkpoint", done, path=str(path))
                 skipped = [p for p in skipped if p != path]  # a damaged checkpoint of this step was replaced
                 if rank == 0:
                     for old in prune_checkpoints(ckpt_dir, done, cfg.checkpoint.keep, skipped):
                         metrics.info("deleted %s (checkpoint.keep=%d)", old, cfg.checkpoint.keep)
+            if eval_now:
+                started = time.perf_counter()
+                values = evaluate(cfg, model, data, run_dir, device, wait_group)
+                metrics.info("eval at step %d: %s (%.1fs)", done, " | ".join(f"{k} {v:.4g}" for k, v in values.items()),
+                             time.perf_counter() - started)
+                metrics.evaluation(done, values)
+                last_log_time += time.perf_counter() - started  # evaluation time is not training step time
         if isinstance(data.loader, TeacherTokenizedLoader):
             data.loader.close()
         final = run_dir / "final_model"

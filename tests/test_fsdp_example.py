@@ -1,10 +1,9 @@
 """examples/pretrain_fsdp.py under torchrun: 2 CPU ranks (gloo), the tiny config, a few steps."""
 
 import dataclasses
-import hashlib
 import importlib.util
+import inspect
 import json
-import os
 import random
 import re
 import shutil
@@ -12,6 +11,7 @@ import socket
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,9 +19,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from letkit.data import tokenize_corpus
-from letkit.models import count_parameters, from_preset, load_pretrained
+import letkit
 from letkit import same_tokenizer
+from letkit.checkpointing import find_checkpoint
+from letkit.data import ShardedTokenLoader, tokenize_corpus
+from letkit.models import count_parameters, from_preset, load_pretrained
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "pretrain_fsdp.py"
 STEPS, S_STOP = 12, 6  # the tiny config: 12 steps, the teacher released at step 6, checkpoints every 4 steps
@@ -77,16 +79,19 @@ def torchrun(run_dir, shards, *args):
     return result.stdout + result.stderr
 
 
-def metrics(run_dir):
-    """Per-step records (the last one written for a step wins) and the events of a run's metrics.jsonl."""
-    steps, events = {}, []
+def metrics(run_dir, evaluations=False):
+    """Per-step records (the last one written for a step wins) and the events of a run's metrics.jsonl; with
+    ``evaluations``, also the evaluation records' values by step."""
+    steps, events, evals = {}, [], {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "event" in record:
             events.append(record)
+        elif "eval" in record:
+            evals[record["step"]] = record["eval"]
         else:
             steps[record["step"]] = record
-    return steps, events
+    return (steps, events, evals) if evaluations else (steps, events)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +201,7 @@ def test_retention_keeps_the_newest_intact_checkpoints_and_never_counts_damaged_
     ckpt = run_dir / "checkpoints"
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == ["step_0000008", "step_0000010", "step_0000012", "step_0000016.tmp", "step_0000099"]
-    newest, skipped = load_example().find_checkpoint(ckpt)
+    newest, skipped = find_checkpoint(ckpt)
     assert newest == ckpt / "step_0000010" and skipped == [ckpt / "step_0000099", ckpt / "step_0000012"]
 
 
@@ -213,7 +218,7 @@ def test_retention_repro_from_the_issue_keeps_the_checkpoint_it_just_saved(full_
     torchrun(tmp_path, shards, "--checkpoint.keep", "1", "--train.stop_at", "10", "--checkpoint.every", "2")
     ckpt = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_0000010", "step_0000012", "step_0000099"]
-    assert load_example().find_checkpoint(ckpt)[0] == ckpt / "step_0000010"
+    assert find_checkpoint(ckpt)[0] == ckpt / "step_0000010"
 
 
 def test_resume_after_s_stop_does_not_load_the_teacher(resumed_after_damage):
@@ -237,87 +242,17 @@ def test_exported_model_is_the_last_checkpoint_with_the_data_tokenizer(full_run,
     assert exported.tokenizer is not None and same_tokenizer(exported.tokenizer, data_tokenizer)
 
 
-def fake_checkpoint(directory, number, contents, **overrides):
-    """A checkpoint folder as save_checkpoint writes it: files of ``contents`` and a trainer_state.json with their
-    sizes and SHA-256 (``overrides`` replace its fields)."""
-    path = directory / f"step_{number:07d}"
-    path.mkdir(parents=True)
-    for name, data in contents.items():
-        (path / name).write_bytes(data)
-    sizes = {n: len(d) for n, d in contents.items()}
-    digests = {n: hashlib.sha256(d).hexdigest() for n, d in contents.items()}
-    (path / "trainer_state.json").write_text(json.dumps({"step": number, "files": sizes, "sha256": digests, **overrides}))
-    return path
-
-
-def test_find_checkpoint_rules(tmp_path, caplog):
+def test_a_checkpoint_without_checksums_is_resumed_with_a_warning(tmp_path, caplog):
+    """Written before checksums (and tokens_per_step) were recorded: find_checkpoint checks its sizes only, and the
+    resume says so; the tokens per step come from its config."""
     example = load_example()
-    assert example.find_checkpoint(tmp_path / "none") == (None, [])
-    good = fake_checkpoint(tmp_path, 1, {".metadata": b"meta", "__0_0.distcp": b"abc"})
-    fake_checkpoint(tmp_path, 2, {".metadata": b"m"}, step=7)
-    bad_size = fake_checkpoint(tmp_path, 3, {".metadata": b"m", "__0_0.distcp": b"abc"})
-    (bad_size / "__0_0.distcp").write_bytes(b"ab")
-    missing = fake_checkpoint(tmp_path, 4, {".metadata": b"m"})
-    (missing / ".metadata").unlink()
-    (fake_checkpoint(tmp_path, 5, {}) / "trainer_state.json").write_text("{not json")
-    flipped_shard = fake_checkpoint(tmp_path, 6, {".metadata": b"m", "__1_0.distcp": b"abc"})
-    (flipped_shard / "__1_0.distcp").write_bytes(b"abd")
-    flipped_metadata = fake_checkpoint(tmp_path, 7, {".metadata": b"meta", "__0_0.distcp": b"abc"})
-    (flipped_metadata / ".metadata").write_bytes(b"mexa")
-    (tmp_path / "step_0000008.tmp").mkdir()
-    (tmp_path / "notes").mkdir()
-    found, skipped = example.find_checkpoint(tmp_path)
-    assert found == good and [p.name for p in skipped] == [f"step_{n:07d}" for n in range(7, 1, -1)]
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 7 and all(w.startswith("skipping ") for w in warnings)
-    assert "(its save was interrupted)" in warnings[0]
-    assert ".metadata has other bytes than were written" in warnings[1]
-    assert "__1_0.distcp has other bytes than were written" in warnings[2]
-    assert "Expecting property name" in warnings[3] and ".metadata" in warnings[4]
-    assert "__0_0.distcp has 2 bytes, 3 were written" in warnings[5] and "trainer_state.json says step 7" in warnings[6]
-
-    # written before checksums (and tokens_per_step) were recorded: sizes checked, resumed with a warning
-    old = fake_checkpoint(tmp_path, 9, {".metadata": b"m", "__0_0.distcp": b"abc"})
-    (old / "__0_0.distcp").write_bytes(b"abd")  # same size: not detectable without a checksum
-    state = json.loads((old / "trainer_state.json").read_text())
-    del state["sha256"]
-    state.update(world_size=2, config={"data": {"micro_batch_size": 2, "grad_accum": 2, "seq_len": 32}})
-    (old / "trainer_state.json").write_text(json.dumps(state))
-    assert example.find_checkpoint(tmp_path) == (old, [])
+    state = {"step": 9, "world_size": 2, "config": {"data": {"micro_batch_size": 2, "grad_accum": 2, "seq_len": 32}}}
     cfg = example.load_config(["--config", "tiny"])
     with example.MetricsLog(tmp_path / "run", cfg, enabled=True) as log:
-        example.report_resume(log, old, state, 2, 256, cfg.data)
+        example.report_resume(log, tmp_path / "step_0000009", state, 2, 256, cfg.data)
     assert "records no checksums (an older version of this script wrote it)" in caplog.records[-1].getMessage()
     [resume] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert resume["checkpoint_tokens_per_step"] == 256 and resume["tokens_per_step"] == 256
-
-
-def test_each_rank_checksums_its_share_of_the_files(tmp_path):
-    """__<r>_<n>.distcp is rank r's (modulo the world size), the rest rank 0's; sizes are checked on every rank."""
-    example = load_example()
-    assert [example.file_owner(n, 2) for n in (".metadata", "__0_0.distcp", "__1_0.distcp", "__3_1.distcp")] == [0, 0, 1, 1]
-    assert example.file_owner("__4_0.distcp", 3) == 1
-    path = fake_checkpoint(tmp_path, 1, {".metadata": b"m", "__0_0.distcp": b"abc", "__1_0.distcp": b"xyz"})
-    (path / "__1_0.distcp").write_bytes(b"xyw")
-    assert example.checkpoint_problem(path, 0, 2) is None
-    assert "__1_0.distcp has other bytes" in example.checkpoint_problem(path, 1, 2)
-    assert example.checkpoint_problem(path, 1, 2, checksums=False) is None
-    (path / "__1_0.distcp").write_bytes(b"xy")
-    assert "__1_0.distcp has 2 bytes, 3 were written" in example.checkpoint_problem(path, 0, 2)
-
-
-def test_prune_counts_only_intact_checkpoints_up_to_the_newest(tmp_path):
-    """The issue's repro at unit level: keep=1 after saving 10, with 12 damaged (skipped at resume: flipped bytes)
-    and a garbage 99 beside it, keeps 10 and leaves 12 and 99 alone; older intact ones go, damaged old ones stay."""
-    example = load_example()
-    for n in (2, 4, 8, 10, 12):
-        fake_checkpoint(tmp_path, n, {".metadata": b"m", "__0_0.distcp": b"abc"})
-    (tmp_path / "step_0000004" / "__0_0.distcp").write_bytes(b"ab")  # damaged: not counted, not deleted
-    (tmp_path / "step_0000099").mkdir()
-    deleted = example.prune_checkpoints(tmp_path, 10, 1, skipped=[tmp_path / "step_0000012"])
-    assert [p.name for p in deleted] == ["step_0000008", "step_0000002"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000004", "step_0000010", "step_0000012", "step_0000099"]
-    assert example.prune_checkpoints(tmp_path, 10, 0, skipped=[]) == []  # keep=0: all
 
 
 @pytest.mark.parametrize("preset, billions", [("1.4b", 1.36), ("7b", 6.74)])
@@ -369,12 +304,34 @@ def test_config_overrides_help_and_errors(tmp_path, capsys):
         example.load_config(["--config", "tiny", "--teacher.projector", "conv"])
     with pytest.raises(ValueError, match="teacher.layer_map='L2E,X2Y': unknown layer mapping strategy 'X2Y'"):
         example.load_config(["--config", "tiny", "--teacher.layer_map", "L2E,X2Y"])
-    assert example.load_config(["--config", "tiny", "--teacher.schedule", "exponential"]).teacher.schedule == "exponential"
-    with pytest.raises(ValueError, match="teacher.schedule='step' cannot be built .*step_size"):
+    with pytest.raises(ValueError, match=r"teacher.schedule='step' cannot be built .*schedule_args='' \(its keyword "
+                                         r"arguments: step_size, gamma, warmup_steps, hold_steps\).*step_size"):
         example.load_config(["--config", "tiny", "--teacher.schedule", "step"])
+    with pytest.raises(ValueError, match=r"teacher.schedule_args: 'gamma' is not key=value"):
+        example.load_config(["--config", "tiny", "--teacher.schedule", "step", "--teacher.schedule_args", "gamma"])
+    with pytest.raises(ValueError, match=r"teacher.schedule='linear' cannot be built .*'gamma'"):
+        example.load_config(["--config", "tiny", "--teacher.schedule_args", "gamma=0.5"])
     with pytest.raises(SystemExit):
         example.load_config(["--config", "tiny", "--train.compile", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(letkit.SCHEDULES))
+def test_every_schedule_of_letkit_is_accepted_with_its_constructor_arguments(name):
+    """--teacher.schedule takes any name in letkit.SCHEDULES (no list of its own) and --teacher.schedule_args its
+    keyword arguments; the help lists each schedule's."""
+    example = load_example()
+    keyword_only = {p.name: p for p in inspect.signature(letkit.SCHEDULES[name]).parameters.values()
+                    if p.kind is p.KEYWORD_ONLY}
+    args = {key: 2 for key, p in keyword_only.items() if p.default is p.empty}  # e.g. step's step_size
+    args["warmup_steps"] = 1
+    text = ",".join(f"{k}={v}" for k, v in args.items())
+    cfg = example.load_config(["--config", "tiny", "--teacher.schedule", name, "--teacher.schedule_args", text])
+    schedule = example.build_schedule(cfg.teacher)
+    assert type(schedule) is letkit.SCHEDULES[name] and schedule.stop_step == S_STOP and schedule.lambda0 == 0.5
+    assert all(getattr(schedule, key) == value for key, value in args.items())
+    assert schedule(0) == 0.0 and schedule(1) == 0.5  # the warmup argument took effect
+    assert f"{name}: {', '.join(keyword_only)}" in example.TeacherConfig.__dataclass_fields__["schedule_args"].metadata["help"]
 
 
 @pytest.fixture
@@ -399,7 +356,14 @@ def test_gradients_are_reduced_once_per_optimizer_step(world_of_one, monkeypatch
     model = example.build_target(cfg, 64, mesh, device)
     teacher = example.build_teacher(cfg.teacher.path, 64, device, 0, seq_len=8)
     schedule = example.SCHEDULES["linear"](0.5, 6)
-    objective = example.build_objective(cfg, model, teacher, schedule, mesh, device)
+    def refuse(*args, **kwargs):
+        raise AssertionError("building the objective ran the teacher")
+
+    teacher.model.forward = refuse  # the objective is sized from the models' configs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no deprecated argument (target_block_list)
+        objective = example.build_objective(cfg, model, teacher, schedule, mesh)
+    del teacher.model.forward
     assert not objective.loss_fn.check_finite  # no host-device sync per step; the loop checks the logged loss
     trainable = torch.nn.ModuleDict({"model": model, "projector": objective.projector})
     groups = {name: m for name, m in trainable.named_modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_groups}
@@ -414,9 +378,10 @@ def test_gradients_are_reduced_once_per_optimizer_step(world_of_one, monkeypatch
     monkeypatch.setattr(param_group, "foreach_reduce", counting)
     optimizer, lr_scheduler = example.build_optimizer(cfg.optim, trainable, 10, device)
     loader = example.RandomTokens(64, 8, 2, 0, 0)
-    result = example.train_step(model, objective, trainable, optimizer, lr_scheduler, schedule, loader, step=0,
-                                grad_accum=3, grad_clip=1.0, device=device)
-    assert result.has_align and torch.isfinite(result.losses).all() and result.lambda_ == 0.5
+    result = example.train_step(model, objective, trainable, optimizer, lr_scheduler, loader, step=3, grad_accum=3,
+                                grad_clip=1.0, device=device)
+    assert result.has_align and torch.isfinite(result.losses).all() and result.lambda_ == 0.5 * (6 - 3) / 6
+    assert schedule.current_step == 3  # the step given is the one counter: train_step does not advance another
     assert len(reductions) == len(groups)  # one per FSDP parameter group, not one per micro-step
     assert all(p.grad is not None for p in trainable.parameters() if p.requires_grad)
 
@@ -495,8 +460,10 @@ def test_restore_lambda_schedule_rules(tmp_path):
     no_config = {**state, "config": {}}  # the schedule's own check (letkit's LambdaSchedule.load_state_dict)
     with pytest.raises(ValueError, match="cannot resume from .*stop_step: saved 6 vs 8"):
         example.restore_lambda_schedule(example.SCHEDULES["linear"](0.5, 8), changed.teacher, no_config, tmp_path)
-    with pytest.raises(ValueError, match="trainer_state.json has step 5 but lambda schedule step 4"):
-        example.restore_lambda_schedule(example.SCHEDULES["linear"](0.5, 6), cfg.teacher, {**state, "step": 5}, tmp_path)
+    # one step counter: trainer_state.json's step (the training loop's), whatever the saved schedule state says
+    schedule = example.SCHEDULES["linear"](0.5, 6)
+    example.restore_lambda_schedule(schedule, cfg.teacher, {**state, "step": 5}, tmp_path)
+    assert schedule.current_step == 5
 
 
 def test_resume_with_a_changed_lambda_schedule_fails_before_loading_the_teacher(full_run, shards, tmp_path):
@@ -563,47 +530,13 @@ def test_cross_tokenizer_let_with_a_teacher_of_another_tokenizer(shards, tmp_pat
     assert [e["step"] for e in events if e["event"] == "teacher_released"] == [S_STOP]
 
 
-def test_run_dir_lock_refuses_a_live_holder_and_takes_over_stale_locks(tmp_path, caplog):
-    """One holder at a time; a lock left by a process that is gone (or whose pid now runs another program) is
-    taken over with a warning; a holder on another host is refused with how to remove its lock."""
-    example = load_example()
-    first = example.RunDirLock(tmp_path)
-    first.acquire()
-    lock_file = tmp_path / "run.lock"
-    holder = json.loads(lock_file.read_text())
-    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-    with pytest.raises(example.RunDirInUse, match=rf"is in use by another run: process {os.getpid()} on host "):
-        example.RunDirLock(tmp_path).acquire()
-    first.release()
-    assert not lock_file.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    for stale in ({**holder, "pid": int(gone.stdout)},  # a process that has exited
-                  {**holder, "process_start": "1"}):  # this pid, but another process start: the pid was reused
-        lock_file.write_text(json.dumps(stale))
-        lock = example.RunDirLock(tmp_path)
-        lock.acquire()
-        assert json.loads(lock_file.read_text()) == lock.holder
-        assert "taking over the stale lock" in caplog.records[-1].getMessage()
-        lock.release()
-
-    for elsewhere in ({"host": "elsewhere"}, {"pid_namespace": "pid:[1]"}):  # another host or another container
-        lock_file.write_text(json.dumps({**holder, "pid": int(gone.stdout), **elsewhere}))
-        with pytest.raises(example.RunDirInUse, match=f"process {gone.stdout.strip()} on host .*if it is no longer "
-                                                      f"running .* delete {lock_file}"):
-            example.RunDirLock(tmp_path).acquire()
-    example.RunDirLock(tmp_path).release()  # not this process's lock: left alone
-    assert json.loads(lock_file.read_text())["pid_namespace"] == "pid:[1]"
-
-
 def test_a_second_run_in_the_same_run_dir_is_refused_naming_the_holder(shards, tmp_path):
     """A live run (here a sleeping process that holds the lock) keeps a second one out: every rank exits with
     the holder's pid and host, before anything is trained or written."""
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("pretrain_fsdp", {str(EXAMPLE)!r})
-example = importlib.util.module_from_spec(spec); sys.modules[spec.name] = example; spec.loader.exec_module(example)
-example.RunDirLock(sys.argv[1]).acquire(); print("locked", flush=True); time.sleep(600)
+    holder = subprocess.Popen([sys.executable, "-c", """
+import sys, time
+from letkit.checkpointing import RunDirLock
+RunDirLock(sys.argv[1]).acquire(); print("locked", flush=True); time.sleep(600)
 """, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
@@ -633,8 +566,9 @@ def test_resume_on_another_world_size_is_logged_and_recorded(full_run, shards, t
 
 
 def test_tensorboard_and_wandb_sinks_get_the_step_records(tmp_path, monkeypatch):
-    """Step records' numbers go to TensorBoard scalars and to W&B (a stand-in module: wandb is not a test
-    dependency) beside metrics.jsonl; events stay in metrics.jsonl; a rerun continues the same W&B run."""
+    """Step and evaluation records' numbers go to TensorBoard scalars (train/..., eval/...) and to W&B (a stand-in
+    module: wandb is not a test dependency; eval/...) beside metrics.jsonl; events stay in metrics.jsonl; a rerun
+    continues the same W&B run."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     calls = []
@@ -660,17 +594,21 @@ def test_tensorboard_and_wandb_sinks_get_the_step_records(tmp_path, monkeypatch)
             log.step(1, loss=2.5, align_loss=None, lambda_=0.5)
             log.event("checkpoint", 1, path="x")
             log.step(2, loss=2.25, align_loss=0.75, lambda_=0.25)
+            log.evaluation(2, {"val_loss": 3.5, "task/acc": 0.25})
     with example.MetricsLog(tmp_path / "other", cfg, enabled=False) as log:  # ranks > 0 write nothing
         log.step(1, loss=1.0)
     assert not (tmp_path / "other").exists()
 
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[:3] == [{"step": 1, "loss": 2.5, "align_loss": None, "lambda_": 0.5},
+    assert lines[:4] == [{"step": 1, "loss": 2.5, "align_loss": None, "lambda_": 0.5},
                          {"event": "checkpoint", "step": 1, "path": "x"},
-                         {"step": 2, "loss": 2.25, "align_loss": 0.75, "lambda_": 0.25}]
+                         {"step": 2, "loss": 2.25, "align_loss": 0.75, "lambda_": 0.25},
+                         {"step": 2, "eval": {"val_loss": 3.5, "task/acc": 0.25}}]
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert sorted(events.Tags()["scalars"]) == ["train/align_loss", "train/lambda_", "train/loss"]
+    assert sorted(events.Tags()["scalars"]) == ["eval/task/acc", "eval/val_loss", "train/align_loss", "train/lambda_",
+                                                "train/loss"]
+    assert [(e.step, e.value) for e in events.Scalars("eval/val_loss")] == [(2, 3.5)] * 2
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.5), (2, 2.25)] * 2
     assert [(e.step, e.value) for e in events.Scalars("train/align_loss")] == [(2, 0.75)] * 2
 
@@ -679,8 +617,9 @@ def test_tensorboard_and_wandb_sinks_get_the_step_records(tmp_path, monkeypatch)
     assert len(inits) == 2 and all(i["id"] == run_id and i["resume"] == "allow" for i in inits)
     assert inits[0]["mode"] == "offline" and inits[0]["dir"] == str(tmp_path) and inits[0]["project"] == "letkit"
     assert inits[0]["config"]["log"]["wandb"] is True
-    assert calls[1:4] == [("log", {"loss": 2.5, "lambda_": 0.5}, 1), ("log", {"loss": 2.25, "align_loss": 0.75,
-                                                                               "lambda_": 0.25}, 2), ("finish",)]
+    assert calls[1:5] == [("log", {"loss": 2.5, "lambda_": 0.5}, 1), ("log", {"loss": 2.25, "align_loss": 0.75,
+                                                                               "lambda_": 0.25}, 2),
+                          ("log", {"eval/val_loss": 3.5, "eval/task/acc": 0.25}, 2), ("finish",)]
 
 
 @pytest.mark.parametrize("sink", ["tensorboard", "wandb"])
@@ -690,3 +629,96 @@ def test_a_missing_sink_package_is_named_with_its_pip_install(sink, monkeypatch)
     with pytest.raises(ValueError, match=f"log.{sink}=true needs the {sink} package, which is not installed: "
                                          f"pip install {sink}"):
         example.load_config(["--config", "tiny", f"--log.{sink}", "true"])
+
+
+def next_word_task(path, items=12):
+    """A local multiple-choice task on the corpus's cycle: after three consecutive words, the next one."""
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(items):
+            i = rng.randrange(40)
+            gold = f"w{(i + 3) % 40}"
+            choices = [gold, *rng.sample([f"w{j}" for j in range(40) if f"w{j}" != gold], 3)]
+            rng.shuffle(choices)
+            context = " ".join(f"w{(i + k) % 40}" for k in range(3))
+            f.write(json.dumps({"context": context, "choices": choices, "label": choices.index(gold)}) + "\n")
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_in_loop_evaluation_of_held_out_loss_and_lm_eval_scores(shards, tmp_path, monkeypatch):
+    """--eval.every 8 on 12 steps evaluates at 8 and 12 (the last step): the validation loss over the last 16 token
+    windows of the shards, held out of training, equals a float64 recomputation from the step-12 checkpoint; a local
+    JSONL task is scored by lm-evaluation-harness on rank 0 from a temporary export (gone afterwards). Both go to
+    metrics.jsonl and TensorBoard, and the training loss is that of a run without evaluation."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'letkit[eval]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # no hub here: the local JSON task must not need one
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    task = next_word_task(tmp_path / "next_word.jsonl")
+    run_dir = tmp_path / "run"
+    torchrun(run_dir, shards, "--eval.every", "8", "--eval.windows", "16", "--eval.task_files", str(task),
+             "--eval.limit", "8", "--checkpoint.every", "12", "--checkpoint.export", "false", "--log.tensorboard", "true")
+    steps, _, evals = metrics(run_dir, evaluations=True)
+    assert sorted(evals) == [8, 12] and sorted(steps) == list(range(1, STEPS + 1))
+    assert all(0.0 <= e["local_next_word/acc"] <= 1.0 for e in evals.values()), evals
+    assert evals[12]["val_loss"] < evals[8]["val_loss"], evals
+    assert not list(run_dir.glob(".tmp-*"))  # the temporary exports are removed
+
+    vocab = json.loads((shards / "index.json").read_text())["vocab_size"]
+    model = from_preset("tiny", vocab_size=vocab).double()
+    state = {"model": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    dcp.load(state, checkpoint_id=run_dir / "checkpoints" / "step_0000012", no_dist=True)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()})
+    held_out = next(ShardedTokenLoader(shards, seq_len=32, batch_size=16, shuffle=False, windows=slice(-16, None)))
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(held_out[:, :-1]).flatten(0, 1), held_out[:, 1:].flatten())
+    assert evals[12]["val_loss"] == pytest.approx(want.item(), rel=1e-5)
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/val_loss")] == [(s, pytest.approx(evals[s]["val_loss"]))
+                                                                           for s in (8, 12)]
+    assert "eval/local_next_word/acc" in events.Tags()["scalars"]
+    assert json.loads((run_dir / "checkpoints" / "step_0000012" / "trainer_state.json").read_text())["held_out_windows"] == 16
+
+
+def test_evaluation_settings_are_checked_before_training(shards, tmp_path, monkeypatch):
+    """Bad evaluation settings are refused up front, naming the field; a resume that would hold out other windows
+    (so train on other data) than the checkpoint's run is refused with the settings that resume it."""
+    example = load_example()
+    base = ["--config", "tiny", "--data.path", str(shards)]
+    with pytest.raises(ValueError, match=r"eval.tasks='arc_easy' / eval.task_files='' are scored every eval.every "
+                                         r"steps, but eval.every=0"):
+        example.load_config([*base, "--eval.tasks", "arc_easy"])
+    with pytest.raises(ValueError, match=r"eval.every=4 evaluates on token windows held out of data.path, but "
+                                         r"data.path='random:256' is random tokens"):
+        example.load_config(["--config", "tiny", "--eval.every", "4"])
+    with pytest.raises(ValueError, match="eval.windows must be positive, got 0"):
+        example.load_config([*base, "--eval.every", "4", "--eval.windows", "0"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"context": "w1", "choices": ["w2"], "label": 0}) + "\n")
+    with pytest.raises(ValueError, match=rf"task file '{re.escape(str(bad))}', line 1: \"choices\" must be a list"):
+        example.load_config([*base, "--eval.every", "4", "--eval.task_files", str(bad)])
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"eval.tasks='arc_easy' needs the lm_eval package, which is not installed: "
+                                         r"pip install 'letkit\[eval\]'"):
+        example.load_config([*base, "--eval.every", "4", "--eval.tasks", "arc_easy"])
+    monkeypatch.delitem(sys.modules, "lm_eval")
+
+    cfg = example.load_config([*base, "--eval.every", "4", "--eval.windows", "3"])
+    with pytest.raises(ValueError, match=r"eval.windows=3 is less than one micro-batch per rank \(2 ranks x "
+                                         r"data.micro_batch_size=2\): hold out at least 4"):
+        example.build_data(cfg, 0, 2)
+    data = example.build_data(cfg, 0, 1)  # one rank validates on whole micro-batches: 2 of the 3 held-out windows
+    all_windows = ShardedTokenLoader(shards, seq_len=32, batch_size=2).num_windows
+    assert data.validation.shape == (2, 33) and data.loader.num_windows == all_windows - 3
+    checkpoint = tmp_path / "step_0000008"
+    example.check_held_out(cfg, {"held_out_windows": 3}, checkpoint)
+    with pytest.raises(ValueError, match=rf"cannot resume from {checkpoint}: its run held out the last 0 token windows "
+                                         r"for validation, this one would hold out 3 .* Resume with --eval.every 0"):
+        example.check_held_out(cfg, {}, checkpoint)  # a checkpoint of a run without evaluation
+    no_eval = example.load_config(base)
+    with pytest.raises(ValueError, match=r"held out the last 3 .* would hold out 0 .* --eval.every N --eval.windows 3"):
+        example.check_held_out(no_eval, {"held_out_windows": 3}, checkpoint)
