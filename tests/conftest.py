@@ -1,5 +1,5 @@
-"""Shared test setup: Triton's CPU interpreter for the fused kernels, and a tiny causal LM that is not one of letkit's
-models (any nn.Module must work).
+"""Shared test setup: Triton's CPU interpreter for the fused kernels, a tiny causal LM that is not one of letkit's
+models (any nn.Module must work), and a process group of one rank.
 
 Without CUDA the fused kernels run under Triton's interpreter, which is chosen when ``letkit.kernels`` is imported:
 ``TRITON_INTERPRET=1`` is set here, before any test module is collected, and a session in which ``letkit.kernels``
@@ -78,3 +78,13 @@ def benchmark_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def world_of_one():
+    """An in-process gloo process group of one rank (an in-memory store: no port to race for)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from letkit.checkpointing import (RunDirInUse, RunDirLock, checkpoint_problem, file_owner, find_checkpoint,
                                   load_checkpoint, locked_run_dir, prune_checkpoints, save_checkpoint)
@@ -80,14 +79,6 @@ def test_checkpoint_problem_names_the_file_and_stays_inside_the_directory(tmp_pa
     no_files = fake_checkpoint(tmp_path / "no_files", 1, {".metadata": b"m"})
     (no_files / "trainer_state.json").write_text(json.dumps({"step": 1}))
     assert checkpoint_problem(no_files) == "trainer_state.json has no 'files'"
-
-
-@pytest.fixture
-def world_of_one():
-    """An in-process gloo process group of one rank."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # no port to race for
-    yield
-    dist.destroy_process_group()
 
 
 def test_save_records_sizes_checksums_and_rng_and_load_restores_them(world_of_one, tmp_path):

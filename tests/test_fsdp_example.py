@@ -334,16 +334,6 @@ def test_every_schedule_of_letkit_is_accepted_with_its_constructor_arguments(nam
     assert f"{name}: {', '.join(keyword_only)}" in example.TeacherConfig.__dataclass_fields__["schedule_args"].metadata["help"]
 
 
-@pytest.fixture
-def world_of_one():
-    """An in-process gloo process group of one rank."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # no port to race for
-    yield
-    dist.destroy_process_group()
-
-
 def test_gradients_are_reduced_once_per_optimizer_step(world_of_one, monkeypatch):
     """With grad accumulation, reduce-scatter runs in the last micro-step only (target and sharded projector)."""
     import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
