@@ -915,7 +915,7 @@ def lm_eval_scores(model: nn.Module, tokenizer_file: Path, e: EvalConfig, run_di
         scratch = Path(tempfile.mkdtemp(prefix=f".tmp-eval_model-{os.getpid()}-", dir=run_dir))
     scores = {}
     try:
-        export_model(model, scratch / "model" if scratch else None, Tokenizer.from_file(str(tokenizer_file)))
+        export_model(model, None if scratch is None else scratch / "model", Tokenizer.from_file(str(tokenizer_file)))
         if scratch is not None:
             tasks = _items(e.tasks) + [local_choice_task(f, scratch / "tasks") for f in _items(e.task_files)]
             # lm-eval seeds torch's global RNG: keep the training's (checkpointed) RNG state as it was
