@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_directory", "atomic_write", "atomic_write_bytes", "atomic_write_json", "remove_stale_temporaries"]
+__all__ = ["atomic_directory", "atomic_write", "atomic_write_bytes", "atomic_write_json", "remove_stale_temporaries",
+           "replace_directory"]
 
 
 def _umask() -> int:
@@ -83,12 +84,31 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
 
 
 # ".tmp-<name>-<pid>-<random>" (ours), possibly wrapped by save_pretrained's own ".<that>.tmp-<random>".
-_TEMPORARY_NAME = re.compile(r"^\.+tmp-.+-(?P<pid>\d+)-[a-z0-9_]+(\.tmp-[a-z0-9_]+)?(\.png)?$")
+_TEMPORARY_NAME = re.compile(r"^\.+tmp-(?P<name>.+)-(?P<pid>\d+)-(?P<tag>[a-z0-9_]+)(\.tmp-[a-z0-9_]+)?(\.png)?$")
+_RETIRED = "retired"
+
+
+def replace_directory(complete: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move the complete directory ``complete`` to ``final``, replacing ``final`` if it exists.
+
+    Two renames: the old ``final`` first moves aside to ``.tmp-<name>-<pid>-retired``, then ``complete`` takes its
+    place, then the old one is deleted. A crash between the renames leaves no ``final``, only the retired copy,
+    which :func:`remove_stale_temporaries` moves back rather than deleting: nothing is lost either way.
+    """
+    complete, final = Path(complete), Path(final)
+    if not final.exists():
+        os.rename(complete, final)
+        return
+    retired = final.with_name(f".tmp-{final.name}-{os.getpid()}-{_RETIRED}")
+    os.rename(final, retired)
+    os.rename(complete, final)
+    shutil.rmtree(retired)
 
 
 def remove_stale_temporaries(root: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
     """Delete the ``.tmp-*`` leftovers below ``root`` (directly in it if not ``recursive``) of processes that no
-    longer run; returns what was removed."""
+    longer run; returns what was removed. A directory retired by an interrupted :func:`replace_directory` whose
+    replacement never arrived is moved back to its name instead (and not listed)."""
     root = Path(root)
     removed: list[Path] = []
     if not root.is_dir():
@@ -96,6 +116,10 @@ def remove_stale_temporaries(root: str | os.PathLike, *, recursive: bool = True)
     for tmp in (root.rglob if recursive else root.glob)("*.tmp-*"):
         match = _TEMPORARY_NAME.match(tmp.name)
         if match is None or _process_alive(int(match["pid"])):
+            continue
+        original = tmp.with_name(match["name"])
+        if match["tag"] == _RETIRED and tmp.is_dir() and not original.exists():
+            os.rename(tmp, original)
             continue
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

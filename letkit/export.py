@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def export_checkpoint(
     """
     import torch.distributed.checkpoint as dcp
 
-    from letkit.atomic import remove_stale_temporaries
+    from letkit.atomic import remove_stale_temporaries, replace_directory
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -90,13 +89,7 @@ def export_checkpoint(
     remove_stale_temporaries(out_dir.parent, recursive=False)  # its siblings: the parent may hold other live trees
     staging = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}-new")
     save_pretrained(model.to(dtype), staging, tokenizer=tok)
-    if out_dir.exists():
-        retired = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}-old")
-        os.rename(out_dir, retired)
-        os.rename(staging, out_dir)
-        shutil.rmtree(retired)
-    else:
-        os.rename(staging, out_dir)
+    replace_directory(staging, out_dir)
     return out_dir
 
 

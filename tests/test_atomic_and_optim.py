@@ -57,3 +57,45 @@ def test_datasheet_peaks_prefer_the_specific_name():
     assert datasheet_peaks("NVIDIA H100 80GB HBM3")[0] == "H100"
     assert datasheet_peaks("NVIDIA H200")[1:] == (989e12, 4.8e12)
     assert datasheet_peaks("cpu") is None
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_replace_directory_interrupted_between_its_renames_loses_nothing(tmp_path, monkeypatch):
+    import os
+
+    from letkit.atomic import remove_stale_temporaries, replace_directory
+
+    final, new = tmp_path / "export", tmp_path / ".tmp-export-1-new"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    new.mkdir()
+    (new / "weights").write_text("new")
+    real_rename, renames = os.rename, []
+
+    def crash_on_second_rename(src, dst):
+        renames.append((src, dst))
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crash_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_directory(new, final)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not final.exists()
+    retired = renames[0][1]
+    dead = retired.with_name(retired.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-"))
+    real_rename(retired, dead)  # as if the interrupted process had exited
+    remove_stale_temporaries(tmp_path, recursive=False)
+    assert (final / "weights").read_text() == "old"  # the old directory is back, not deleted
+
+    replace_directory(new, final)
+    assert (final / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
