@@ -41,7 +41,7 @@ from letkit.demo.teacher import (
     prepare_teacher_data,
     pretrain_teacher,
 )
-from letkit.demo.tokens import TokenData, check_teacher_vocabulary, encode_documents, prepare_data, train_bpe_tokenizer
+from letkit.demo.tokens import TokenData, check_teacher_reads_data, encode_documents, prepare_data, train_bpe_tokenizer
 from letkit.demo.train import (
     AuxiliaryObjective,
     EvalPoint,
@@ -75,7 +75,7 @@ __all__ = [
     "TrainSchedule",
     "build_model",
     "check_output_dir",
-    "check_teacher_vocabulary",
+    "check_teacher_reads_data",
     "compare_runs",
     "compare_seed",
     "crossing",
