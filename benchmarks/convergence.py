@@ -31,8 +31,8 @@ S_stop = all steps, L2M, interpolate)::
     python benchmarks/convergence.py --preset quick --threads 1 --seed 1 --seeds 2 --lr 1e-3 --lambda0 3 \
         --stop-fraction 1.0 --layer-map L2E --vary layer_map=L2M --out quick_combo.json
 
-The comparison with logit distillation, each method with a small sweep of its main knob (a sketch; the commands
-behind RESULTS.md's table will be listed here with their results)::
+The comparison with logit distillation, for example every method at its base settings, and the distillation methods
+also at two other KD weights and a second temperature::
 
     python benchmarks/convergence.py --preset default --threads 2 --methods let,salt,rkd,let+salt \
         --vary kd_weight=0.1,1 --vary temperature=2 --out methods_seed0.json

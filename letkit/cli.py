@@ -248,21 +248,23 @@ def demo_config_from_args(args: argparse.Namespace):
         config.teacher_schedule = dataclasses.replace(config.teacher_schedule, steps=args.teacher_steps, warmup_steps=warmup)
     if args.lr is not None:
         config.target_schedule = dataclasses.replace(config.target_schedule, lr=args.lr)
-    let_overrides = {"lambda0": args.lambda0, "layer_map": args.layer_map, "projector": args.projector}
+    steps = config.target_schedule.steps
+    let_overrides = {"lambda0": args.lambda0, "layer_map": args.layer_map, "projector": args.projector,
+                     "stop_fraction": _fraction_of_run("--stop-step", args.stop_step, steps)}
     config.let = dataclasses.replace(config.let, **{k: v for k, v in let_overrides.items() if v is not None})
-    if args.stop_step is not None:
-        steps = config.target_schedule.steps
-        if not 1 <= args.stop_step <= steps:
-            raise DemoError(f"--stop-step must be in 1 .. {steps} (the target's steps), got {args.stop_step}")
-        config.let = dataclasses.replace(config.let, stop_fraction=args.stop_step / steps)
-    kd_overrides = {"weight": args.kd_weight, "temperature": args.kd_temperature}
+    kd_overrides = {"weight": args.kd_weight, "temperature": args.kd_temperature,
+                    "stop_fraction": _fraction_of_run("--kd-stop-step", args.kd_stop_step, steps)}
     config.kd = dataclasses.replace(config.kd, **{k: v for k, v in kd_overrides.items() if v is not None})
-    if args.kd_stop_step is not None:
-        steps = config.target_schedule.steps
-        if not 1 <= args.kd_stop_step <= steps:
-            raise DemoError(f"--kd-stop-step must be in 1 .. {steps} (the target's steps), got {args.kd_stop_step}")
-        config.kd = dataclasses.replace(config.kd, stop_fraction=args.kd_stop_step / steps)
     return config
+
+
+def _fraction_of_run(option: str, step: int | None, steps: int) -> float | None:
+    """``step / steps`` for a stop step given as ``option`` (None when not given), checked to be in 1 .. steps."""
+    if step is None:
+        return None
+    if not 1 <= step <= steps:
+        raise DemoError(f"{option} must be in 1 .. {steps} (the target's steps), got {step}")
+    return step / steps
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,15 +13,21 @@ import torch
 import letkit.demo as demo
 from test_demo import make_corpus, tiny_config, write_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "convergence.py"
 
 
-def load_convergence():
-    spec = importlib.util.spec_from_file_location("convergence_benchmark", SCRIPT)
+def load_benchmark(name: str):
+    """The script benchmarks/NAME.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_convergence():
+    return load_benchmark("convergence")
 
 
 def test_sweep_over_seeds_lrs_and_variants_writes_consistent_json(tmp_path, monkeypatch, capsys):

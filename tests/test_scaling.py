@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,18 +10,15 @@ import torch
 
 import letkit.demo as demo
 from letkit.models import count_parameters
+from test_convergence import BENCHMARKS, load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
+SCRIPT = BENCHMARKS / "scaling.py"
 LET = {"lambda0": 3.0, "stop_fraction": 1.0, "layer_map": "L2M", "projector": "interpolate", "loss": "cosine"}
 KD = {"weight": 0.5, "temperature": 1.0, "stop_fraction": 0.25}
 
 
 def load_scaling():
-    spec = importlib.util.spec_from_file_location("scaling_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scaling")
 
 
 def convergence_file(path: Path, layers: int, variants: dict, records: list[tuple], *, old_format: bool = False,
