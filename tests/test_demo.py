@@ -279,6 +279,8 @@ def test_method_settings():
     assert set(demo.METHODS) == set(demo.METHOD_LABELS)
     with pytest.raises(DemoError, match=r"method must be one of \('let', 'salt', 'rkd', 'let\+salt'\), got 'kd'"):
         demo.method_settings("kd", let, kd)
+    with pytest.raises(DemoError, match="method must be one of"):
+        tiny_config(Path("unused"), Path("unused"), method="kd").validate()
 
 
 def record_calls(monkeypatch, objective_class) -> list[dict]:

@@ -23,8 +23,8 @@ interrupted run leaves nothing half-written):
 
 Entry points: :func:`run_demo` (what ``letkit demo`` runs) and the stages it is built from, which
 ``benchmarks/convergence.py`` reuses for its multi-seed study and ablations: :func:`prepare` (data and teacher),
-:func:`target_run` (a baseline, LET and/or distillation run), :func:`train_lockstep` (runs side by side on the same batches) and
-:func:`compare_runs` (speedups). One module per stage: ``config``, ``cache``, ``corpus``, ``tokens``, ``teacher``,
+:func:`target_run` (a baseline, LET and/or distillation run), :func:`train_lockstep` (runs side by side on the same
+batches) and :func:`compare_runs` (speedups). One module per stage: ``config``, ``cache``, ``corpus``, ``tokens``, ``teacher``,
 ``train``, ``methods``, ``compare``, ``report``, ``pipeline``.
 """
 

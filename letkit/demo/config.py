@@ -87,7 +87,7 @@ class KDSettings:
     stop_fraction: float = 0.25
 
     def stop_step(self, steps: int) -> int:
-        """The last step + 1 with distillation, for a run of ``steps`` steps (at least 1)."""
+        """The first step without distillation, for a run of ``steps`` steps (at least 1)."""
         return _stop_step(self.stop_fraction, steps)
 
 
@@ -186,13 +186,12 @@ class DemoConfig:
             raise DemoError(f"bin_dtype must be one of {BIN_DTYPES}, got {self.bin_dtype!r}")
         if not self.let.lambda0 >= 0 or not 0 < self.let.stop_fraction <= 1:
             raise DemoError(f"LET needs lambda0 >= 0 and 0 < stop_fraction <= 1, got {self.let}")
-        if self.method not in METHODS:
-            raise DemoError(f"method must be one of {METHODS}, got {self.method!r}")
         kd = self.kd
         if not 0 <= kd.weight < math.inf or not 0 < kd.temperature < math.inf or not 0 < kd.stop_fraction <= 1:
             raise DemoError(f"logit distillation needs a finite weight >= 0, a finite temperature > 0 and "
                             f"0 < stop_fraction <= 1, got {kd}")
-        if method_settings(self.method, self.let, kd)[1] is not None and self.alignment_mode is not None:
+        _, distillation = method_settings(self.method, self.let, kd)  # refuses an unknown method
+        if distillation is not None and self.alignment_mode is not None:
             raise DemoError(f"method {self.method!r} distils the teacher's logits into the target's over one shared "
                             "vocabulary, so the teacher must read the target's tokens: it cannot be combined with "
                             "cross-tokenizer LET (--cross-tokenizer, --teacher-vocab-size)")

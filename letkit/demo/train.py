@@ -45,9 +45,10 @@ class AuxiliaryObjective(Protocol):
     Called once per training step, after the model's forward pass, with the step, the batch's input ids
     ``[B, T]``, the model's logits and the loss so far; returns that loss with its term added. Its
     ``parameters()`` (a learned projector, say) train alongside the model's. The attributes are read for the
-    report: ``name``, the term's name in :attr:`EvalPoint.weights`; ``lambda_``, its weight at the last step; the seconds spent in teacher forward passes and in
-    re-tokenizing batches for the teacher (both on the run's clock); and ``aligned_fraction``, the fraction of
-    target positions that received a teacher feature (None unless cross-tokenizer).
+    report: ``name``, the term's name in :attr:`EvalPoint.weights`; ``lambda_``, its weight at the last step; the
+    seconds spent in teacher forward passes and in re-tokenizing batches for the teacher (both on the run's clock);
+    and ``aligned_fraction``, the fraction of target positions that received a teacher feature (None unless
+    cross-tokenizer).
     """
 
     name: str
