@@ -9,7 +9,7 @@ import operator
 import sys
 from collections.abc import Sequence
 
-from letkit.demo import PRESETS, DemoError, format_report, preset, run_demo
+from letkit.demo import METHODS, PRESETS, DemoError, format_report, preset, run_demo
 from letkit.demo.config import BIN_DTYPES
 from letkit.token_alignment import ALIGNMENT_MODES
 
@@ -20,6 +20,9 @@ Pretrains a small teacher on a corpus (cached for the next run), then trains two
 teacher's non-embedding parameters -- same initialisation, same batches, same LR schedule, same steps -- one with plain
 next-token loss (baseline) and one with LET, and reports how many steps and seconds LET needs to reach the baseline's
 final validation loss. Default corpus: this Python's own standard library source. No GPU, no downloads.
+
+--method compares the baseline with the paper's other uses of the same teacher instead: SALT (distil its logits
+early in the run, then train normally), RKD (distil them for the whole run) or LET+SALT (both terms).
 """
 
 DEMO_EPILOG = """\
@@ -31,6 +34,7 @@ examples:
   letkit demo --teacher path/to/checkpoint  # your own teacher (HF layout: config.json + safetensors)
   letkit demo --teacher DIR --tokenizer target.json --cross-tokenizer   # a teacher with another tokenizer
   letkit demo --teacher-vocab-size 512      # cross-tokenizer LET with a teacher pretrained on a 512-token BPE
+  letkit demo --method salt --kd-weight 1   # SALT instead of LET: logit distillation for the first 25% of the steps
 
 outputs: a table on stdout, OUT/metrics.json (config, curves, speedups, teacher cost), OUT/demo.png (needs letkit[plot]).
 """
@@ -83,7 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--teacher-vocab-size", type=int, metavar="N",
                       help="pretrain the teacher on its own byte-level BPE of N tokens (implies --cross-tokenizer)")
 
-    let = demo.add_argument_group("LET")
+    method = demo.add_argument_group("method")
+    method.add_argument("--method", choices=METHODS,
+                        help="what the second target adds to the next-token loss: LET's alignment term, logit "
+                             "distillation from the teacher early on (salt) or for the whole run (rkd), or LET and "
+                             f"SALT's terms summed ({_preset_default('method')})")
+    method.add_argument("--lr", type=float,
+                        help=f"peak learning rate of both runs, the baseline's best in the sweep "
+                             f"({_preset_default('target_schedule.lr')})")
+
+    let = demo.add_argument_group("LET (--method let, let+salt)")
     let.add_argument("--lambda0", type=float,
                      help=f"initial alignment weight lambda0 ({_preset_default('let.lambda0')})")
     let.add_argument("--stop-step", type=int, metavar="N", help="S_stop: step where lambda reaches 0 and the teacher is dropped (default: the last step)")
@@ -91,9 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"teacher layer -> target layer ({_preset_default('let.layer_map')})")
     let.add_argument("--projector", choices=("interpolate", "linear", "mlp"),
                      help=f"P: target -> teacher features ({_preset_default('let.projector')})")
-    let.add_argument("--lr", type=float,
-                     help=f"peak learning rate of both runs, the baseline's best in the sweep "
-                          f"({_preset_default('target_schedule.lr')})")
+
+    kd = demo.add_argument_group("logit distillation (--method salt, rkd, let+salt): "
+                                 "L_NLL + weight * T^2 * KL(teacher || target)")
+    kd.add_argument("--kd-weight", type=float, metavar="W",
+                    help=f"weight of the distillation term while it is on ({_preset_default('kd.weight')})")
+    kd.add_argument("--kd-temperature", type=float, metavar="T",
+                    help=f"softmax temperature of both models' logits ({_preset_default('kd.temperature')})")
+    kd.add_argument("--kd-stop-step", type=int, metavar="N",
+                    help=f"SALT: distil for the first N steps, then train normally (default "
+                         f"{PRESETS['default'].kd.stop_fraction * 100:g}%% of the steps; RKD always distils for all of them)")
 
     io = demo.add_argument_group("outputs")
     io.add_argument("--out", metavar="DIR", help=f"where metrics.json and demo.png go ({_preset_default('out_dir')})")
@@ -209,7 +229,7 @@ def demo_config_from_args(args: argparse.Namespace):
                  "bin_dtype": args.bin_dtype, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
                  "teacher": args.teacher, "cross_tokenizer": args.cross_tokenizer,
                  "teacher_vocab_size": args.teacher_vocab_size, "out_dir": args.out, "cache_dir": args.cache_dir,
-                 "eval_every": args.eval_every}
+                 "eval_every": args.eval_every, "method": args.method}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     config.plot, config.progress = not args.no_plot, not args.no_progress
     if args.steps is not None:
@@ -228,14 +248,23 @@ def demo_config_from_args(args: argparse.Namespace):
         config.teacher_schedule = dataclasses.replace(config.teacher_schedule, steps=args.teacher_steps, warmup_steps=warmup)
     if args.lr is not None:
         config.target_schedule = dataclasses.replace(config.target_schedule, lr=args.lr)
-    let_overrides = {"lambda0": args.lambda0, "layer_map": args.layer_map, "projector": args.projector}
+    steps = config.target_schedule.steps
+    let_overrides = {"lambda0": args.lambda0, "layer_map": args.layer_map, "projector": args.projector,
+                     "stop_fraction": _fraction_of_run("--stop-step", args.stop_step, steps)}
     config.let = dataclasses.replace(config.let, **{k: v for k, v in let_overrides.items() if v is not None})
-    if args.stop_step is not None:
-        steps = config.target_schedule.steps
-        if not 1 <= args.stop_step <= steps:
-            raise DemoError(f"--stop-step must be in 1 .. {steps} (the target's steps), got {args.stop_step}")
-        config.let = dataclasses.replace(config.let, stop_fraction=args.stop_step / steps)
+    kd_overrides = {"weight": args.kd_weight, "temperature": args.kd_temperature,
+                    "stop_fraction": _fraction_of_run("--kd-stop-step", args.kd_stop_step, steps)}
+    config.kd = dataclasses.replace(config.kd, **{k: v for k, v in kd_overrides.items() if v is not None})
     return config
+
+
+def _fraction_of_run(option: str, step: int | None, steps: int) -> float | None:
+    """``step / steps`` for a stop step given as ``option`` (None when not given), checked to be in 1 .. steps."""
+    if step is None:
+        return None
+    if not 1 <= step <= steps:
+        raise DemoError(f"{option} must be in 1 .. {steps} (the target's steps), got {step}")
+    return step / steps
 
 
 def main(argv: Sequence[str] | None = None) -> int:

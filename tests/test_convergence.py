@@ -1,6 +1,7 @@
 """benchmarks/convergence.py: a toy-size LR sweep with LET variants over two seeds, and its summary statistics."""
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -12,15 +13,21 @@ import torch
 import letkit.demo as demo
 from test_demo import make_corpus, tiny_config, write_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "convergence.py"
 
 
-def load_convergence():
-    spec = importlib.util.spec_from_file_location("convergence_benchmark", SCRIPT)
+def load_benchmark(name: str):
+    """The script benchmarks/NAME.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_convergence():
+    return load_benchmark("convergence")
 
 
 def test_sweep_over_seeds_lrs_and_variants_writes_consistent_json(tmp_path, monkeypatch, capsys):
@@ -37,32 +44,106 @@ def test_sweep_over_seeds_lrs_and_variants_writes_consistent_json(tmp_path, monk
     assert code == 0
     report = json.loads(out.read_text())
     assert report["command"].startswith("python benchmarks/convergence.py --preset quick")
-    assert set(report["variants"]) == {"let", "lambda0=0.5", "projector=teacher_interpolate"}
-    assert report["variants"]["lambda0=0.5"]["lambda0"] == 0.5
+    assert set(report["variants"]) == {"let", "let lambda0=0.5", "let projector=teacher_interpolate"}
+    assert report["variants"]["let lambda0=0.5"] == {"method": "let", "kd": None,
+                                                    "let": {**report["variants"]["let"]["let"], "lambda0": 0.5}}
 
     records = report["records"]
     assert len(records) == 2 * 2 * 4  # seeds x LRs x (baseline + 3 LET variants)
     assert {(r["seed"], r["lr"]) for r in records} == {(s, lr) for s in (0, 1) for lr in (3e-3, 1.5e-3)}
     for r in records:
         assert r["curve"][-1]["val_loss"] == r["final_val_loss"]
-        assert ("comparison" in r) == (r["variant"] != "baseline")
+        assert ("comparison" in r) == (r["variant"] != "baseline") and r["method"] == r["variant"].split()[0]
         assert (r["teacher_forward_seconds"] > 0) == (r["variant"] != "baseline")
 
     rows = {(row["variant"], row["lr"]): row for row in report["summary"]}
     assert len(rows) == 4 * 2
-    row = rows[("lambda0=0.5", 1.5e-3)]
-    speedups = [r["comparison"]["step_speedup"] for r in records if (r["variant"], r["lr"]) == ("lambda0=0.5", 1.5e-3)]
+    row = rows[("let lambda0=0.5", 1.5e-3)]
+    speedups = [r["comparison"]["step_speedup"] for r in records if (r["variant"], r["lr"]) == ("let lambda0=0.5", 1.5e-3)]
     assert row["seeds"] == [0, 1] and row["step_speedup"]["mean"] == pytest.approx(sum(speedups) / 2)
     assert row["step_speedup"]["ci95"][0] <= row["step_speedup"]["mean"] <= row["step_speedup"]["ci95"][1]
     assert "step_speedup" not in rows[("baseline", 3e-3)]
     assert "0.0015" in capsys.readouterr().out  # LRs printed exactly, not rounded to one digit
 
 
-def test_bad_variant_is_refused():
+def test_variants_apply_to_the_methods_that_have_the_setting():
     convergence = load_convergence()
-    base = demo.LETSettings(lambda0=1.0, stop_fraction=0.5)
+    let, kd = demo.LETSettings(lambda0=1.0, stop_fraction=0.5), demo.KDSettings(weight=0.5, stop_fraction=0.25)
+    methods = convergence.parse_methods("baseline,let,salt,rkd,let+salt")
+    assert methods == ["let", "salt", "rkd", "let+salt"]
+    variants = convergence.parse_variants(methods, let, kd, ["kd_weight=0.1", "kd_stop_fraction=0.5", "lambda0=3"])
+    V, rkd = convergence.Variant, dataclasses.replace(kd, stop_fraction=1.0)
+    assert variants == {
+        "let": V("let", let, None), "salt": V("salt", None, kd), "rkd": V("rkd", None, rkd),
+        "let+salt": V("let+salt", let, kd),
+        "salt kd_weight=0.1": V("salt", None, dataclasses.replace(kd, weight=0.1)),
+        "rkd kd_weight=0.1": V("rkd", None, dataclasses.replace(rkd, weight=0.1)),
+        "let+salt kd_weight=0.1": V("let+salt", let, dataclasses.replace(kd, weight=0.1)),
+        "salt kd_stop_fraction=0.5": V("salt", None, dataclasses.replace(kd, stop_fraction=0.5)),  # not RKD's
+        "let+salt kd_stop_fraction=0.5": V("let+salt", let, dataclasses.replace(kd, stop_fraction=0.5)),
+        "let lambda0=3": V("let", dataclasses.replace(let, lambda0=3.0), None),
+        "let+salt lambda0=3": V("let+salt", dataclasses.replace(let, lambda0=3.0), kd),
+    }
+    only_variants = convergence.parse_variants(["salt"], let, kd, ["temperature=2"], include_base=False)
+    assert only_variants == {"salt temperature=2": V("salt", None, dataclasses.replace(kd, temperature=2.0))}
+
+
+def test_bad_methods_and_variants_are_refused(tmp_path, monkeypatch, capsys):
+    convergence = load_convergence()
+    let, kd = demo.LETSettings(lambda0=1.0, stop_fraction=0.5), demo.KDSettings()
     with pytest.raises(SystemExit, match="KEY=V1,V2"):
-        convergence.parse_variants(base, ["warmup=3"])
+        convergence.parse_variants(["let"], let, kd, ["warmup=3"])
+    with pytest.raises(SystemExit, match=r"none of the methods \['rkd'\] has 'kd_stop_fraction'"):
+        convergence.parse_variants(["rkd"], let, kd, ["kd_stop_fraction=0.5"])
+    with pytest.raises(SystemExit, match=r"none of the methods \['salt'\] has 'lambda0'"):
+        convergence.parse_variants(["salt"], let, kd, ["lambda0=3"])
+    for bad in ("let,kd", "let,let", ""):
+        with pytest.raises(SystemExit, match="--methods"):
+            convergence.parse_methods(bad)
+    monkeypatch.setitem(demo.PRESETS, "quick", tiny_config(tmp_path, make_corpus(tmp_path / "corpus")))
+    common = ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "x.json")]
+    for args, message in ((["--methods", "salt", "--vary", "temperature=0"], "salt temperature=0: logit distillation "
+                                                                              "needs a finite weight >= 0"),
+                          (["--methods", "let,rkd", "--cross-tokenizer"], "rkd: method 'rkd' distils the teacher's"),
+                          (["--vary", "lambda0=-1"], "let lambda0=-1: LET needs lambda0 >= 0")):
+        assert convergence.main([*args, *common]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "x.json").exists()  # refused before any work
+
+
+def test_methods_compared_in_one_lockstep_group(tmp_path, monkeypatch):
+    convergence = load_convergence()
+    config = tiny_config(tmp_path, make_corpus(tmp_path / "corpus"), target_schedule=demo.TrainSchedule(8, 4, 3e-3, 1),
+                         eval_every=2)
+    monkeypatch.setitem(demo.PRESETS, "quick", config)
+    out = tmp_path / "methods.json"
+    threads = torch.get_num_threads()
+    try:
+        assert convergence.main(["--methods", "baseline,salt,rkd,let+salt", "--vary", "kd_weight=2", "--kd-temperature",
+                                 "2", "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    names = ["baseline", "salt", "rkd", "let+salt", "salt kd_weight=2", "rkd kd_weight=2", "let+salt kd_weight=2"]
+    assert [r["variant"] for r in report["records"]] == names
+    records = {r["variant"]: r for r in report["records"]}
+    assert [records[n]["method"] for n in names] == ["baseline", "salt", "rkd", "let+salt", "salt", "rkd", "let+salt"]
+    assert report["variants"]["rkd kd_weight=2"]["kd"] == {"weight": 2.0, "temperature": 2.0, "stop_fraction": 1.0}
+    # each term's weight at each evaluation: SALT distils 2 of the 8 steps, RKD all 8, LET fades out by step 4
+    weights = {n: [p["weights"] for p in records[n]["curve"][1:]] for n in names}
+    assert weights["salt"] == [{"kd": 0.5}, {"kd": 0.0}, {"kd": 0.0}, {"kd": 0.0}]
+    assert weights["rkd kd_weight=2"] == [{"kd": 2.0}] * 4
+    assert [w["kd"] for w in weights["let+salt"]] == [0.5, 0, 0, 0] and [w["let"] > 0 for w in weights["let+salt"]] == [
+        True, True, False, False]
+    assert weights["baseline"] == [{}] * 4
+    baseline = records["baseline"]
+    for name in names[1:]:
+        r = records[name]
+        assert r["curve"][0]["val_loss"] == baseline["curve"][0]["val_loss"]  # the same initialisation
+        assert r["final_val_loss"] != baseline["final_val_loss"] and r["teacher_forward_seconds"] > 0
+        assert set(r["comparison"]) >= {"step_speedup", "final_val_loss_delta"}
+    assert {row["variant"]: row["method"] for row in report["summary"]} == dict(zip(names, [records[n]["method"]
+                                                                                          for n in names]))
 
 
 def test_help_shows_defaults_and_the_commands_as_written(capsys):

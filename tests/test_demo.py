@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import json
 import math
@@ -12,6 +13,7 @@ import re
 import shutil
 import sys
 import sysconfig
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 import letkit.demo as demo
-from letkit import LETObjective, TeacherFeatureExtractor
+from letkit import LETObjective, LogitDistillation, TeacherFeatureExtractor
 from letkit.atomic import remove_stale_temporaries
 from letkit.cli import build_parser, demo_config_from_args, main
 from letkit.demo import (
@@ -103,7 +105,8 @@ def test_demo_writes_consistent_metrics(demo_run):
             assert r["final_perplexity"] == pytest.approx(math.exp(r["final_val_loss"]))
         # same initial weights: identical loss before the first step; LET's lambda is 0 after S_stop
         assert base["curve"][0]["val_loss"] == let["curve"][0]["val_loss"]
-        assert let["curve"][2]["lambda_"] > 0 and let["curve"][-1]["lambda_"] == 0
+        assert let["curve"][2]["weights"]["let"] > 0 and let["curve"][-1]["weights"] == {"let": 0.0}
+        assert all(p["weights"] == {} for p in base["curve"])
         assert 0 < let["teacher_forward_seconds"] < let["train_seconds"]
         to_result = lambda d: RunResult("x", [EvalPoint(**p) for p in d["curve"]], d["steps"], d["train_seconds"], 0.0)
         assert run["comparison"] == compare_runs(to_result(base), to_result(let))
@@ -111,8 +114,10 @@ def test_demo_writes_consistent_metrics(demo_run):
     assert metrics["summary"]["step_speedup"] == mean_ci95(speedups)
     for run in metrics["runs"]:  # on this idle-or-not machine both wall-clock measures are reported
         assert run["comparison"]["wall_speedup_load_matched"] > 0 and run["comparison"]["wall_speedup"] > 0
+    assert metrics["method"] == "let" and metrics["target"]["kd_stop_step"] is None
     report = demo.format_report(metrics)
     assert "step speedup" in report and "95% CI" in report and "raw wall-clock speedup" in report
+    assert "method: LET vs the baseline (LET lambda0 1, S_stop 8 (L2E, interpolate))" in report
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
@@ -224,6 +229,7 @@ def test_stage_api_with_an_auxiliary_objective_of_ones_own(tmp_path, one_thread)
     class Penalty:
         """A toy method: 0.5 * w^2 on a parameter of its own, to check the trainer's contract."""
 
+        name = "penalty"
         teacher_forward_seconds = teacher_tokenize_seconds = 0.0
         aligned_fraction = None
 
@@ -251,14 +257,114 @@ def test_stage_api_with_an_auxiliary_objective_of_ones_own(tmp_path, one_thread)
     assert {c[1:3] for c in penalty.calls} == {((batch, config.seq_len), (batch, config.seq_len, data.vocab_size))}
     assert penalty.calls[0][3] == pytest.approx(math.log(data.vocab_size), rel=0.1)  # it received the NLL
     assert 0 < penalty.w.item() < 1  # its parameter trained alongside the model's
-    assert own.curve[-1].lambda_ == 0.5 and baseline.curve[-1].lambda_ == 0.0
-    assert let.curve[1].lambda_ > 0 and let.teacher_forward_seconds > 0 == baseline.teacher_forward_seconds
+    assert own.curve[-1].weights == {"penalty": 0.5} and baseline.curve[-1].weights == {}
+    assert let.curve[1].weights["let"] > 0 and let.teacher_forward_seconds > 0 == baseline.teacher_forward_seconds
     assert [p.step for p in own.curve] == [p.step for p in baseline.curve] == [0, 4, 8, 12, 16]
     assert set(demo.compare_runs(baseline, let)) >= {"step_speedup", "wall_speedup", "reached"}
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The paper's other methods: logit distillation from the same teacher (SALT, RKD) and LET+SALT
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_method_settings():
+    let, kd = demo.LETSettings(lambda0=2.0, stop_fraction=0.5), demo.KDSettings(weight=0.3, temperature=2.0,
+                                                                                   stop_fraction=0.2)
+    assert demo.method_settings("let", let, kd) == (let, None)
+    assert demo.method_settings("salt", let, kd) == (None, kd)
+    assert demo.method_settings("rkd", let, kd) == (None, demo.KDSettings(0.3, 2.0, 1.0))  # distils the whole run
+    assert demo.method_settings("let+salt", let, kd) == (let, kd)
+    assert kd.stop_step(100) == 20 and demo.KDSettings(stop_fraction=0.001).stop_step(100) == 1
+    assert set(demo.METHODS) == set(demo.METHOD_LABELS)
+    with pytest.raises(DemoError, match=r"method must be one of \('let', 'salt', 'rkd', 'let\+salt'\), got 'kd'"):
+        demo.method_settings("kd", let, kd)
+    with pytest.raises(DemoError, match="method must be one of"):
+        tiny_config(Path("unused"), Path("unused"), method="kd").validate()
+
+
+def record_calls(monkeypatch, objective_class) -> list[dict]:
+    """Every call of ``objective_class``'s forward: the step, its output and whether it was finished afterwards."""
+    calls = []
+    real_forward = objective_class.forward
+
+    def forward(self, input_ids, **kwargs):
+        out = real_forward(self, input_ids, **kwargs)
+        calls.append({"step": kwargs["step"], "out": out, "finished": self.finished})
+        return out
+
+    monkeypatch.setattr(objective_class, "forward", forward)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["salt", "rkd", "let+salt"])
+def test_each_method_adds_its_terms_exactly_while_their_schedules_run(demo_run, method, monkeypatch, one_thread):
+    _, demo_config, _ = demo_run
+    config = dataclasses.replace(demo_config, method=method, seeds=1)
+    prepared = demo.prepare(config, log=lambda m: None)  # the teacher cached by demo_run
+    data, steps = prepared.data, config.target_schedule.steps
+    let, kd = demo.method_settings(method, config.let, config.kd)
+    spec = demo.target_run(config, data, 0, name=method, let=let, kd=kd, teacher_path=prepared.teacher.path)
+    assert [type(o) for o in spec.objectives] == ([demo.LETAlignment] if let else []) + [demo.DistillationTerm]
+    teacher_models = {o.name: weakref.ref(o.objective.teacher.model) for o in spec.objectives}
+    assert teacher_models["kd"]() is not teacher_models.get("let", lambda: None)()  # each term has its own teacher
+    kd_calls, let_calls = record_calls(monkeypatch, LogitDistillation), record_calls(monkeypatch, LETObjective)
+    baseline, run = demo.train_lockstep([demo.target_run(config, data, 0, name="baseline"), spec], data,
+                                        config.target_schedule, seq_len=config.seq_len, data_seed=0,
+                                        eval_every=config.eval_every, eval_sequences=config.eval_sequences,
+                                        progress=False)
+
+    stops = {"kd": kd.stop_step(steps), "let": let.stop_step(steps) if let else None}
+    assert stops["kd"] == {"salt": 4, "rkd": 16, "let+salt": 4}[method]  # 25% of 16 steps, or all of them
+    for name, calls in (("kd", kd_calls), ("let", let_calls)):
+        if stops[name] is None:
+            assert calls == []
+            continue
+        assert [c["step"] for c in calls] == list(range(steps))
+        term = [c["out"].distill_loss if name == "kd" else c["out"].align_loss for c in calls]
+        assert [t is not None for t in term] == [s < stops[name] for s in range(steps)]
+        assert all(t > 0 for t in term if t is not None)
+        # the teacher is released at the first step past its schedule, not before
+        assert [c["finished"] for c in calls] == [s >= stops[name] for s in range(steps)]
+        gc.collect()
+        assert (teacher_models[name]() is None) == (stops[name] < steps)  # its memory is freed, not just unhooked
+    if kd.stop_fraction == 1.0:
+        assert not spec.objectives[-1].objective.finished  # RKD distils until the run's last step
+    for point in run.curve[1:]:  # each term's weight at the step before the evaluation
+        assert point.weights["kd"] == (kd.weight if point.step - 1 < stops["kd"] else 0.0)
+        assert ("let" in point.weights) == (let is not None)
+    assert all(p.weights == {} for p in baseline.curve)
+    assert run.curve[0].val_loss == baseline.curve[0].val_loss and run.final_val_loss != baseline.final_val_loss
+    assert 0 < run.teacher_forward_seconds < run.train_seconds and baseline.teacher_forward_seconds == 0
+
+
+def test_demo_with_let_and_salt_names_the_method_in_its_outputs(demo_run, tmp_path, capsys):
+    _, demo_config, _ = demo_run
+    out = tmp_path / "out"
+    argv = ["demo", "--method", "let+salt", "--kd-weight", "0.25", "--kd-temperature", "2", "--kd-stop-step", "6"]
+    args = build_parser().parse_args([*argv, "--quick"])
+    config = demo_config_from_args(args)
+    assert config.method == "let+salt" and config.kd == demo.KDSettings(0.25, 2.0, 6 / 300)
+    config = dataclasses.replace(demo_config, method="let+salt", kd=demo.KDSettings(0.25, 2.0, 6 / 16), seeds=1,
+                                 out_dir=str(out))
+    metrics = demo.run_demo(config, log=lambda m: None)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["method"] == metrics["method"] == "let+salt" and on_disk["config"]["kd"]["temperature"] == 2.0
+    assert metrics["target"]["stop_step"] == 8 and metrics["target"]["kd_stop_step"] == 6
+    [run] = metrics["runs"]
+    assert set(run) == {"seed", "baseline", "let+salt", "comparison"}
+    assert run["let+salt"]["curve"][1]["weights"]["kd"] == 0.25 and run["let+salt"]["curve"][2]["weights"]["kd"] == 0
+    report = demo.format_report(metrics)
+    assert "LET+SALT val (ppl)" in report and "LET+SALT reaches baseline final" in report
+    assert ("method: LET+SALT vs the baseline (LET lambda0 1, S_stop 8 (L2E, interpolate); KD weight 0.25, "
+            "temperature 2, until step 6)") in report
+    assert "LET+SALT's final val loss below the baseline's in" in report and "LET's" not in report
+    if metrics["plot"]:
+        assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_crossing_is_interpolated_between_evaluations():
-    curve = [EvalPoint(0, 0.0, 8.0, None, 0), EvalPoint(10, 5.0, 6.0, 6.5, 0), EvalPoint(20, 9.0, 4.0, 4.5, 0)]
+    curve = [EvalPoint(0, 0.0, 8.0, None), EvalPoint(10, 5.0, 6.0, 6.5), EvalPoint(20, 9.0, 4.0, 4.5)]
     assert crossing(curve, 5.0) == (15.0, 7.0)
     assert crossing(curve, 6.0) == (10.0, 5.0)
     assert crossing(curve, 3.9) is None
@@ -267,7 +373,7 @@ def test_crossing_is_interpolated_between_evaluations():
 
 def test_speedups_both_ways():
     def run(losses, seconds):
-        points = [EvalPoint(10 * i, s, v, None, 0) for i, (v, s) in enumerate(zip(losses, seconds))]
+        points = [EvalPoint(10 * i, s, v, None) for i, (v, s) in enumerate(zip(losses, seconds))]
         return RunResult("r", points, 10 * (len(losses) - 1), seconds[-1], 0.0)
 
     baseline = run([8, 6, 5, 4.5, 4.0], [0, 10, 20, 30, 40])
@@ -376,11 +482,13 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--corpus", str(corpus), "--tokenizer", str(tmp / "small.txt")], "is not a tokenizers tokenizer.json"),
         (["--corpus", str(corpus), "--teacher", str(tmp / "missing_teacher")], "is not a checkpoint directory"),
         (["--corpus", str(corpus), "--teacher", str(teacher_other), "--tokenizer", str(other_tok)],
-         "uses a different tokenizer ("),
+         "tokenizes differently from the data ("),
         (["--corpus", str(corpus), "--teacher", str(teacher_small), "--tokenizer", str(other_tok)],
-         "has 100 token embeddings but the target vocabulary has"),
+         "has 100 token embeddings, fewer than the data's vocabulary of 273 tokens"),
         (["--corpus", str(corpus), "--teacher", str(teacher_small), "--tokenizer", str(other_tok), "--cross-tokenizer"],
-         "has no tokenizer.json"),
+         "has no tokenizer (tokenizer.json)"),
+        (["--corpus", str(corpus), "--teacher", str(teacher_other)],
+         f"seq_len=128 is longer than the teacher {str(teacher_other)!r} supports (max_position_embeddings=64)"),
         (["--corpus", str(tmp / "matrix.npy"), "--cross-tokenizer", "mean"], "must hold a 1-D integer array"),
         (["--corpus", str(corpus), "--teacher-vocab-size", "100"], "teacher_vocab_size must be >= 257"),
         (["--corpus", str(corpus), "--teacher-vocab-size", "300", "--teacher", str(teacher_other)],
@@ -392,6 +500,15 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--corpus", str(corpus), "--vocab-size", "10"],
          "vocab_size must be >= 257 (256 byte tokens and <|endoftext|>), got 10"),
         (["--corpus", str(corpus), "--target-layers", "0"], "--target-layers must be >= 1, got 0"),
+        (["--corpus", str(corpus), "--method", "salt", "--kd-stop-step", "0"], "--kd-stop-step must be in 1 .."),
+        (["--corpus", str(corpus), "--method", "rkd", "--kd-temperature", "0"],
+         "logit distillation needs a finite weight >= 0, a finite temperature > 0"),
+        (["--corpus", str(corpus), "--method", "salt", "--kd-weight", "-1"],
+         "logit distillation needs a finite weight >= 0"),
+        (["--corpus", str(corpus), "--method", "let+salt", "--cross-tokenizer"],
+         "method 'let+salt' distils the teacher's logits into the target's over one shared vocabulary"),
+        (["--corpus", str(corpus), "--method", "rkd", "--teacher-vocab-size", "300"],
+         "it cannot be combined with cross-tokenizer LET"),
     ]
 
 
@@ -492,13 +609,15 @@ def test_cli_help_and_overrides(capsys):
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for option in ("--quick", "--corpus", "--teacher", "--tokenizer", "--seeds", "--cache-dir", "--out", "--lambda0",
-                   "--cross-tokenizer", "--teacher-vocab-size"):
+                   "--cross-tokenizer", "--teacher-vocab-size", "--method", "--kd-stop-step"):
         assert option in help_text
     option_help = {entry.split()[0]: " ".join(entry.split()) for entry in re.split(r"\n  (?=-)", help_text)}
     for option, field in (("--eval-every", "eval_every"), ("--teacher-steps", "teacher_schedule.steps"),
                           ("--steps", "target_schedule.steps"), ("--seeds", "seeds"),
-                          ("--target-layers", "target_shape.num_layers")):
+                          ("--target-layers", "target_shape.num_layers"), ("--method", "method"),
+                          ("--kd-weight", "kd.weight"), ("--kd-temperature", "kd.temperature")):
         default, quick = (operator.attrgetter(field)(demo.PRESETS[name]) for name in ("default", "quick"))
+        default, quick = (f"{v:g}" if isinstance(v, float) else v for v in (default, quick))
         shown = f"(default {default})" if default == quick else f"(default {default}, --quick {quick})"
         assert option_help[option].endswith(shown), option_help[option]
     args = build_parser().parse_args(["demo", "--quick", "--steps", "100", "--lambda0", "3", "--stop-step", "25",
@@ -510,6 +629,10 @@ def test_cli_help_and_overrides(capsys):
     assert demo.PRESETS["quick"].target_schedule.steps != 100  # presets are not modified
     layers = demo_config_from_args(build_parser().parse_args(["demo", "--target-layers", "3"]))
     assert layers.target_shape.num_layers == 3 and demo.PRESETS["default"].target_shape.num_layers == 6
+    assert config.method == "let" and config.kd == demo.PRESETS["quick"].kd  # LET unless told otherwise
+    assert "--kd-stop-step N" in help_text and "(default 25% of the steps; RKD always distils" in " ".join(help_text.split())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--method", "kd"])
     assert main([]) == 2
     assert config.alignment_mode is None and config.cross_tokenizer is None  # off by default
     cross = demo_config_from_args(build_parser().parse_args(["demo", "--cross-tokenizer"]))

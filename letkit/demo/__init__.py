@@ -14,34 +14,48 @@ interrupted run leaves nothing half-written):
    (:func:`letkit.token_alignment.tokenize_for_teacher`); ``teacher_vocab_size`` pretrains such a teacher on a smaller BPE.
 4. **Two targets**, each with >= 10x the teacher's non-embedding parameters, from the same initialisation, on the
    same batches in the same order, with the same AdamW + warmup/cosine LR schedule for the same number of steps:
-   the *baseline* (next-token NLL only) and *LET* (:class:`letkit.LETObjective`).
-5. **Report** -- validation curves, where LET reaches the baseline's final validation loss (linearly interpolated
-   between evaluations), step and wall-clock speedups (the teacher's forward passes are part of LET's clock; the
-   teacher's pretraining is reported separately), ``metrics.json`` and a PNG of the curves.
+   the *baseline* (next-token NLL only) and the *method* (``DemoConfig.method``): *LET*
+   (:class:`letkit.LETObjective`), or one of the paper's baselines that distil the teacher's logits
+   (:class:`letkit.LogitDistillation`): *SALT* (early in the run) and *RKD* (the whole run), or *LET+SALT*.
+5. **Report** -- validation curves, where the method reaches the baseline's final validation loss (linearly
+   interpolated between evaluations), step and wall-clock speedups (the teacher's forward passes are part of the
+   method's clock; the teacher's pretraining is reported separately), ``metrics.json`` and a PNG of the curves.
 
 Entry points: :func:`run_demo` (what ``letkit demo`` runs) and the stages it is built from, which
 ``benchmarks/convergence.py`` reuses for its multi-seed study and ablations: :func:`prepare` (data and teacher),
-:func:`target_run` (a baseline or LET run), :func:`train_lockstep` (runs side by side on the same batches) and
-:func:`compare_runs` (speedups). One module per stage: ``config``, ``cache``, ``corpus``, ``tokens``, ``teacher``,
+:func:`target_run` (a baseline, LET and/or distillation run), :func:`train_lockstep` (runs side by side on the same
+batches) and :func:`compare_runs` (speedups). One module per stage: ``config``, ``cache``, ``corpus``, ``tokens``, ``teacher``,
 ``train``, ``methods``, ``compare``, ``report``, ``pipeline``.
 """
 
 from letkit.demo.cache import CACHE_FORMAT, default_cache_dir
 from letkit.demo.compare import compare_runs, crossing, mean_ci95, seconds_at, t_critical_95
-from letkit.demo.config import PRESETS, DemoConfig, DemoError, LETSettings, ModelShape, TrainSchedule, preset
+from letkit.demo.config import (
+    METHOD_LABELS,
+    METHODS,
+    PRESETS,
+    DemoConfig,
+    DemoError,
+    KDSettings,
+    LETSettings,
+    ModelShape,
+    TrainSchedule,
+    method_settings,
+    preset,
+)
 from letkit.demo.corpus import Corpus, load_corpus, stdlib_corpus_files
-from letkit.demo.methods import CrossTokenizerInputs, LETAlignment, compare_seed, target_run
+from letkit.demo.methods import CrossTokenizerInputs, DistillationTerm, LETAlignment, compare_seed, target_run
 from letkit.demo.pipeline import Prepared, check_output_dir, prepare, run_demo
 from letkit.demo.report import format_report, plot_curves
 from letkit.demo.teacher import (
     TEACHER_INFO_FILE,
+    ForwardClock,
     TeacherInfo,
-    TimedTeacher,
     open_teacher,
     prepare_teacher_data,
     pretrain_teacher,
 )
-from letkit.demo.tokens import TokenData, check_teacher_vocabulary, encode_documents, prepare_data, train_bpe_tokenizer
+from letkit.demo.tokens import TokenData, check_teacher_reads_data, encode_documents, prepare_data, train_bpe_tokenizer
 from letkit.demo.train import (
     AuxiliaryObjective,
     EvalPoint,
@@ -55,6 +69,8 @@ from letkit.demo.train import (
 
 __all__ = [
     "CACHE_FORMAT",
+    "METHODS",
+    "METHOD_LABELS",
     "PRESETS",
     "TEACHER_INFO_FILE",
     "AuxiliaryObjective",
@@ -62,7 +78,10 @@ __all__ = [
     "CrossTokenizerInputs",
     "DemoConfig",
     "DemoError",
+    "DistillationTerm",
     "EvalPoint",
+    "ForwardClock",
+    "KDSettings",
     "LETAlignment",
     "LETSettings",
     "ModelShape",
@@ -70,12 +89,11 @@ __all__ = [
     "RunResult",
     "RunSpec",
     "TeacherInfo",
-    "TimedTeacher",
     "TokenData",
     "TrainSchedule",
     "build_model",
     "check_output_dir",
-    "check_teacher_vocabulary",
+    "check_teacher_reads_data",
     "compare_runs",
     "compare_seed",
     "crossing",
@@ -85,6 +103,7 @@ __all__ = [
     "format_report",
     "load_corpus",
     "mean_ci95",
+    "method_settings",
     "open_teacher",
     "plot_curves",
     "prepare",

@@ -1,5 +1,5 @@
-"""Statistics of the comparison: where LET reaches the baseline's final validation loss, the step and wall-clock
-speedups that follow, and means with t-based 95% confidence intervals over seeds."""
+"""Statistics of the comparison: where a method (LET, say) reaches the baseline's final validation loss, the step and
+wall-clock speedups that follow, and means with t-based 95% confidence intervals over seeds."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def seconds_at(curve: Sequence[EvalPoint], step: float) -> float:
 
 
 def compare_runs(baseline: RunResult, let: RunResult) -> dict[str, Any]:
-    """Speedups of LET over the baseline.
+    """Speedups of a method's run ``let`` (LET or another, trained beside the baseline) over the baseline.
 
     If LET reaches the baseline's final validation loss at step s (after t seconds): step speedup = steps / s and
     wall-clock speedup = baseline seconds / t (>= 1 means LET is faster). If it never does, both are computed the

@@ -1,10 +1,12 @@
-"""Settings of one ``letkit demo`` run: model shapes, schedules, LET's settings, the presets, and their checks."""
+"""Settings of one ``letkit demo`` run: model shapes, schedules, the compared method's settings (LET, logit
+distillation), the presets, and their checks."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from letkit.optim import warmup_cosine_lr
@@ -14,6 +16,10 @@ EOS_TOKEN = "<|endoftext|>"
 BIN_DTYPES = ("uint16", "uint32")
 # A byte-level BPE holds the 256 byte tokens and <|endoftext|> before any merge.
 MIN_BPE_VOCAB = 257
+
+METHODS = ("let", "salt", "rkd", "let+salt")
+"""The methods the demo compares with the baseline (``--method``)."""
+METHOD_LABELS = {"let": "LET", "salt": "SALT", "rkd": "RKD", "let+salt": "LET+SALT"}
 
 Log = Callable[[str], None]
 """Where the stages send their progress lines (``print`` by default)."""
@@ -63,7 +69,41 @@ class LETSettings:
 
     def stop_step(self, steps: int) -> int:
         """S_stop for a run of ``steps`` steps (at least 1)."""
-        return max(1, round(self.stop_fraction * steps))
+        return _stop_step(self.stop_fraction, steps)
+
+
+@dataclass
+class KDSettings:
+    """Logit distillation from the teacher (:class:`letkit.LogitDistillation`), the SALT and RKD baselines:
+    ``L_NLL + weight * T^2 * KL(teacher || target)`` at temperature T, the weight constant until the stop step,
+    then 0 and the teacher dropped. SALT (Rawat et al. 2024) distils for the first ``stop_fraction`` of the steps;
+    RKD for all of them (see :func:`method_settings`).
+
+    The defaults are starting values (SALT's stop at 25% of the run as in Rawat et al.), not yet swept here.
+    """
+
+    weight: float = 0.5
+    temperature: float = 1.0
+    stop_fraction: float = 0.25
+
+    def stop_step(self, steps: int) -> int:
+        """The first step without distillation, for a run of ``steps`` steps (at least 1)."""
+        return _stop_step(self.stop_fraction, steps)
+
+
+def _stop_step(fraction: float, steps: int) -> int:
+    return max(1, round(fraction * steps))
+
+
+def method_settings(method: str, let: LETSettings, kd: KDSettings) -> tuple[LETSettings | None, KDSettings | None]:
+    """``(LET settings, distillation settings)`` of ``method`` (one of :data:`METHODS`), None for a part it does not
+    have: LET is ``let``; SALT is ``kd``; RKD is ``kd`` for the whole run; LET+SALT is both, their terms summed."""
+    if method not in METHODS:
+        raise DemoError(f"method must be one of {METHODS}, got {method!r}")
+    parts = method.split("+")
+    distillation = {"salt": kd, "rkd": dataclasses.replace(kd, stop_fraction=1.0)}
+    return (let if "let" in parts else None,
+            next((distillation[part] for part in parts if part in distillation), None))
 
 
 @dataclass
@@ -74,6 +114,8 @@ class DemoConfig:
     recursively), a glob, a text file, or a token file ``.npy`` / ``.bin`` (``bin_dtype``).
     ``tokenizer``: a ``tokenizer.json``; None = the teacher's tokenizer if ``teacher`` has one, else a byte-level
     BPE of ``vocab_size`` trained on the training split. ``teacher``: a checkpoint directory; None = pretrain one.
+    ``method``: what the second run adds to the next-token loss, one of :data:`METHODS` (``let`` with ``let``'s
+    settings, ``salt`` / ``rkd`` with ``kd``'s, ``let+salt`` with both; see :func:`method_settings`).
     ``cross_tokenizer``: None = the teacher reads the target's token ids (one shared vocabulary); ``"last"`` or
     ``"mean"`` = the teacher reads its own tokenization of each window's text, aligned with that mode (see
     :func:`letkit.token_alignment.align_tokens`). ``teacher_vocab_size``: pretrain the teacher on its own byte-level
@@ -105,6 +147,8 @@ class DemoConfig:
     plot: bool = True
     cross_tokenizer: str | None = None
     teacher_vocab_size: int | None = None
+    method: str = "let"
+    kd: KDSettings = field(default_factory=KDSettings)
 
     @property
     def alignment_mode(self) -> str | None:
@@ -142,6 +186,15 @@ class DemoConfig:
             raise DemoError(f"bin_dtype must be one of {BIN_DTYPES}, got {self.bin_dtype!r}")
         if not self.let.lambda0 >= 0 or not 0 < self.let.stop_fraction <= 1:
             raise DemoError(f"LET needs lambda0 >= 0 and 0 < stop_fraction <= 1, got {self.let}")
+        kd = self.kd
+        if not 0 <= kd.weight < math.inf or not 0 < kd.temperature < math.inf or not 0 < kd.stop_fraction <= 1:
+            raise DemoError(f"logit distillation needs a finite weight >= 0, a finite temperature > 0 and "
+                            f"0 < stop_fraction <= 1, got {kd}")
+        _, distillation = method_settings(self.method, self.let, kd)  # refuses an unknown method
+        if distillation is not None and self.alignment_mode is not None:
+            raise DemoError(f"method {self.method!r} distils the teacher's logits into the target's over one shared "
+                            "vocabulary, so the teacher must read the target's tokens: it cannot be combined with "
+                            "cross-tokenizer LET (--cross-tokenizer, --teacher-vocab-size)")
 
 
 # Both presets share one teacher (same shape, data and schedule), so the second one reuses the cached teacher.

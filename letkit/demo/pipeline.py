@@ -1,4 +1,5 @@
-"""The whole demo: :func:`prepare` (data and teacher), then baseline and LET per seed, then the metrics and report."""
+"""The whole demo: :func:`prepare` (data and teacher), then the baseline and the method (LET by default) per seed,
+then the metrics and report."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from letkit.atomic import atomic_write_json, remove_stale_temporaries
 from letkit.demo.cache import CACHE_FORMAT, default_cache_dir
 from letkit.demo.compare import compare_runs, mean_ci95
-from letkit.demo.config import DemoConfig, DemoError, Log
+from letkit.demo.config import METHOD_LABELS, DemoConfig, DemoError, Log, method_settings
 from letkit.demo.methods import compare_seed
 from letkit.demo.report import plot_curves
 from letkit.demo.teacher import TeacherInfo, describe_teacher, open_teacher, prepare_teacher_data, pretrain_teacher
@@ -104,18 +105,21 @@ def _run_demo(config: DemoConfig, log: Log) -> dict[str, Any]:
     if target_size < 10 * teacher.non_embedding_parameters:
         log(f"note: the target has only {target_size / teacher.non_embedding_parameters:.1f}x the teacher's "
             "non-embedding parameters (LET's setting is a teacher >= 10x smaller)")
+    # each seed's runs are stored under "baseline" and the method's name ("let", "salt", "rkd", "let+salt")
+    method, label = config.method, METHOD_LABELS[config.method]
+    let, kd = method_settings(method, config.let, config.kd)
     runs = []
     for i in range(config.seeds):
         seed = config.seed + i
-        baseline, let = compare_seed(config, data, teacher.path, seed)
-        runs.append({"seed": seed, "baseline": _run_dict(baseline), "let": _run_dict(let),
-                     "comparison": compare_runs(baseline, let)})
+        baseline, run = compare_seed(config, data, teacher.path, seed)
+        runs.append({"seed": seed, "baseline": _run_dict(baseline), method: _run_dict(run),
+                     "comparison": compare_runs(baseline, run)})
         c = runs[-1]["comparison"]
-        log(f"seed {seed}: baseline {baseline.final_val_loss:.3f}, LET {let.final_val_loss:.3f}, "
+        log(f"seed {seed}: baseline {baseline.final_val_loss:.3f}, {label} {run.final_val_loss:.3f}, "
             f"step speedup {c['step_speedup']:.2f}x, wall-clock speedup {c['wall_speedup']:.2f}x")
 
-    let_seconds = sum(r["let"]["train_seconds"] for r in runs)
-    aligned = [r["let"]["aligned_fraction"] for r in runs if r["let"]["aligned_fraction"] is not None]
+    method_seconds = sum(r[method]["train_seconds"] for r in runs)
+    aligned = [r[method]["aligned_fraction"] for r in runs if r[method]["aligned_fraction"] is not None]
     if config.alignment_mode is not None and not aligned:
         log("cross-tokenizer: teacher and target share one tokenizer, so the teacher read the target's tokens")
     windows = validation_windows(data.val, config.seq_len, config.eval_sequences)
@@ -133,18 +137,20 @@ def _run_demo(config: DemoConfig, log: Log) -> dict[str, Any]:
             "active": bool(aligned),
             "teacher_vocab_size": teacher_tokenizer.get_vocab_size() if teacher_tokenizer is not None else None,
             "aligned_fraction": sum(aligned) / len(aligned) if aligned else None,
-            "teacher_tokenize_fraction": sum(r["let"]["teacher_tokenize_seconds"] for r in runs) / let_seconds,
+            "teacher_tokenize_fraction": sum(r[method]["teacher_tokenize_seconds"] for r in runs) / method_seconds,
         },
+        "method": method,
         "target": {"non_embedding_parameters": target_size, "size_ratio": target_size / teacher.non_embedding_parameters,
-                   "stop_step": config.let.stop_step(config.target_schedule.steps)},
+                   "stop_step": let.stop_step(config.target_schedule.steps) if let else None,
+                   "kd_stop_step": kd.stop_step(config.target_schedule.steps) if kd else None},
         "runs": runs,
         "summary": {
             "step_speedup": mean_ci95([r["comparison"]["step_speedup"] for r in runs]),
             "wall_speedup": mean_ci95([r["comparison"]["wall_speedup"] for r in runs]),
             "wall_speedup_load_matched": mean_ci95([r["comparison"]["wall_speedup_load_matched"] for r in runs]),
             "final_val_loss_delta": mean_ci95([r["comparison"]["final_val_loss_delta"] for r in runs]),
-            "let_better": sum(r["comparison"]["final_val_loss_delta"] < 0 for r in runs),
-            "teacher_forward_fraction": sum(r["let"]["teacher_forward_seconds"] for r in runs) / let_seconds,
+            "better_than_baseline": sum(r["comparison"]["final_val_loss_delta"] < 0 for r in runs),
+            "teacher_forward_fraction": sum(r[method]["teacher_forward_seconds"] for r in runs) / method_seconds,
         },
         "total_seconds": time.perf_counter() - t_start,
     }

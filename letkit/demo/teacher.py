@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import nn
 
 from letkit.atomic import atomic_directory, atomic_write_json
 from letkit.demo.cache import CACHE_FORMAT, content_hash
@@ -28,25 +28,33 @@ TEACHER_INFO_FILE = "letkit_demo_teacher.json"
 TEACHER_CONTEXT_MARGIN = 1.25
 
 
-class TimedTeacher(TeacherFeatureExtractor):
-    """A :class:`TeacherFeatureExtractor` that adds up the wall-clock seconds of its forward passes."""
+class ForwardClock:
+    """Adds up the wall-clock seconds of a module's forward passes (a teacher's, for the report).
 
-    seconds: float = 0.0
+    Hooks on the module time every forward, however it is called (through :class:`TeacherFeatureExtractor`, whose
+    early stop ends the forward with an exception, or through an objective's own extractor of the same model). The
+    module holds the clock, not the other way round, so the clock does not keep a released teacher alive.
+    """
 
-    def __call__(self, input_ids: Tensor, **forward_kwargs: Any) -> list[Tensor]:
-        t0 = time.perf_counter()
-        try:
-            return super().__call__(input_ids, **forward_kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t0
+    def __init__(self, module: nn.Module) -> None:
+        self.seconds = 0.0
+        self._started: float | None = None
+        module.register_forward_pre_hook(self._start)
+        module.register_forward_hook(self._stop, always_call=True)
+
+    def _start(self, module: nn.Module, args: Any) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.seconds += time.perf_counter() - self._started
 
 
-def open_teacher(path: str | os.PathLike) -> TimedTeacher:
-    """Load a teacher checkpoint directory as a :class:`TimedTeacher`, turning load failures into DemoErrors."""
+def open_teacher(path: str | os.PathLike) -> TeacherFeatureExtractor:
+    """Load a teacher checkpoint directory, turning load failures into DemoErrors."""
     if not Path(path).is_dir():
         raise DemoError(f"--teacher {str(path)!r} is not a checkpoint directory (config.json + *.safetensors)")
     try:
-        return TimedTeacher.from_pretrained(path)
+        return TeacherFeatureExtractor.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DemoError(f"cannot load --teacher {str(path)!r}: {e}") from e
 

@@ -20,8 +20,7 @@ from letkit.demo.cache import CACHE_FORMAT, content_hash
 from letkit.demo.config import EOS_TOKEN, DemoConfig, DemoError, Log
 from letkit.demo.corpus import load_corpus
 from letkit.teacher import TeacherFeatureExtractor
-from letkit.token_alignment import same_tokenizer
-from letkit.token_alignment.encoding import _check_tokenizer
+from letkit.token_alignment import check_teacher_compatibility, same_tokenizer
 
 
 def train_bpe_tokenizer(docs: Sequence[str], vocab_size: int) -> Any:
@@ -125,12 +124,7 @@ def prepare_data(
     data = TokenData(torch.from_numpy(np.ascontiguousarray(train)), torch.from_numpy(np.ascontiguousarray(val)),
                      vocab_size, tokenizer, source, key, corpus.description)
     if teacher is not None:
-        check_teacher_vocabulary(teacher, data, config.teacher, cross_tokenizer=config.alignment_mode)
-        positions = teacher_positions(teacher)
-        # cross-tokenizer: the teacher's tokens of a window are cut at its positions (fewer aligned target tokens)
-        cross = config.alignment_mode is not None and not same_tokenizer(teacher.tokenizer, data.tokenizer)
-        if not cross and positions is not None and positions < config.seq_len:
-            raise DemoError(f"the teacher {config.teacher!r} supports {positions} positions, fewer than seq_len = {config.seq_len}")
+        check_teacher_reads_data(teacher, data, config)
     if requested_vocab is not None and vocab_size < requested_vocab:
         log(f"tokenizer: the corpus yields only {vocab_size} of the {requested_vocab} BPE tokens asked for "
             "(vocab_size); training with that smaller vocabulary")
@@ -155,40 +149,17 @@ def teacher_positions(teacher: TeacherFeatureExtractor) -> int | None:
     return getattr(getattr(teacher.model, "config", None), "max_position_embeddings", None)
 
 
-def check_teacher_vocabulary(
-    teacher: TeacherFeatureExtractor, data: TokenData, teacher_path: str, *, cross_tokenizer: str | None = None
-) -> None:
-    """Check that the teacher can read what LET will feed it.
-
-    Without ``cross_tokenizer`` the teacher reads the target's token ids unchanged, so both must share one
-    vocabulary. With it, the teacher reads its own tokenization of each window's text: it needs its own tokenizer,
-    whose ids must fit its embeddings, with offsets that cover each token's whole text.
-    """
-    teacher_tok = teacher.tokenizer
-    size = teacher_vocab_size(teacher)
-    if cross_tokenizer is not None:
-        if teacher_tok is None:
-            raise DemoError(f"cross-tokenizer LET re-tokenizes the text for the teacher, but the teacher "
-                            f"{teacher_path!r} has no tokenizer.json")
-        try:
-            _check_tokenizer(teacher_tok, "the teacher's tokenizer")
-        except (TypeError, ValueError) as e:
-            raise DemoError(f"cannot align with the teacher {teacher_path!r}: {e}") from e
-        if teacher_tok.get_vocab_size() > size:
-            raise DemoError(f"the teacher {teacher_path!r} has {size} token embeddings but its own tokenizer has "
-                            f"{teacher_tok.get_vocab_size()} tokens")
-        return
-    if teacher_tok is not None and data.tokenizer is not None and teacher_tok is not data.tokenizer:
-        if teacher_tok.get_vocab() != data.tokenizer.get_vocab():
-            raise DemoError(
-                f"the teacher {teacher_path!r} uses a different tokenizer ({teacher_tok.get_vocab_size()} tokens) "
-                f"than the target ({data.tokenizer_source}, {data.vocab_size} tokens). Pass --cross-tokenizer to let "
-                "the teacher read its own tokenization of the same text (features aligned by character spans), or "
-                "drop --tokenizer to train the target on the teacher's tokenizer."
-            )
-    if data.vocab_size > size:
-        raise DemoError(
-            f"the teacher {teacher_path!r} has {size} token embeddings but the target vocabulary has {data.vocab_size} "
-            "tokens: their vocabularies are incompatible. A teacher with its own tokenizer.json can read its own "
-            "tokenization of the same text with --cross-tokenizer."
-        )
+def check_teacher_reads_data(teacher: TeacherFeatureExtractor, data: TokenData, config: DemoConfig) -> None:
+    """Raise a :class:`DemoError` unless the teacher ``config.teacher`` can read what LET will feed it
+    (:func:`letkit.token_alignment.check_teacher_compatibility`): the target's token ids, or with
+    ``config.alignment_mode`` and a tokenizer of its own, its own tokenization of each window's text."""
+    cross = config.alignment_mode is not None and (
+        teacher.tokenizer is None or data.tokenizer is None or not same_tokenizer(teacher.tokenizer, data.tokenizer))
+    try:
+        check_teacher_compatibility(
+            teacher_vocab_size=teacher_vocab_size(teacher), teacher_tokenizer=teacher.tokenizer,
+            teacher_max_positions=teacher_positions(teacher), data_vocab_size=data.vocab_size,
+            data_tokenizer=data.tokenizer, seq_len=config.seq_len, alignment=config.alignment_mode if cross else None,
+            teacher_name=config.teacher, alignment_option="--cross-tokenizer")
+    except ValueError as e:
+        raise DemoError(str(e)) from e

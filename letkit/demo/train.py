@@ -1,7 +1,8 @@
 """Training in lockstep: several runs on the same batches, one step of each in turn, with validation curves.
 
 A run is a model and an optional list of auxiliary objectives, each adding its term to the model's next-token loss
-(:class:`letkit.demo.methods.LETAlignment` is LET's). A run without any is the plain baseline.
+(:class:`letkit.demo.methods.LETAlignment` is LET's, :class:`letkit.demo.methods.DistillationTerm` logit
+distillation's). A run without any is the plain baseline.
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ class AuxiliaryObjective(Protocol):
     Called once per training step, after the model's forward pass, with the step, the batch's input ids
     ``[B, T]``, the model's logits and the loss so far; returns that loss with its term added. Its
     ``parameters()`` (a learned projector, say) train alongside the model's. The attributes are read for the
-    report: ``lambda_``, the term's weight at the last step; the seconds spent in teacher forward passes and in
-    re-tokenizing batches for the teacher (both on the run's clock); and ``aligned_fraction``, the fraction of
-    target positions that received a teacher feature (None unless cross-tokenizer).
+    report: ``name``, the term's name in :attr:`EvalPoint.weights`; ``lambda_``, its weight at the last step; the
+    seconds spent in teacher forward passes and in re-tokenizing batches for the teacher (both on the run's clock);
+    and ``aligned_fraction``, the fraction of target positions that received a teacher feature (None unless
+    cross-tokenizer).
     """
 
+    name: str
     lambda_: float
     teacher_forward_seconds: float
     teacher_tokenize_seconds: float
@@ -73,13 +76,14 @@ class RunSpec:
 @dataclass
 class EvalPoint:
     """One validation of a run: after ``step`` steps and ``seconds`` of training; ``train_loss`` is the smoothed
-    training loss (None before the first step); ``lambda_`` the largest auxiliary weight at the last step."""
+    training loss (None before the first step); ``weights`` each auxiliary objective's weight at the last step, by
+    its name (e.g. ``{"let": 2.5, "kd": 0.5}``; empty for the baseline)."""
 
     step: int
     seconds: float
     val_loss: float
     train_loss: float | None
-    lambda_: float
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,8 +144,8 @@ class _Trainer:
         self.curve: list[EvalPoint] = []
 
     @property
-    def lambda_(self) -> float:
-        return max((objective.lambda_ for objective in self.spec.objectives), default=0.0)
+    def weights(self) -> dict[str, float]:
+        return {objective.name: objective.lambda_ for objective in self.spec.objectives}
 
     def step(self, step: int, inputs: Tensor, targets: Tensor) -> None:
         t0 = time.perf_counter()
@@ -163,7 +167,7 @@ class _Trainer:
 
     def evaluate(self, step: int, windows: Tensor) -> None:
         val = evaluate(self.spec.model, windows, self.schedule.batch_size)
-        self.curve.append(EvalPoint(step, self.seconds, val, self.smoothed, self.lambda_))
+        self.curve.append(EvalPoint(step, self.seconds, val, self.smoothed, self.weights))
 
     def result(self, seq_len: int) -> RunResult:
         s, objectives = self.schedule, self.spec.objectives
@@ -216,7 +220,7 @@ def train_lockstep(
             for t in trainers:
                 postfix[t.spec.name] = (f"loss {t.smoothed:.3f} val {t.curve[-1].val_loss:.3f} "
                                         f"{done * schedule.batch_size * seq_len / t.seconds:.0f} tok/s"
-                                        + (f" lambda {t.lambda_:.2f}" if t.spec.objectives else ""))
+                                        + "".join(f" {name} weight {w:.2f}" for name, w in t.weights.items()))
             bar.set_postfix(postfix, refresh=False)
     bar.close()
     return [trainer.result(seq_len) for trainer in trainers]
