@@ -8,15 +8,9 @@ from torch import nn
 from letkit.models.base import ModelOutput, materialize
 from letkit.models.gpt2 import GPT2, GPT2Config
 from letkit.models.gpt_neox import GPTNeoX, GPTNeoXConfig
-from letkit.models.hub import (
-    CheckpointError,
-    PretrainedModel,
-    TransformersModel,
-    hub_cache_dir,
-    load_pretrained,
-    resolve_pretrained,
-    save_pretrained,
-)
+from letkit.models.checkpoint_files import CheckpointError
+from letkit.models.hub import PretrainedModel, TransformersModel, load_pretrained, save_pretrained
+from letkit.models.hub_cache import hub_cache_dir, resolve_pretrained
 from letkit.models.llama import PRESETS, Llama, LlamaConfig, from_preset
 from letkit.models.opt import OPT, OPTConfig
 

@@ -25,23 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from letkit.atomic import atomic_directory, remove_stale_temporaries
 from letkit.models import gpt2, gpt_neox, llama, opt
 from letkit.models.base import ModelOutput, TensorMapping, materialize
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_NAME = "tokenizer.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded completely and safely."""
+from letkit.models.checkpoint_files import (
+    CONFIG_NAME,
+    TOKENIZER_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    SafetensorsReader,
+    check_finite_weights,
+    name_listing,
+    read_json,
+)
+from letkit.models.hub_cache import resolve_pretrained
 
 
 @dataclass(frozen=True)
@@ -89,85 +89,6 @@ class PretrainedModel:
     family: str
 
 
-_REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
-_REVISION = re.compile(r"[\w.-]+(?:/[\w.-]+)*", re.ASCII)
-_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
-
-
-def hub_cache_dir() -> Path:
-    """The local Hugging Face hub cache, where ``hf download`` puts models: ``$HF_HUB_CACHE``, else
-    ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.path.expandvars(os.environ["HF_HUB_CACHE"])).expanduser()
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    hf_home = os.environ.get("HF_HOME") or os.path.join(cache_home, "huggingface")
-    return Path(os.path.expandvars(hf_home)).expanduser() / "hub"
-
-
-def resolve_pretrained(name_or_path: str | os.PathLike[str], *, revision: str | None = None) -> Path:
-    """The local checkpoint directory for ``name_or_path``: the directory itself if it exists, else the snapshot of
-    hub model ``org/name`` in the Hugging Face cache (:func:`hub_cache_dir`), read offline and never downloaded.
-
-    The cache layout is ``models--org--name/snapshots/<commit>/`` (files there are symlinks into ``blobs/``), with
-    ``refs/<branch or tag>`` holding the commit of each revision downloaded.
-
-    Args:
-        name_or_path: a checkpoint directory, or a hub name such as ``"HuggingFaceTB/SmolLM-135M"``.
-        revision: for hub names: a branch or tag (its commit read from ``refs/``) or a 40-hex commit hash;
-            None means ``main``.
-
-    Raises:
-        FileNotFoundError: neither a directory nor a model in the cache (the message says where it looked and the
-            command that downloads it), or a cached snapshot without config.json (an incomplete download).
-        ValueError: a ``revision`` for a local directory, or one that is not a plain branch, tag or commit name.
-        CheckpointError: a cache ``refs/`` file that does not hold a commit hash.
-    """
-    if Path(name_or_path).is_dir():
-        if revision is not None:
-            raise ValueError(
-                f"revision={revision!r} applies to hub names, but {str(name_or_path)!r} is a local directory"
-            )
-        return Path(name_or_path)
-    name = os.fspath(name_or_path)
-    if not _REPO_ID.fullmatch(name) or "--" in name or ".." in name:
-        raise FileNotFoundError(
-            f"{name!r} is not a directory, nor a hub model name of the form 'org/name': pass a local checkpoint "
-            "directory (config.json + *.safetensors) or the name of a model in the Hugging Face cache"
-        )
-    if revision is not None and (not isinstance(revision, str) or not _REVISION.fullmatch(revision)
-                                 or ".." in revision.split("/")):
-        raise ValueError(f"revision must be a branch, tag or commit name, got {revision!r}")
-    rev = revision or "main"
-    download = f"`hf download {name}{f' --revision {rev}' if revision else ''}` (or `huggingface-cli download ...`)"
-    cache = hub_cache_dir()
-    repo = cache / f"models--{name.replace('/', '--')}"
-    if not repo.is_dir():
-        raise FileNotFoundError(
-            f"{name!r} is not a local directory, and the Hugging Face cache {cache} has no {repo.name} (the cache is "
-            "$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub). letkit reads local files only: run "
-            f"{download} where the hub is reachable, with the same cache settings, or pass the checkpoint directory"
-        )
-    commit = rev
-    if not _COMMIT_HASH.fullmatch(rev):
-        ref = repo / "refs" / rev
-        if not ref.is_file():
-            snapshots = sorted(p.name for p in (repo / "snapshots").glob("*")) if (repo / "snapshots").is_dir() else []
-            raise FileNotFoundError(
-                f"{name!r}: the Hugging Face cache has no revision {rev!r} ({ref} does not exist; cached snapshots: "
-                f"{snapshots or 'none'}). Run {download}, or pass revision=<one of the cached commits>"
-            )
-        commit = ref.read_text(errors="replace").strip()
-        if not _COMMIT_HASH.fullmatch(commit):
-            raise CheckpointError(f"{ref} should hold a 40-hex commit hash, got {commit[:80]!r}")
-    snapshot = repo / "snapshots" / commit
-    if not (snapshot / CONFIG_NAME).is_file():
-        raise FileNotFoundError(
-            f"{name!r} revision {rev!r}: {snapshot} has no {CONFIG_NAME} (not downloaded, or the download is "
-            f"incomplete). Run {download}"
-        )
-    return snapshot
-
-
 def load_pretrained(
     path: str | os.PathLike[str],
     *,
@@ -196,7 +117,7 @@ def load_pretrained(
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    hf_config = _read_json(config_path)
+    hf_config = read_json(config_path)
     if not isinstance(hf_config, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object, got a {type(hf_config).__name__}")
     if not isinstance(hf_config.get("model_type"), str):
@@ -205,7 +126,7 @@ def load_pretrained(
         raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
-    reader = _SafetensorsReader(directory)
+    reader = SafetensorsReader(directory)
     family = FAMILIES.get(hf_config["model_type"])
     if family is None:
         model = _load_with_transformers(directory, hf_config, reader, dtype, device)
@@ -275,118 +196,11 @@ def _family_of(model: nn.Module) -> Family:
                     f"TransformersModel, got {type(model).__name__}")
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path} is not UTF-8 text: {e}") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-
-
-def _find_weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of the checkpoint and, if sharded, the index's tensor -> file map."""
-    index_path = directory / WEIGHTS_INDEX_NAME
-    if index_path.is_file():
-        index = _read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(name, str) and isinstance(file, str) for name, file in weight_map.items()
-        ):
-            raise CheckpointError(
-                f"{index_path}: 'weight_map' must be an object mapping tensor names to shard file names, got "
-                f"{type(weight_map).__name__ if weight_map is not None else 'none'}"
-            )
-        for name, file in weight_map.items():
-            # Checked on the name, not the resolved path: shards may be symlinks (the Hugging Face cache's are).
-            shard = Path(file)
-            if shard.is_absolute() or ".." in shard.parts:
-                raise CheckpointError(
-                    f"{index_path} maps tensor {name} to {file!r}, a path outside the checkpoint directory "
-                    f"{directory}: refused (shard names must be relative and stay inside it)"
-                )
-        return [directory / name for name in sorted(set(weight_map.values()))], weight_map
-    if (directory / WEIGHTS_NAME).is_file():
-        return [directory / WEIGHTS_NAME], None
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointError(
-            f"{directory} has only pickle weights ({', '.join(pickles)}) and letkit never unpickles files (loading "
-            "a pickle can run arbitrary code). Convert once, in an environment you trust: "
-            f"`transformers.AutoModelForCausalLM.from_pretrained({str(directory)!r}).save_pretrained(OUT_DIR, "
-            "safe_serialization=True)`, or `safetensors.torch.save_file(torch.load(FILE, weights_only=True), "
-            "'model.safetensors')`"
-        )
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}")
-
-
-class _SafetensorsReader:
-    """Lazy, read-only view of one checkpoint's tensors spread over one or more safetensors files (only the
-    headers are read up front)."""
-
-    def __init__(self, directory: Path) -> None:
-        files, weight_map = _find_weight_files(directory)
-        index_path = directory / WEIGHTS_INDEX_NAME
-        self.handles: dict[str, Any] = {}  # tensor name -> open safe_open handle
-        self.files: dict[str, Path] = {}  # tensor name -> file
-        self.stored_names: dict[str, str] = {}  # tensor name -> name inside the file (see `rename`)
-        for file in files:
-            if not file.is_file():
-                raise CheckpointError(f"{index_path} lists shard {file.name}, which does not exist in {file.parent}")
-            try:
-                handle = safe_open(file, framework="pt")
-            except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
-                raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-            for name in handle.keys():
-                if name in self.files:
-                    raise CheckpointError(f"tensor {name} is stored twice, in {self.files[name]} and {file}")
-                self.handles[name], self.files[name], self.stored_names[name] = handle, file, name
-        for name, file_name in (weight_map or {}).items():
-            if self.files.get(name) != directory / file_name:
-                raise CheckpointError(f"{index_path} maps tensor {name} to {file_name}, which does not contain it")
-        self.description = ", ".join(str(f) for f in files)
-
-    def check_layer_count(self, num_layers: int, config_path: Path) -> None:
-        """CheckpointError unless the checkpoint can hold ``num_layers`` blocks (each stores at least one tensor):
-        run before building the model, whose module tree grows with the layer count whatever the device."""
-        if num_layers > len(self.files):
-            raise CheckpointError(
-                f"{config_path} asks for {num_layers} layers (num_hidden_layers), but {self.description} holds only "
-                f"{len(self.files)} tensors, at least one per layer: the config does not match the weights"
-            )
-
-    def rename(self, old: str, new: str) -> None:
-        for table in (self.handles, self.files, self.stored_names):
-            table[new] = table.pop(old)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.handles[name].get_slice(self.stored_names[name]).get_shape())
-
-    def get(self, name: str) -> Tensor:
-        """The tensor ``name``; CheckpointError if it cannot be read or holds NaN/Inf values."""
-        try:
-            tensor = self.handles[name].get_tensor(self.stored_names[name])
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {self.stored_names[name]} from {self.files[name]}: {e}") from e
-        _check_finite(tensor, f"tensor {self.stored_names[name]} in {self.files[name]}")
-        return tensor
-
-
-def _check_finite(tensor: Tensor, what: str) -> None:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"{what} holds {bad} NaN/Inf value(s) of {tensor.numel()}: the checkpoint is corrupt")
-
-
-def _listing(names: list[str]) -> str:
-    return f"{names[:8]}{' ...' if len(names) > 8 else ''} ({len(names)} in all)"
-
-
 def _load_family(
     family: Family,
     directory: Path,
     hf_config: dict[str, Any],
-    reader: _SafetensorsReader,
+    reader: SafetensorsReader,
     dtype: torch.dtype,
     device: torch.device,
 ) -> nn.Module:
@@ -412,14 +226,14 @@ def _load_family(
     missing = [name for name in needed if name not in reader.files]
     if missing:
         raise CheckpointError(
-            f"{reader.description}: missing tensor(s) {_listing(missing)} needed for the {family.name} config in "
+            f"{reader.description}: missing tensor(s) {name_listing(missing)} needed for the {family.name} config in "
             f"{config_path}"
         )
     unexpected = [n for n in reader.files if n not in needed and not (tied_head and n == family.head)
                   and not (family.ignored and re.search(family.ignored, n))]
     if unexpected:
         raise CheckpointError(
-            f"unexpected tensor(s) {_listing(unexpected)} in {reader.description}: the checkpoint does not match its "
+            f"unexpected tensor(s) {name_listing(unexpected)} in {reader.description}: the checkpoint does not match its "
             f"{CONFIG_NAME} (model_type {hf_config.get('model_type')!r})"
         )
     for m in mappings:
@@ -496,7 +310,7 @@ def _has_submodule(module: nn.Module, name: str) -> bool:
 
 
 def _load_with_transformers(
-    directory: Path, hf_config: dict[str, Any], reader: _SafetensorsReader, dtype: torch.dtype, device: torch.device
+    directory: Path, hf_config: dict[str, Any], reader: SafetensorsReader, dtype: torch.dtype, device: torch.device
 ) -> TransformersModel:
     model_type = hf_config["model_type"]
     config_path = directory / CONFIG_NAME
@@ -527,7 +341,7 @@ def _load_with_transformers(
         except ValueError as e:  # no model class of this kind for the model type
             failures.append(f"{auto_class.__name__}: {e}")
             continue
-        problems = [f"{kind.removesuffix('_keys')} tensor(s) {_listing(sorted(map(str, info[kind])))}"
+        problems = [f"{kind.removesuffix('_keys')} tensor(s) {name_listing(sorted(map(str, info[kind])))}"
                     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
         problems += [str(message) for message in info.get("error_msgs") or ()]
         if not problems:
@@ -539,5 +353,5 @@ def _load_with_transformers(
             f"{config_path} (transformers would fill the gaps with random values): {'; '.join(failures)}"
         )
     for name, param in hf_model.named_parameters():
-        _check_finite(param.detach(), f"parameter {name} loaded from {directory}")
+        check_finite_weights(param.detach(), f"parameter {name} loaded from {directory}")
     return TransformersModel(hf_model.to(device=device))
