@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from letkit.atomic import atomic_write_json
+from letkit.validation import check_int
 
 __all__ = ["PAPER_TASKS", "PAPER_TASK_GROUP", "evaluate_checkpoint", "local_choice_task"]
 
@@ -115,9 +116,9 @@ def evaluate_checkpoint(
     if missing:
         raise ValueError(f"model_dir {str(model_dir)!r} has no {' or '.join(missing)}: evaluate a Hugging Face "
                          "checkpoint directory with its tokenizer (letkit export RUN/checkpoints/step_N OUT_DIR)")
-    if num_fewshot < 0 or batch_size < 1 or (limit is not None and limit < 1):
-        raise ValueError(f"num_fewshot must be >= 0, batch_size >= 1 and limit >= 1 or None; got num_fewshot="
-                         f"{num_fewshot}, batch_size={batch_size}, limit={limit}")
+    num_fewshot = check_int("num_fewshot", num_fewshot, minimum=0)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    limit = check_int("limit", limit, minimum=1, optional=True)
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager

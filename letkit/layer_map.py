@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Union
 
+from letkit.validation import check_int
+
 STRATEGIES = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")
 _PAIR_SPEC_FORMS = (f"a strategy name ({', '.join(STRATEGIES)}), a float target depth in [0, 1] or a (teacher_layer, "
                     "target_layer) tuple of int indices or float depths")
@@ -105,8 +107,8 @@ class LayerMap:
 
     def resolve(self, num_teacher_layers: int, num_target_layers: int) -> list[tuple[int, int]]:
         """Concrete ``(teacher_block_index, target_block_index)`` pairs, each index non-negative."""
-        if num_teacher_layers < 1 or num_target_layers < 1:
-            raise ValueError(f"both models need layers, got {num_teacher_layers} teacher and {num_target_layers} target layers")
+        num_teacher_layers = check_int("num_teacher_layers", num_teacher_layers, minimum=1)
+        num_target_layers = check_int("num_target_layers", num_target_layers, minimum=1)
         return [
             (resolve_layer(t, num_teacher_layers, what="teacher"), resolve_layer(s, num_target_layers, what="target"))
             for t, s in self.pairs

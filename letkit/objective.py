@@ -25,6 +25,7 @@ from letkit.schedulers import LambdaSchedule, require_schedule
 from letkit.target_capture import OutputExtractor, TargetCapture
 from letkit.teacher import TeacherFeatureExtractor
 from letkit.token_alignment import TokenAlignment
+from letkit.validation import check_int
 
 
 @dataclass
@@ -334,10 +335,11 @@ def refuse_shared_parameters(target: nn.Module, teacher: TeacherFeatureExtractor
 def _dims(name: str, dims: int | Sequence[int] | None, num_pairs: int) -> list[int] | None:
     if dims is None:
         return None
-    values = [dims] * num_pairs if isinstance(dims, int) and not isinstance(dims, bool) else dims
-    if not isinstance(values, Sequence) or len(values) != num_pairs or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in values):
+    if isinstance(dims, str) or not isinstance(dims, Sequence):
+        return [check_int(name, dims, minimum=1)] * num_pairs
+    if len(dims) != num_pairs:
         raise ValueError(f"{name} must be a positive int or {num_pairs} of them (one per layer pair), got {dims!r}")
-    return list(values)
+    return [check_int(f"{name}[{i}]", d, minimum=1) for i, d in enumerate(dims)]
 
 
 def _dims_from_config(model: nn.Module, num_pairs: int) -> list[int] | None:

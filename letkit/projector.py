@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from letkit.losses import AlignmentLoss, interpolate_features
+from letkit.validation import check_int
 
 PROJECTOR_KINDS = ("interpolate", "linear", "mlp")
 
@@ -109,12 +110,11 @@ class LayerMappingProjector(nn.Module):
             raise ValueError(
                 f"target_dims and teacher_dims need one entry per layer pair, got {target_dims} and {teacher_dims}"
             )
-        if any(d < 1 for d in target_dims + teacher_dims):
-            raise ValueError(f"dims must be positive, got target_dims={target_dims}, teacher_dims={teacher_dims}")
+        target_dims = [check_int(f"target_dims[{i}]", d, minimum=1) for i, d in enumerate(target_dims)]
+        teacher_dims = [check_int(f"teacher_dims[{i}]", d, minimum=1) for i, d in enumerate(teacher_dims)]
         if mlp_hidden is not None and kind != "mlp":
             raise ValueError(f"mlp_hidden is the hidden width of kind='mlp' projectors, got kind={kind!r}")
-        if mlp_hidden is not None and (isinstance(mlp_hidden, bool) or not isinstance(mlp_hidden, int) or mlp_hidden < 1):
-            raise ValueError(f"mlp_hidden must be a positive int, got {mlp_hidden!r}")
+        mlp_hidden = check_int("mlp_hidden", mlp_hidden, minimum=1, optional=True)
         self.kind = kind
         self.target_dims, self.teacher_dims = target_dims, teacher_dims
         if kind == "interpolate":

@@ -15,43 +15,28 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Any
 
-
-def _check_int(value: object, name: str, *, minimum: int) -> int:
-    """``value`` as an int (Python, NumPy or 0-d torch integers), or a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+from letkit.validation import check_int
 
 
 class LambdaSchedule:
     """Base class: warmup, hold, then a decay ``decay(progress)`` from 1 at progress 0 to 0 at progress 1."""
 
     def __init__(self, lambda0: float, stop_step: int, *, warmup_steps: int = 0, hold_steps: int = 0) -> None:
-        if isinstance(stop_step, bool) or not isinstance(stop_step, numbers.Integral):
-            raise TypeError(f"stop_step must be an int, got {type(stop_step).__name__} ({stop_step!r})")
-        if stop_step <= 0:
-            raise ValueError(f"stop_step (S_stop) must be positive, got {stop_step}")
+        stop_step = check_int("stop_step", stop_step, minimum=1)
         if isinstance(lambda0, bool) or not isinstance(lambda0, numbers.Real):
             raise TypeError(f"lambda0 must be a float, got {type(lambda0).__name__} ({lambda0!r})")
         if not math.isfinite(lambda0) or lambda0 < 0:
             raise ValueError(f"lambda0 must be finite and >= 0, got {lambda0}")
-        warmup_steps = _check_int(warmup_steps, "warmup_steps", minimum=0)
-        hold_steps = _check_int(hold_steps, "hold_steps", minimum=0)
+        warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        hold_steps = check_int("hold_steps", hold_steps, minimum=0)
         if warmup_steps + hold_steps >= stop_step:
             raise ValueError(
                 f"warmup_steps + hold_steps must be shorter than stop_step: {warmup_steps} + {hold_steps} >= {stop_step}"
             )
         self.lambda0 = float(lambda0)
-        self.stop_step = int(stop_step)
+        self.stop_step = stop_step
         self.warmup_steps = warmup_steps
         self.hold_steps = hold_steps
         self._current_step = 0
@@ -64,14 +49,14 @@ class LambdaSchedule:
 
     @current_step.setter
     def current_step(self, value: int) -> None:
-        self._current_step = _check_int(value, "current_step", minimum=0)
+        self._current_step = check_int("current_step", value, minimum=0)
 
     def decay(self, elapsed: int, length: int) -> float:
         """Decay factor ``elapsed`` steps into a decay phase of ``length`` steps: 1 at 0, approaching 0 at ``length``."""
         raise NotImplementedError
 
     def _resolve_step(self, step: int | None) -> int:
-        return self._current_step if step is None else _check_int(step, "step", minimum=0)
+        return self._current_step if step is None else check_int("step", step, minimum=0)
 
     def __call__(self, step: int | None = None) -> float:
         """lambda at ``step`` (an int >= 0; default: the schedule's own ``current_step``)."""
@@ -182,7 +167,7 @@ class StepDecay(LambdaSchedule):
         hold_steps: int = 0,
     ) -> None:
         super().__init__(lambda0, stop_step, warmup_steps=warmup_steps, hold_steps=hold_steps)
-        step_size = _check_int(step_size, "step_size", minimum=1)
+        step_size = check_int("step_size", step_size, minimum=1)
         if not 0 <= gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         self.step_size = step_size

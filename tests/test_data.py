@@ -198,7 +198,7 @@ def test_tokenize_errors(corpus, tmp_path):
     (bad / "d.jsonl").write_text('{"text": "w1"}\n{"body": "w2"}\n')
     with pytest.raises(ValueError, match=r"d.jsonl \(line 2 after byte 0\): expected a JSON object with a string 'text'"):
         tokenize_corpus([bad], tmp_path / "o5", tok, num_workers=1)
-    with pytest.raises(ValueError, match="shard_tokens must be positive"):
+    with pytest.raises(ValueError, match="shard_tokens must be >= 1, got 0"):
         tokenize_corpus([src], tmp_path / "o6", tok, shard_tokens=0)
 
 
@@ -210,7 +210,7 @@ def test_no_eos(corpus, tmp_path):
 
 def test_token_dtype():
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
-    with pytest.raises(ValueError, match="vocab_size must be positive"):
+    with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
         token_dtype(0)
 
 
@@ -317,7 +317,7 @@ def test_resume_continues_exactly(shards, stop_after):
 
 def test_loader_errors(shards, tmp_path):
     out, expected = shards
-    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+    with pytest.raises(ValueError, match="seq_len must be >= 1, got 0"):
         ShardedTokenLoader(out, seq_len=0, batch_size=1)
     with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\)"):
         ShardedTokenLoader(out, seq_len=4, batch_size=1, rank=2, world_size=2)
@@ -356,7 +356,7 @@ def test_window_permutation_is_a_bijection(n, seed):
 
 
 def test_window_permutation_errors():
-    with pytest.raises(ValueError, match="n must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
         WindowPermutation(0, 1)
     with pytest.raises(ValueError, match=r"indices must be in \[0, n=10\), got values in \[3, 10\]"):
         WindowPermutation(10, 1)([3, 10])
@@ -416,7 +416,7 @@ def test_tokenize_for_teacher_refuses_bad_inputs():
         tokenize_for_teacher(torch.tensor([2, 3, 1, 40, 5]), target, teacher)
     with pytest.raises(ValueError, match="inputs must be a \\[B, T\\] tensor of token ids, got list"):
         tokenize_for_teacher([[2, 3]], target, teacher)
-    with pytest.raises(ValueError, match="teacher_max_length must be a positive int or None, got 0"):
+    with pytest.raises(ValueError, match="teacher_max_length must be >= 1 or None, got 0"):
         tokenize_for_teacher(torch.tensor([[2, 3]]), target, teacher, teacher_max_length=0)
     teacher_ids, alignment = tokenize_for_teacher(torch.tensor([[2, 3]]), target, teacher, teacher_max_length=1)
     assert teacher_ids.shape == (1, 1)  # 'w' of 'w0': it ends inside the first target token; the rest was cut
@@ -569,7 +569,9 @@ def test_letkit_tokenize_refuses_a_worker_count_below_one(corpus, tmp_path, caps
     assert f"argument --workers: must be a positive integer, got {workers!r}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     bad = workers if workers == "two" else int(workers)
-    with pytest.raises(ValueError, match=re.escape(f"num_workers must be a positive int or None, got {bad!r}")):
+    error, message = ((TypeError, "num_workers must be an int or None, got str ('two')") if workers == "two"
+                      else (ValueError, f"num_workers must be >= 1 or None, got {bad}"))
+    with pytest.raises(error, match=re.escape(message)):
         tokenize_corpus([src], tmp_path / "out", tok, num_workers=bad)
     assert not (tmp_path / "out").exists()
 

@@ -156,10 +156,12 @@ def test_bad_inputs_name_the_argument():
         logit_distillation_loss(target, hidden[:, :4], weight, bias)
     with pytest.raises(ValueError, match=r"head_weight must be \(V_teacher, d_teacher\) with d_teacher = 7, got \(11, 6\)"):
         logit_distillation_loss(target, hidden, weight[:, :6], bias)
-    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
         logit_distillation_loss(target, hidden, weight, bias, chunk_size=0)
-    for bad in (0, True, 5.0):
-        with pytest.raises(ValueError, match=f"vocab_size must be a positive int, got {bad!r}"):
+    with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
+        logit_distillation_loss(target, hidden, weight, bias, vocab_size=0)
+    for bad in (True, 5.0):
+        with pytest.raises(TypeError, match=rf"vocab_size must be an int, got {type(bad).__name__} \({bad!r}\)"):
             logit_distillation_loss(target, hidden, weight, bias, vocab_size=bad)
 
 

@@ -63,11 +63,11 @@ def test_from_preset_overrides_and_errors():
     [
         (dict(hidden_size=60, num_attention_heads=8), "hidden_size=60 is not divisible by num_attention_heads=8"),
         (dict(num_attention_heads=4, num_key_value_heads=3), "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
-        (dict(num_hidden_layers=0), "num_hidden_layers must be a positive int, got 0"),
+        (dict(num_hidden_layers=0), "num_hidden_layers must be >= 1, got 0"),
         (dict(head_dim=7), "head_dim=7 must be even"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), r"rope_scaling\['rope_type'\]='yarn' is not supported"),
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks .*low_freq_factor"),
-        (dict(sliding_window=0), "sliding_window must be a positive int or None, got 0"),
+        (dict(sliding_window=0), "sliding_window must be >= 1 or None, got 0"),
     ],
 )
 def test_config_validation(kwargs, message):

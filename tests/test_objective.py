@@ -219,8 +219,10 @@ def test_bad_sizes_are_named(tiny_lm):
     target, teacher = tiny_lm(layers=4), tiny_lm(dim=8, seed=1)
     with pytest.raises(ValueError, match=r"target_dims must be a positive int or 2 of them \(one per layer pair\), got \[16\]"):
         LETObjective(target, teacher, layer_map=["L2E", "L2M"], target_dims=[16], schedule=LinearDecay(1.0, 4))
-    with pytest.raises(ValueError, match="teacher_dims must be a positive int or 1 of them .*got 0"):
+    with pytest.raises(ValueError, match="teacher_dims must be >= 1, got 0"):
         LETObjective(target, teacher, teacher_dims=0, schedule=LinearDecay(1.0, 4))
+    with pytest.raises(TypeError, match=r"target_dims\[1\] must be an int, got float \(16.0\)"):
+        LETObjective(target, teacher, layer_map=["L2E", "L2M"], target_dims=[16, 16.0], schedule=LinearDecay(1.0, 4))
     with pytest.raises(ValueError, match="the LayerMappingProjector passed as projector has its own sizes"):
         LETObjective(target, teacher, projector=LayerMappingProjector([16], [8]), target_dims=16, schedule=LinearDecay(1.0, 4))
     with pytest.raises(ValueError, match=r"the projector has 2 layer pairs, but the layer map .* has 1"):

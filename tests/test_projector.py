@@ -57,6 +57,8 @@ def test_mlp_hidden_width():
     assert [p.fc_in.out_features for p in default.projectors] == [6, 12]
     with pytest.raises(ValueError, match="mlp_hidden is the hidden width of kind='mlp' projectors, got kind='linear'"):
         LayerMappingProjector([6], [4], "linear", mlp_hidden=10)
-    for bad in (0, 2.5, True):
-        with pytest.raises(ValueError, match=f"mlp_hidden must be a positive int, got {bad!r}"):
+    with pytest.raises(ValueError, match="mlp_hidden must be >= 1 or None, got 0"):
+        LayerMappingProjector([6], [4], "mlp", mlp_hidden=0)
+    for bad in (2.5, True):
+        with pytest.raises(TypeError, match=rf"mlp_hidden must be an int or None, got {type(bad).__name__} \({bad!r}\)"):
             LayerMappingProjector([6], [4], "mlp", mlp_hidden=bad)

@@ -102,8 +102,8 @@ def test_step_decay_drops_exactly_every_step_size_steps(stop, step_size, hold, d
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(lambda0=0.1, stop_step=0), "stop_step .* must be positive, got 0"),
-        (dict(lambda0=0.1, stop_step=-5), "must be positive, got -5"),
+        (dict(lambda0=0.1, stop_step=0), "stop_step must be >= 1, got 0"),
+        (dict(lambda0=0.1, stop_step=-5), "stop_step must be >= 1, got -5"),
         (dict(lambda0=-0.1, stop_step=10), "lambda0 must be finite and >= 0, got -0.1"),
         (dict(lambda0=math.nan, stop_step=10), "lambda0 must be finite"),
         (dict(lambda0=0.1, stop_step=10, warmup_steps=12), r"warmup_steps \+ hold_steps must be shorter than stop_step: 12 \+ 0 >= 10"),
@@ -124,7 +124,7 @@ def test_bad_arguments(kwargs, match):
         (dict(lambda0=-0.5), ValueError, "lambda0 must be finite and >= 0, got -0.5"),
         (dict(lambda0="0.5"), TypeError, "lambda0 must be a float, got str"),
         (dict(stop_step=100.0), TypeError, r"stop_step must be an int, got float \(100.0\)"),
-        (dict(stop_step=-3), ValueError, "stop_step .* must be positive, got -3"),
+        (dict(stop_step=-3), ValueError, "stop_step must be >= 1, got -3"),
         (dict(warmup_steps=math.nan), TypeError, r"warmup_steps must be an int, got float \(nan\)"),
         (dict(hold_steps=-1), ValueError, "hold_steps must be >= 0, got -1"),
     ],

@@ -114,11 +114,11 @@ def test_alignment_needs_offsets_that_cover_each_token_and_a_tokenizer_of_the_ch
 
 @pytest.mark.parametrize("facts, error, message", [
     (dict(alignment="first"), ValueError, "alignment must be None or one of ('last', 'mean'), got 'first'"),
-    (dict(data_vocab_size=0), ValueError, "data_vocab_size must be a positive int, got 0"),
-    (dict(data_vocab_size=None), ValueError, "data_vocab_size must be a positive int, got None"),
-    (dict(seq_len=True), ValueError, "seq_len must be a positive int, got True"),
-    (dict(teacher_vocab_size=-1), ValueError, "teacher_vocab_size must be a positive int or None, got -1"),
-    (dict(teacher_max_positions=1.5), ValueError, "teacher_max_positions must be a positive int or None, got 1.5"),
+    (dict(data_vocab_size=0), ValueError, "data_vocab_size must be >= 1, got 0"),
+    (dict(data_vocab_size=None), TypeError, "data_vocab_size must be an int, got NoneType (None)"),
+    (dict(seq_len=True), TypeError, "seq_len must be an int, got bool (True)"),
+    (dict(teacher_vocab_size=-1), ValueError, "teacher_vocab_size must be >= 1 or None, got -1"),
+    (dict(teacher_max_positions=1.5), TypeError, "teacher_max_positions must be an int or None, got float (1.5)"),
     (dict(data_tokenizer_sha256="abc"), ValueError, "data_tokenizer_sha256 must be 64 lowercase hex digits or None"),
     (dict(teacher_tokenizer=42), TypeError, "teacher_tokenizer must be a tokenizers.Tokenizer, a tokenizer.json path"),
 ])

@@ -580,9 +580,9 @@ def test_encode_for_alignment_rejects_bad_arguments():
         encode_for_alignment("one text", bpe, wordpiece, max_length=4)
     with pytest.raises(TypeError, match=r"texts\[1\] is int"):
         encode_for_alignment(["a", 3], bpe, wordpiece, max_length=4)
-    with pytest.raises(ValueError, match="max_length must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
         encode_for_alignment(["a"], bpe, wordpiece, max_length=0)
-    with pytest.raises(ValueError, match="teacher_max_length must be a positive int"):
+    with pytest.raises(ValueError, match="teacher_max_length must be >= 1 or None, got -1"):
         encode_for_alignment(["a"], bpe, wordpiece, max_length=4, teacher_max_length=-1)
     with pytest.raises(ValueError, match="mode must be one of"):
         encode_for_alignment(["a"], bpe, wordpiece, max_length=4, mode="max")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from letkit.data.shards import load_index
+from letkit.validation import check_int
 
 
 class WindowPermutation:
@@ -39,8 +40,7 @@ class WindowPermutation:
     MIX1, MIX2, GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
     def __init__(self, n: int, seed: Any, rounds: int = 6) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        n = check_int("n", n, minimum=1)
         self.n = n
         self.half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
         self.mask = np.uint64((1 << self.half_bits) - 1)
@@ -108,10 +108,9 @@ class ShardedTokenLoader:
         shuffle: bool = True,
         windows: slice = slice(None),
     ) -> None:
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0 <= rank < world_size:
+        seq_len, batch_size = check_int("seq_len", seq_len, minimum=1), check_int("batch_size", batch_size, minimum=1)
+        world_size, rank = check_int("world_size", world_size, minimum=1), check_int("rank", rank, minimum=0)
+        if rank >= world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.data_dir = Path(data_dir)
         self.index = load_index(data_dir)

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from letkit.atomic import atomic_write, atomic_write_json, remove_stale_temporaries
+from letkit.validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ BINARY_PROBE_BYTES = 8192
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """``uint16`` when every id of a ``vocab_size`` vocabulary fits, else ``uint32``."""
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    vocab_size = check_int("vocab_size", vocab_size, minimum=1)
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
@@ -248,10 +248,8 @@ def tokenize_corpus(
     """
     from tokenizers import Tokenizer
 
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1):
-        raise ValueError(f"num_workers must be a positive int or None, got {num_workers!r}")
+    shard_tokens = check_int("shard_tokens", shard_tokens, minimum=1)
+    num_workers = check_int("num_workers", num_workers, minimum=1, optional=True)
     tokenizer_path = Path(tokenizer)
     if tokenizer_path.is_dir():
         tokenizer_path = tokenizer_path / "tokenizer.json"

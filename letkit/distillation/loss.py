@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from letkit.losses import check_mask
+from letkit.validation import check_int
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -25,12 +26,6 @@ def check_temperature(temperature: float) -> float:
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     return float(temperature)
-
-
-def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _token_weights(mask: Tensor | None, leading_shape: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -164,7 +159,7 @@ def logit_distillation_loss(
     if not all(isinstance(t, Tensor) for t in (target_logits, teacher_hidden, head_weight)):
         raise TypeError("target_logits, teacher_hidden and head_weight must be tensors")
     temperature = check_temperature(temperature)
-    chunk_size = _check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     if target_logits.dim() < 1 or teacher_hidden.dim() < 1 or target_logits.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             "target_logits and teacher_hidden must cover the same tokens (same leading dims): "
@@ -203,7 +198,8 @@ def _shared_vocab_size(teacher_vocab: int, target_vocab: int, vocab_size: int | 
                 "the tokenizer's vocabulary, pass vocab_size=<the tokenizer's size>."
             )
         return teacher_vocab
-    if _check_positive_int("vocab_size", vocab_size) > min(teacher_vocab, target_vocab):
+    vocab_size = check_int("vocab_size", vocab_size, minimum=1)
+    if vocab_size > min(teacher_vocab, target_vocab):
         raise ValueError(
             f"vocab_size={vocab_size} is larger than the teacher's ({teacher_vocab}) or the target's ({target_vocab}) "
             "number of logits: both must cover the shared vocabulary"

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from letkit.distillation.loss import DEFAULT_CHUNK_SIZE, _check_positive_int, check_temperature, logit_distillation_loss
+from letkit.distillation.loss import DEFAULT_CHUNK_SIZE, check_temperature, logit_distillation_loss
 from letkit.module_paths import get_submodule
 from letkit.objective import TeacherObjective
 from letkit.schedulers import LambdaSchedule
 from letkit.target_capture import TargetCapture
 from letkit.teacher import TeacherFeatureExtractor
+from letkit.validation import check_int
 
 @dataclass
 class DistillationOutput:
@@ -124,11 +125,11 @@ class LogitDistillation(TeacherObjective):
     ) -> None:
         super().__init__(target, teacher, schedule, example="letkit.ConstantWeight(0.5, stop_step=...)")
         self.temperature = check_temperature(temperature)
-        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = check_int("chunk_size", chunk_size, minimum=1)
         self.check_finite = check_finite
+        self.vocab_size = check_int("vocab_size", vocab_size, minimum=1, optional=True)
         if teacher is None:
             self.lm_head_path: str | None = None
-            self.vocab_size = None if vocab_size is None else _check_positive_int("vocab_size", vocab_size)
             return
         if isinstance(teacher, TeacherFeatureExtractor):
             # its constructor ran the causality check, or its user turned the check off: neither is redone
@@ -140,9 +141,8 @@ class LogitDistillation(TeacherObjective):
         self.teacher = teacher
         self.lm_head_path = _find_lm_head(teacher.model, lm_head)
         teacher_vocab = self._head().weight.shape[0]
-        if vocab_size is not None and _check_positive_int("vocab_size", vocab_size) > teacher_vocab:
+        if self.vocab_size is not None and self.vocab_size > teacher_vocab:
             raise ValueError(f"vocab_size={vocab_size} is larger than the teacher's LM head ({teacher_vocab} outputs)")
-        self.vocab_size = vocab_size
         self._check_head_reproduces_logits()
         self._capture = TargetCapture(target, {None: (target, _logits_of)}, what="logits")
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from letkit.validation import check_int
+
 
 @dataclass
 class ModelOutput:
@@ -41,31 +43,35 @@ class ModelOutput:
 
 
 def check_config_fields(config: Any) -> None:
-    """ValueError naming the first field of the config dataclass ``config`` whose value has the wrong kind.
+    """TypeError (wrong type) or ValueError (out of range) naming the first field of the config dataclass
+    ``config`` whose value is not of its kind; integer fields are stored as Python ints.
 
-    In every family's config, an ``int`` field is a size or a count (a positive int, never a bool), a ``float``
-    field an epsilon, a rotary base, a fraction or an init std (a positive, finite number), a ``bool`` a bool and a
-    ``str`` a str; a field annotated ``... | None`` may also be None.
+    In every family's config, an ``int`` field is a size or a count (an int >= 1, never a bool; see
+    :func:`letkit.validation.check_int`), a ``float`` field an epsilon, a rotary base, a fraction or an init std (a
+    positive, finite number), a ``bool`` a bool and a ``str`` a str; a field annotated ``... | None`` may also be
+    None.
     """
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         kind, *rest = (part.strip() for part in str(f.type).split("|"))
         optional = rest == ["None"]
+        if kind == "int":
+            setattr(config, f.name, check_int(f.name, value, minimum=1, optional=optional))
+            continue
         if value is None and optional:
             continue
-        if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            expected = "a positive int"
-        elif kind == "float" and not (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-        ):
+        error: type[Exception] = TypeError
+        if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
             expected = "a positive, finite number"
+        elif kind == "float" and not (math.isfinite(value) and value > 0):
+            expected, error = "a positive, finite number", ValueError
         elif kind == "bool" and not isinstance(value, bool):
             expected = "true or false"
         elif kind == "str" and not isinstance(value, str):
             expected = "a string"
         else:
             continue
-        raise ValueError(f"{f.name} must be {expected}{' or None' if optional else ''}, got {value!r}")
+        raise error(f"{f.name} must be {expected}{' or None' if optional else ''}, got {value!r}")
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:

@@ -10,7 +10,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from letkit.token_alignment.alignment import ALIGNMENT_MODES, AlignMode
-from letkit.token_alignment.encoding import _check_positive_int, _check_tokenizer, tokenizer_differences
+from letkit.token_alignment.encoding import _check_tokenizer, tokenizer_differences
+from letkit.validation import check_int
 
 TokenizerSpec = Tokenizer | str | os.PathLike | None
 
@@ -85,10 +86,10 @@ def check_teacher_compatibility(
     """
     if alignment is not None and alignment not in ALIGNMENT_MODES:
         raise ValueError(f"alignment must be None or one of {ALIGNMENT_MODES}, got {alignment!r}")
-    _check_positive_int("teacher_vocab_size", teacher_vocab_size, optional=True)
-    _check_positive_int("teacher_max_positions", teacher_max_positions, optional=True)
-    _check_positive_int("data_vocab_size", data_vocab_size)
-    _check_positive_int("seq_len", seq_len)
+    teacher_vocab_size = check_int("teacher_vocab_size", teacher_vocab_size, minimum=1, optional=True)
+    teacher_max_positions = check_int("teacher_max_positions", teacher_max_positions, minimum=1, optional=True)
+    data_vocab_size = check_int("data_vocab_size", data_vocab_size, minimum=1)
+    seq_len = check_int("seq_len", seq_len, minimum=1)
     if data_tokenizer_sha256 is not None and not (
             isinstance(data_tokenizer_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", data_tokenizer_sha256)):
         raise ValueError(f"data_tokenizer_sha256 must be 64 lowercase hex digits or None, got {data_tokenizer_sha256!r}")

@@ -18,6 +18,7 @@ from tokenizers import Encoding, Tokenizer
 from torch import Tensor
 
 from letkit.token_alignment.alignment import ALIGNMENT_MODES, AlignMode, TokenAlignment, align_tokens
+from letkit.validation import check_int
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,6 @@ class CrossTokenizerBatch:
         """Return a copy with every tensor (and the alignment) on ``device``."""
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
         return replace(self, **moved)
-
-
-def _check_positive_int(name: str, value: object, *, optional: bool = False) -> None:
-    """ValueError naming ``name`` unless ``value`` is an int >= 1 (or None, when ``optional``)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
 
 
 def _state(component: object) -> object:
@@ -175,8 +168,8 @@ def encode_for_alignment(
     not_str = [i for i, text in enumerate(texts) if not isinstance(text, str)]
     if not_str:
         raise TypeError(f"texts must all be str; texts[{not_str[0]}] is {type(texts[not_str[0]]).__name__}")
-    _check_positive_int("max_length", max_length)
-    _check_positive_int("teacher_max_length", teacher_max_length, optional=True)
+    max_length = check_int("max_length", max_length, minimum=1)
+    teacher_max_length = check_int("teacher_max_length", teacher_max_length, minimum=1, optional=True)
     if mode not in ALIGNMENT_MODES:
         raise ValueError(f"mode must be one of {ALIGNMENT_MODES}, got {mode!r}")
     _check_tokenizer(target_tokenizer, "target_tokenizer")
@@ -252,7 +245,7 @@ def tokenize_for_teacher(
     if not isinstance(inputs, Tensor) or inputs.dim() != 2 or inputs.is_floating_point() or inputs.is_complex():
         raise ValueError(f"inputs must be a [B, T] tensor of token ids, got {type(inputs).__name__} "
                          f"{tuple(getattr(inputs, 'shape', ()))} {getattr(inputs, 'dtype', '')}")
-    _check_positive_int("teacher_max_length", teacher_max_length, optional=True)
+    teacher_max_length = check_int("teacher_max_length", teacher_max_length, minimum=1, optional=True)
     decoded = [decode_with_offsets(row, target_tokenizer) for row in inputs.tolist()]
     ids, offsets = [], []
     for encoding in teacher_tokenizer.encode_batch([text for text, _ in decoded]):

@@ -9,7 +9,8 @@ import torch
 from tokenizers import Tokenizer
 
 from letkit.token_alignment.alignment import ALIGNMENT_MODES, AlignMode, TokenAlignment
-from letkit.token_alignment.encoding import _check_positive_int, tokenize_for_teacher
+from letkit.token_alignment.encoding import tokenize_for_teacher
+from letkit.validation import check_int
 
 if TYPE_CHECKING:
     from letkit.data import ShardedTokenLoader
@@ -41,8 +42,8 @@ class TeacherTokenizedLoader:
                  mode: AlignMode = "last", teacher_max_length: int | None = None, prefetch: int = 2) -> None:
         if mode not in ALIGNMENT_MODES:
             raise ValueError(f"mode must be one of {ALIGNMENT_MODES}, got {mode!r}")
-        _check_positive_int("teacher_max_length", teacher_max_length, optional=True)
-        _check_positive_int("prefetch", prefetch)
+        teacher_max_length = check_int("teacher_max_length", teacher_max_length, minimum=1, optional=True)
+        prefetch = check_int("prefetch", prefetch, minimum=1)
         self.loader, self.target_tokenizer, self.teacher_tokenizer = loader, target_tokenizer, teacher_tokenizer
         self.mode, self.teacher_max_length, self.prefetch = mode, teacher_max_length, prefetch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-tokenize")
