@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,8 +16,10 @@ pytest.importorskip("accelerate")
 
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
+from hf_ddp_run import MAX_NORM  # noqa: E402
 from integrations_testing import Trace, assert_grads_close, plain_loop  # noqa: E402
 from letkit import LETObjective, LinearDecay  # noqa: E402
+from letkit.integrations import hf  # noqa: E402
 from letkit.integrations.hf import OBJECTIVE_FILE, SCHEDULE_FILE, LETTrainer  # noqa: E402
 
 STEPS, ACCUMULATION, BATCH, SEQ, VOCAB, S_STOP, LR = 10, 2, 2, 12, 64, 6, 0.05
@@ -68,11 +75,12 @@ class RecordingTrainer(LETTrainer):
 
 
 def make_trainer(output_dir, target, objective, max_steps=STEPS, **overrides) -> RecordingTrainer:
-    args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUMULATION, learning_rate=LR, optim="sgd", lr_scheduler_type="constant",
-        weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, save_strategy="steps", save_steps=5, report_to=[],
-        use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True, **overrides)
+    args = TrainingArguments(**{
+        **dict(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=BATCH,
+               gradient_accumulation_steps=ACCUMULATION, learning_rate=LR, optim="sgd", lr_scheduler_type="constant",
+               weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, save_strategy="steps", save_steps=5, report_to=[],
+               use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True),
+        **overrides})
     recorder = Recorder(target, objective)
     trainer = RecordingTrainer(model=target, args=args, train_dataset=TokenDataset(STEPS * ACCUMULATION * BATCH),
                                eval_dataset=TokenDataset(4), let_objective=objective, callbacks=[recorder])
@@ -181,3 +189,56 @@ def test_objective_must_be_a_let_objective(tmp_path):
         LETTrainer(model=target, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
                    let_objective=object())
 
+
+
+def total_norm(grads: dict[str, torch.Tensor]) -> float:
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])).item()
+
+
+@pytest.mark.skipif(not hf._TRAINER_CLIPPING_HOOKS, reason="transformers < 5.3 refuses this (tested below)")
+def test_max_grad_norm_clips_a_learned_projector_with_the_model_under_one_norm(tmp_path):
+    unclipped = make_trainer(tmp_path / "unclipped", *build(stop_step=1), max_steps=1)
+    unclipped.train()
+    grads = unclipped.recorder.trace.grads[0]
+    assert any(name.startswith("objective.") for name in grads) and any(name.startswith("model.") for name in grads)
+    norm = total_norm(grads)
+    assert train_logs(unclipped)[1]["grad_norm"] == pytest.approx(norm, rel=1e-5)  # counts the projector's too
+
+    max_norm = norm / 4
+    clipped = make_trainer(tmp_path / "clipped", *build(stop_step=1), max_steps=1, max_grad_norm=max_norm)
+    clipped.train()
+    assert train_logs(clipped)[1]["grad_norm"] == pytest.approx(norm, rel=1e-5)  # the norm before clipping
+    factor = max_norm / (norm + 1e-6)  # torch's clip_grad_norm_ coefficient
+    assert_grads_close([clipped.recorder.trace.grads[0]], [{k: g * factor for k, g in grads.items()}], rtol=1e-4,
+                       atol=1e-7)
+    assert total_norm(clipped.recorder.trace.grads[0]) == pytest.approx(max_norm, rel=1e-4)
+
+
+def test_a_learned_projector_is_refused_where_it_cannot_be_clipped_with_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(hf, "_TRAINER_CLIPPING_HOOKS", False)
+    with pytest.raises(ValueError, match=r"max_grad_norm=1.0 would clip the model's gradients but not the learned "
+                                         r"projector's: clipping both under one norm needs transformers 5.3 or later"):
+        make_trainer(tmp_path, *build(), max_grad_norm=1.0)
+    make_trainer(tmp_path, *build(), max_grad_norm=0.0)  # no clipping: nothing to refuse
+    target, teacher = tiny_llama(32, seed=0), tiny_llama(16, seed=1)
+    interpolating = LETObjective(target, teacher, projector="interpolate", schedule=LinearDecay(1.0, stop_step=S_STOP))
+    make_trainer(tmp_path, target, interpolating, max_grad_norm=1.0)  # no projector parameters to clip
+
+
+@pytest.mark.skipif(not hf._TRAINER_CLIPPING_HOOKS, reason="transformers < 5.3 refuses this (tested above)")
+def test_two_rank_ddp_clips_the_projector_with_the_model_under_one_norm(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--rdzv-conf",
+               "join_timeout=900,read_timeout=600", str(Path(__file__).with_name("hf_ddp_run.py")), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    grads = {name: [load_file(tmp_path / f"{name}_rank{r}.safetensors") for r in range(2)] for name in ("unclipped", "clipped")}
+    logs = {name: [json.loads((tmp_path / f"{name}_rank{r}.json").read_text()) for r in range(2)] for name in grads}
+    assert {log["distributed_type"] for runs in logs.values() for log in runs} == {"MULTI_CPU"}
+    unclipped = grads["unclipped"][0]
+    assert any(name.startswith("objective.") for name in unclipped)
+    assert_grads_close(grads["unclipped"][1:], [unclipped], rtol=0, atol=0)  # all-reduced: equal on both ranks
+    norm = total_norm(unclipped)
+    assert [log["grad_norm"] for runs in logs.values() for log in runs] == pytest.approx([norm] * 4, rel=1e-5)
+    factor = MAX_NORM / (norm + 1e-6)
+    want = {name: g * factor for name, g in unclipped.items()}
+    assert_grads_close(grads["clipped"], [want, want], rtol=1e-4, atol=1e-10)

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import torch
+import transformers
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
@@ -37,6 +38,10 @@ SCHEDULE_FILE = "let_schedule.json"
 """The lambda schedule's ``state_dict()`` in each checkpoint directory, checked on resume."""
 
 CROSS_TOKENIZER_KEYS = ("teacher_input_ids", "token_alignment")
+
+_TRAINER_CLIPPING_HOOKS = hasattr(Trainer, "_clip_grad_norm") and hasattr(Trainer, "_get_grad_norm")
+"""Whether this transformers' Trainer clips gradients through methods LETTrainer can extend to a learned projector's
+(transformers 5.3 and later; before, clipping is inline in the training loop)."""
 
 
 class _ZeroObjectiveGradients(TrainerCallback):
@@ -61,8 +66,9 @@ class LETTrainer(Trainer):
     * a learned projector's parameters join the optimizer the Trainer builds (an optimizer passed in through
       ``optimizers=`` must hold them: otherwise the first step raises), and every checkpoint holds them
       (:data:`OBJECTIVE_FILE`) with the schedule (:data:`SCHEDULE_FILE`); ``train(resume_from_checkpoint=...)``
-      loads both. The Trainer's gradient clipping (``max_grad_norm``) covers the model's parameters only: the
-      projector's gradients are neither clipped nor counted in the logged ``grad_norm``;
+      loads both. ``max_grad_norm`` clips the model's and the projector's gradients under one total norm, the
+      logged ``grad_norm`` (in single-process and DDP runs with transformers 5.3 or later; elsewhere a learned
+      projector with ``max_grad_norm > 0`` is refused at construction);
     * ``align_loss`` (mean over the micro-batches since the last log) and ``lambda`` join ``loss`` in the logs;
     * evaluation computes the plain LM loss: the teacher does not run;
     * the objective's projector and the teacher are moved to the Trainer's device with the model.
@@ -87,10 +93,17 @@ class LETTrainer(Trainer):
                 f"LETTrainer does not run under torch.nn.DataParallel (n_gpu={self.args.n_gpu}): its model replicas "
                 "bypass the objective's hooks. Launch one process per GPU with torchrun (DDP) instead."
             )
-        has_learned_projector = any(p.requires_grad for p in let_objective.parameters())
-        if self.is_deepspeed_enabled and has_learned_projector:
+        self._let_projector_parameters = [p for p in let_objective.parameters() if p.requires_grad]
+        if self.is_deepspeed_enabled and self._let_projector_parameters:
             raise ValueError("LETTrainer cannot hand a learned projector to DeepSpeed's optimizer: use "
                              "projector='interpolate', or DDP / FSDP instead of DeepSpeed")
+        unsupported = self._joint_clipping_unsupported()
+        if self._let_projector_parameters and (self.args.max_grad_norm or 0) > 0 and unsupported:
+            raise ValueError(
+                f"max_grad_norm={self.args.max_grad_norm} would clip the model's gradients but not the learned "
+                f"projector's: clipping both under one norm {unsupported}. Pass max_grad_norm=0 (no clipping) or "
+                "projector='interpolate'"
+            )
         self.let_objective = let_objective
         self.check_vocabulary = check_vocabulary
         self.add_callback(_ZeroObjectiveGradients(let_objective))
@@ -113,6 +126,37 @@ class LETTrainer(Trainer):
                 if group["params"]:
                     optimizer.add_param_group(group)
         return optimizer
+
+    def _joint_clipping_unsupported(self) -> str | None:
+        """Why the model's and a learned projector's gradients cannot be clipped together here, or None."""
+        if not _TRAINER_CLIPPING_HOOKS:
+            return (f"needs transformers 5.3 or later (transformers {transformers.__version__}'s Trainer clips inside "
+                    "its training loop, where LETTrainer cannot add the projector)")
+        kind = str(self.accelerator.distributed_type.value)
+        if kind != "NO" and not kind.startswith("MULTI_"):  # MULTI_GPU, MULTI_CPU, ...: DDP
+            return f"is done for single-process and DDP runs only, not {kind}"
+        return None
+
+    def _let_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
+        """The total norm of the model's and the learned projector's gradients, both clipped to ``max_norm``.
+
+        Under DDP both are already all-reduced here (the projector's by :mod:`letkit.integrations.ddp`, during
+        backward), so every rank computes the same norm."""
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *self._let_projector_parameters], max_norm)
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """The Trainer's clipping to ``max_grad_norm`` (transformers >= 5.3), a learned projector's gradients
+        included under the same total norm; returns the norm before clipping."""
+        if not self._let_projector_parameters:
+            return super()._clip_grad_norm(model)
+        return self._let_grad_norm(model, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The Trainer's logged ``grad_norm`` (transformers >= 5.3); without clipping it also counts a learned
+        projector's gradients where they could be clipped together."""
+        if grad_norm is None and self._let_projector_parameters and self._joint_clipping_unsupported() is None:
+            grad_norm = self._let_grad_norm(model, float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
 
     def _check_let_setup(self, has_token_alignment: bool) -> None:
         check_projector_in_optimizer(self.let_objective, self.optimizer.param_groups)
