@@ -118,7 +118,9 @@ class LETObjective(TeacherObjective):
         target_dims, teacher_dims: hidden size of each pair's target / teacher layer (an int for all pairs, or
             one per pair), for building the projector from its kind. Default: the model's
             ``config.hidden_size``; pass them when that is not the size of the aligned layers. Without a
-            teacher, ``teacher_dims`` is required (the projector is rebuilt so a checkpoint's state loads).
+            teacher, a learned projector (``"linear"``, ``"mlp"``) needs ``teacher_dims`` (it is rebuilt so a
+            checkpoint's state loads); an ``"interpolate"`` one holds no state and is not built
+            (``objective.projector`` is None).
         block_list: module path of the target's block list, when automatic discovery is wrong or ambiguous
             (the same argument as :class:`TeacherFeatureExtractor`'s for the teacher).
         check_finite: fail on any step where the teacher's features hold NaN/Inf (a broken teacher, or one
@@ -171,9 +173,6 @@ class LETObjective(TeacherObjective):
         self.layer_map = layer_map if isinstance(layer_map, LayerMap) else LayerMap(layer_map)
         self.loss_fn = loss if isinstance(loss, AlignmentLoss) else AlignmentLoss(loss, check_finite=check_finite)
         if teacher is None:
-            if isinstance(projector, str) and teacher_dims is None:
-                raise ValueError("without a teacher, pass teacher_dims= (and target_dims= unless target.config.hidden_size "
-                                 "has it) so the projector is rebuilt and a checkpoint's state loads into it")
             self.block_list_path: str | None = None
             self.pairs: list[tuple[int, int]] = []
             self.target_layers: list[int] = []
@@ -202,7 +201,7 @@ class LETObjective(TeacherObjective):
             if len(projector.target_dims) != num_pairs:
                 raise ValueError(f"the projector has {len(projector.target_dims)} layer pairs, but the layer map "
                                  f"{self.layer_map.pairs} has {num_pairs}")
-        self.projector = projector
+        self.projector: LayerMappingProjector | None = projector
 
     def _build_projector(
         self,
@@ -211,12 +210,22 @@ class LETObjective(TeacherObjective):
         num_pairs: int,
         target_dims: int | Sequence[int] | None,
         teacher_dims: int | Sequence[int] | None,
-    ) -> LayerMappingProjector:
+    ) -> LayerMappingProjector | None:
         parameter = next(target.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
         target_dims = _dims("target_dims", target_dims, num_pairs) or _dims_from_config(target, num_pairs)
-        if target_dims is None and self.teacher is None:
-            raise ValueError(f"without a teacher, pass target_dims= ({type(target).__name__} has no config.hidden_size)")
+        if self.teacher is None:
+            teacher_dims = _dims("teacher_dims", teacher_dims, num_pairs)
+            if kind == "interpolate":
+                return None  # it holds no state, so there is nothing for a checkpoint to restore
+            if teacher_dims is None:
+                raise ValueError(f"without a teacher, pass teacher_dims= (and target_dims= unless target.config."
+                                 f"hidden_size has it) so the {kind} projector is rebuilt and a checkpoint's state loads "
+                                 "into it")
+            if target_dims is None:
+                raise ValueError(f"without a teacher, pass target_dims= ({type(target).__name__} has no "
+                                 "config.hidden_size)")
+            return LayerMappingProjector(target_dims, teacher_dims, kind).to(device)
         teacher_dims = _dims("teacher_dims", teacher_dims, num_pairs) or _dims_from_config(self.teacher.model, num_pairs)
         probe = torch.zeros(1, 2, dtype=torch.long, device=device)
         if target_dims is None:

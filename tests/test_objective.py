@@ -251,10 +251,25 @@ def test_a_run_resumed_after_s_stop_needs_no_teacher(tiny_lm):
     with pytest.raises(ValueError, match=r"teacher=None is only for a run at or after the schedule's stop_step \(S_stop\), "
                                          "but the schedule is at step 0 < stop_step 4"):
         LETObjective(target, None, target_dims=16, teacher_dims=8, schedule=LinearDecay(1.0, 4))
-    with pytest.raises(ValueError, match="without a teacher, pass teacher_dims="):
-        LETObjective(target, None, schedule=schedule)
+    with pytest.raises(ValueError, match="without a teacher, pass teacher_dims= .* so the mlp projector is rebuilt"):
+        LETObjective(target, None, projector="mlp", schedule=schedule)
     with pytest.raises(ValueError, match=r"without a teacher, pass target_dims= \(TinyLM has no config.hidden_size\)"):
-        LETObjective(target, None, teacher_dims=8, schedule=schedule)
+        LETObjective(target, None, projector="linear", teacher_dims=8, schedule=schedule)
+
+
+def test_a_run_resumed_after_s_stop_with_the_interpolating_projector_needs_no_sizes(tiny_lm):
+    trained = LETObjective(tiny_lm(layers=4), tiny_lm(dim=8, seed=1), projector="interpolate", schedule=LinearDecay(1.0, 4))
+    schedule = LinearDecay(1.0, 4)
+    schedule.current_step = 4
+    target = tiny_lm(layers=4)  # no config.hidden_size either
+    objective = LETObjective(target, None, projector="interpolate", schedule=schedule)
+    objective.load_state_dict(trained.state_dict())  # nothing to restore, and nothing missing
+    assert objective.finished and objective.projector is None
+    ids = torch.randint(0, 50, (2, 6))
+    lm = lm_loss_of(target(ids), ids)
+    assert objective(ids, lm_loss=lm).loss is lm
+    with pytest.raises(ValueError, match="teacher_dims must be >= 1, got 0"):  # sizes given are still checked
+        LETObjective(target, None, projector="interpolate", teacher_dims=0, schedule=schedule)
 
 
 def test_an_evaluation_forward_in_between_does_not_replace_the_training_features(tiny_lm):
