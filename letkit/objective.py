@@ -234,7 +234,8 @@ class LETObjective(TeacherObjective):
             with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 target.eval()
                 target(probe)
-                features = self._capture.take(probe)
+                features = self._capture.get(probe)
+                self._capture.discard()
             target.train(was_training)
             target_dims = [features[k].shape[-1] for k in self.target_layers]
         if teacher_dims is None:
@@ -259,7 +260,8 @@ class LETObjective(TeacherObjective):
         micro-batch's target forward, with the same ``step`` (lambda and the teacher's release depend on the step
         only, so repeated calls at one step agree). The target features come from the latest forward run in the
         same grad mode as this call: an evaluation forward under ``torch.no_grad()`` in between does not replace
-        the training forward's features.
+        the training forward's features. Every argument is checked before the teacher runs, and a refused call leaves
+        the captured outputs for a corrected one.
 
         Args:
             input_ids: the ``[B, T]`` token ids the target was just run on; the teacher reads the same
@@ -279,20 +281,8 @@ class LETObjective(TeacherObjective):
             ValueError: the captured features are not those of ``input_ids`` (another batch ran through the
                 target since), or bad masks / cross-tokenizer inputs.
         """
-        lam = self._lambda_at(step)
-        if lam == 0.0:
-            total = lm_loss if lm_loss is not None else torch.zeros((), device=input_ids.device)
-            return LETOutput(total, lm_loss, None, 0.0)
-        captured = self._capture.take(input_ids)
-        target_features = [captured[k] for k in self.target_layers]
         if (teacher_input_ids is None) != (token_alignment is None):
             raise ValueError("cross-tokenizer LET needs both teacher_input_ids and token_alignment (or neither)")
-        device = target_features[0].device
-        if mask is not None:
-            check_mask(mask, tuple(target_features[0].shape[:-1]), device)
-        teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
-        teacher_features = self.teacher(teacher_ids.to(_device_of(self.teacher.model, device)))
-        teacher_features = [f.to(device) for f in teacher_features]
         if token_alignment is not None:
             expected = (tuple(input_ids.shape[:2]), tuple(teacher_input_ids.shape[:2]))
             got = (tuple(token_alignment.mask.shape), (token_alignment.mask.shape[0], token_alignment.teacher_length))
@@ -301,9 +291,24 @@ class LETObjective(TeacherObjective):
                     f"token_alignment covers target {got[0]} and teacher {got[1]} tokens, but input_ids is "
                     f"{tuple(input_ids.shape)} and teacher_input_ids is {tuple(teacher_input_ids.shape)}"
                 )
+        lam = self._lambda_at(step)
+        if lam == 0.0:
+            total = lm_loss if lm_loss is not None else torch.zeros((), device=input_ids.device)
+            return LETOutput(total, lm_loss, None, 0.0)
+        captured = self._capture.get(input_ids)
+        target_features = [captured[k] for k in self.target_layers]
+        device = target_features[0].device
+        if mask is not None:
+            check_mask(mask, tuple(target_features[0].shape[:-1]), device)
+            mask = mask != 0  # checked once: as bools the losses need not check its values again
+        self._capture.discard()  # every argument is valid: the features are used now
+        teacher_ids = input_ids if teacher_input_ids is None else teacher_input_ids
+        teacher_features = self.teacher(teacher_ids.to(_device_of(self.teacher.model, device)))
+        teacher_features = [f.to(device) for f in teacher_features]
+        if token_alignment is not None:
             token_alignment = token_alignment.to(device)
             teacher_features = [token_alignment.gather(f) for f in teacher_features]
-            mask = token_alignment.mask if mask is None else token_alignment.mask & (mask != 0)
+            mask = token_alignment.mask if mask is None else token_alignment.mask & mask
         align = projector_alignment_loss(self.projector, target_features, teacher_features, self.loss_fn, mask)
         total = lam * align if lm_loss is None else lm_loss + lam * align
         return LETOutput(total, lm_loss, align, lam)

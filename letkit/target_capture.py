@@ -23,9 +23,9 @@ class TargetCapture:
     """Outputs of some of a target's modules, captured on every forward of the target by forward hooks.
 
     Captures are kept apart by grad mode: a forward under ``torch.no_grad()`` or ``torch.inference_mode()`` (an
-    evaluation) does not replace the tensors of the latest forward with grad enabled, and :meth:`take` returns
+    evaluation) does not replace the tensors of the latest forward with grad enabled, and :meth:`get` returns
     those captured in its caller's grad mode. Each capture is tagged with the token ids the target's own
-    ``forward`` received (its first positional argument or its ``input_ids`` keyword), so :meth:`take` can refuse
+    ``forward`` received (its first positional argument or its ``input_ids`` keyword), so :meth:`get` can refuse
     tensors of another batch. A forward with grad enabled drops what earlier no-grad forwards captured, so an
     evaluation batch's tensors are not held for the rest of training. Deep copies of the target (an EMA or
     evaluation copy carries the hooks along) capture nothing.
@@ -83,8 +83,10 @@ class TargetCapture:
     def _label(self, key: int | None) -> str:
         return self.what if key is None else f"layer-{key} {self.what}"
 
-    def take(self, input_ids: Tensor) -> dict[int | None, Tensor]:
-        """The tensors the target's latest forward in the current grad mode captured, by key; they are forgotten.
+    def get(self, input_ids: Tensor) -> dict[int | None, Tensor]:
+        """The tensors the target's latest forward in the current grad mode captured, by key. They stay captured
+        (so a caller that then refuses its other arguments leaves them for a corrected call): call :meth:`discard`
+        once they are used.
 
         Raises:
             RuntimeError: a watched module did not run in this grad mode since the last call, or, with grad
@@ -109,7 +111,6 @@ class TargetCapture:
             )
         tensors = {key: captured[key][0] for key in self.keys}
         forward_ids = captured[self.keys[0]][1]
-        captured.clear()
         self._check_belongs_to(input_ids, self.keys[0], tensors[self.keys[0]], forward_ids)
         if grad_mode:
             without_grad = [key for key in self.keys if not tensors[key].requires_grad]

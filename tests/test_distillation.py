@@ -495,3 +495,32 @@ def test_bad_masks_are_named_as_for_the_alignment_loss(tiny_lm):
     target(ids)
     with pytest.raises(ValueError, match="mask must be on the target logits' device, got target on cpu and mask on meta"):
         objective(ids, step=0, mask=torch.ones(2, 6, dtype=torch.bool, device="meta"))
+
+
+@pytest.mark.parametrize("objective_class", OBJECTIVES.values(), ids=OBJECTIVES)
+def test_a_bad_mask_costs_no_teacher_forward_and_leaves_the_captured_outputs(tiny_lm, objective_class):
+    target, teacher = tiny_lm(), tiny_lm(dim=8, seed=1)
+    objective = objective_class(target, teacher, schedule=ConstantWeight(1.0, stop_step=4))
+    teacher_forwards = []
+    teacher.register_forward_pre_hook(lambda *args: teacher_forwards.append(1))
+    ids = torch.randint(0, 50, (2, 6))
+    target(ids)
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        objective(ids, step=0, mask=torch.full((2, 6), 2))
+    assert teacher_forwards == []
+    out = objective(ids, step=0, mask=torch.ones(2, 6))  # the same forward's outputs, left for the corrected call
+    assert teacher_forwards == [1] and out.loss.requires_grad
+    with pytest.raises(RuntimeError, match="no target .* captured"):  # used once
+        objective(ids, step=0)
+
+
+def test_a_vocabulary_mismatch_costs_no_teacher_forward(tiny_lm):
+    teacher, target = tiny_lm(vocab=50, dim=8, seed=1), tiny_lm(vocab=64, seed=0)
+    objective = LogitDistillation(target, teacher, schedule=ConstantWeight(1.0, stop_step=3))
+    teacher_forwards = []
+    teacher.register_forward_pre_hook(lambda *args: teacher_forwards.append(1))
+    ids = torch.randint(0, 50, (2, 6))
+    target(ids)
+    with pytest.raises(ValueError, match="the teacher's LM head has 50 outputs but the target's logits have 64"):
+        objective(ids, step=0)
+    assert teacher_forwards == []

@@ -177,6 +177,25 @@ def test_cross_tokenizer_alignment(tiny_lm):
         objective(ids, step=0, teacher_input_ids=teacher_ids)
 
 
+def test_bad_cross_tokenizer_arguments_are_refused_before_anything_runs(tiny_lm):
+    from letkit.token_alignment import align_tokens
+
+    target, teacher = tiny_lm(layers=4, seed=0), tiny_lm(dim=8, seed=1)
+    objective = LETObjective(target, teacher, schedule=LinearDecay(1.0, stop_step=4))
+    teacher_forwards = []
+    teacher.register_forward_pre_hook(lambda *args: teacher_forwards.append(1))
+    alignment = align_tokens(torch.tensor([[[i, i + 1] for i in range(6)]] * 2), torch.tensor([[[0, 2], [2, 4], [4, 6]]] * 2))
+    ids, teacher_ids = torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (2, 3))
+    target(ids)
+    with pytest.raises(ValueError, match="needs both teacher_input_ids and token_alignment"):
+        objective(ids, step=2, teacher_input_ids=teacher_ids)
+    with pytest.raises(ValueError, match=r"token_alignment covers target \(2, 6\) and teacher \(2, 3\) tokens"):
+        objective(ids, step=2, teacher_input_ids=teacher_ids[:, :2], token_alignment=alignment)
+    assert teacher_forwards == [] and objective.schedule.current_step == 0  # not even the step was taken
+    out = objective(ids, step=2, teacher_input_ids=teacher_ids, token_alignment=alignment)  # the features were left
+    assert teacher_forwards == [1] and out.align_loss.requires_grad and objective.schedule.current_step == 2
+
+
 def test_a_deep_copy_of_the_target_does_not_steal_the_captured_features(tiny_lm):
     import copy
 

@@ -172,7 +172,7 @@ def logit_distillation_loss(
         )
     if head_bias is not None and tuple(head_bias.shape) != (head_weight.shape[0],):
         raise ValueError(f"head_bias must have shape ({head_weight.shape[0]},), got {tuple(head_bias.shape)}")
-    vocab_size = _shared_vocab_size(head_weight.shape[0], target_logits.shape[-1], vocab_size)
+    vocab_size = shared_vocab_size(head_weight.shape[0], target_logits.shape[-1], vocab_size)
     compute_dtype = torch.float64 if target_logits.dtype == torch.float64 else torch.float32
     num_tokens = target_logits[..., 0].numel()
     weights = _token_weights(mask, target_logits.shape[:-1], target_logits.device, compute_dtype)
@@ -189,7 +189,9 @@ def logit_distillation_loss(
     )
 
 
-def _shared_vocab_size(teacher_vocab: int, target_vocab: int, vocab_size: int | None) -> int:
+def shared_vocab_size(teacher_vocab: int, target_vocab: int, vocab_size: int | None) -> int:
+    """The vocabulary the KL is taken over: ``vocab_size``, or the two sides' common size when it is None; a
+    ValueError naming the sizes when they do not fit."""
     if vocab_size is None:
         if teacher_vocab != target_vocab:
             raise ValueError(

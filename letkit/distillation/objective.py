@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from letkit.distillation.loss import DEFAULT_CHUNK_SIZE, check_temperature, logit_distillation_loss
+from letkit.distillation.loss import (
+    DEFAULT_CHUNK_SIZE,
+    check_temperature,
+    logit_distillation_loss,
+    shared_vocab_size,
+)
+from letkit.losses import check_mask
 from letkit.module_paths import get_submodule
 from letkit.objective import TeacherObjective
 from letkit.schedulers import LambdaSchedule
@@ -175,7 +181,8 @@ class LogitDistillation(TeacherObjective):
         step counter, and leaving it out uses it; with gradient accumulation, call the objective once per
         micro-batch right after its target forward, with the optimizer's step. The logits are those of the
         latest target forward in this call's grad mode, so an evaluation forward under ``torch.no_grad()`` in
-        between does not replace the training forward's.
+        between does not replace the training forward's. Every argument is checked before the teacher runs, and a refused call leaves
+        the captured outputs for a corrected one.
 
         Args:
             input_ids: the ``[B, T]`` token ids the target was just run on; the teacher reads the same.
@@ -195,8 +202,13 @@ class LogitDistillation(TeacherObjective):
         if lam == 0.0:
             total = lm_loss if lm_loss is not None else torch.zeros((), device=input_ids.device)
             return DistillationOutput(total, lm_loss, None, 0.0)
-        (logits,) = self._capture.take(input_ids).values()
+        (logits,) = self._capture.get(input_ids).values()
         head = self._head()
+        if mask is not None:
+            check_mask(mask, tuple(logits.shape[:-1]), logits.device, of="logits")
+            mask = mask != 0  # checked once: as bools the loss need not check its values again
+        shared_vocab_size(head.weight.shape[0], logits.shape[-1], self.vocab_size)
+        self._capture.discard()  # every argument is valid: the logits are used now
         (hidden,) = self.teacher(input_ids.to(head.weight.device))
         distill = logit_distillation_loss(
             logits,
