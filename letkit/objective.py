@@ -20,7 +20,7 @@ from letkit.integrations.ddp import projector_alignment_loss
 from letkit.layer_map import LayerMap, PairSpec
 from letkit.losses import AlignmentLoss, check_mask
 from letkit.module_paths import describe_output, find_block_list, module_output_tensor
-from letkit.projector import LayerMappingProjector
+from letkit.projector import PROJECTOR_KINDS, LayerMappingProjector
 from letkit.schedulers import LambdaSchedule, require_schedule
 from letkit.target_capture import OutputExtractor, TargetCapture
 from letkit.teacher import TeacherFeatureExtractor
@@ -172,6 +172,15 @@ class LETObjective(TeacherObjective):
                              "check_finite=True): pass AlignmentLoss(..., check_finite=False) or a loss kind")
         self.layer_map = layer_map if isinstance(layer_map, LayerMap) else LayerMap(layer_map)
         self.loss_fn = loss if isinstance(loss, AlignmentLoss) else AlignmentLoss(loss, check_finite=check_finite)
+        if isinstance(projector, str):
+            if projector not in PROJECTOR_KINDS:
+                raise ValueError(f"projector must be a LayerMappingProjector or one of {PROJECTOR_KINDS}, got {projector!r}")
+        elif not isinstance(projector, LayerMappingProjector):
+            raise TypeError(f"projector must be a LayerMappingProjector or one of {PROJECTOR_KINDS}, got "
+                            f"{type(projector).__name__}")
+        elif target_dims is not None or teacher_dims is not None:
+            raise ValueError("target_dims/teacher_dims size a projector built from its kind; the "
+                             "LayerMappingProjector passed as projector has its own sizes: pass one or the other")
         if teacher is None:
             self.block_list_path: str | None = None
             self.pairs: list[tuple[int, int]] = []
@@ -185,22 +194,24 @@ class LETObjective(TeacherObjective):
             self.pairs = self.layer_map.resolve(teacher.num_layers, len(target_blocks))
             teacher.select_layers([t for t, _ in self.pairs])
             self.target_layers = [s for _, s in self.pairs]
+            num_pairs = len(self.pairs)
+        if not isinstance(projector, str) and len(projector.target_dims) != num_pairs:
+            raise ValueError(f"the projector has {len(projector.target_dims)} layer pairs, but the layer map "
+                             f"{self.layer_map.pairs} has {num_pairs}")
+        if self.teacher is not None:
             self._capture = TargetCapture(
                 target,
                 {k: (target_blocks[k], _block_hidden_state(k, target_blocks[k], self.block_list_path))
                  for k in sorted(set(self.target_layers))},
                 what="features",
             )
-            num_pairs = len(self.pairs)
         if isinstance(projector, str):
-            projector = self._build_projector(target, projector, num_pairs, target_dims, teacher_dims)
-        else:
-            if target_dims is not None or teacher_dims is not None:
-                raise ValueError("target_dims/teacher_dims size a projector built from its kind; the "
-                                 "LayerMappingProjector passed as projector has its own sizes: pass one or the other")
-            if len(projector.target_dims) != num_pairs:
-                raise ValueError(f"the projector has {len(projector.target_dims)} layer pairs, but the layer map "
-                                 f"{self.layer_map.pairs} has {num_pairs}")
+            try:
+                projector = self._build_projector(target, projector, num_pairs, target_dims, teacher_dims)
+            except BaseException:
+                if self._capture is not None:  # an objective that was never built must not leave hooks on the target
+                    self._capture.close()
+                raise
         self.projector: LayerMappingProjector | None = projector
 
     def _build_projector(

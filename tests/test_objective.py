@@ -410,3 +410,17 @@ def test_a_target_block_returning_no_tensor_is_named(tiny_lm):
     with pytest.raises(TypeError, match=r"target block 0 \(blocks.0, Experts\) returned a dict with keys \['hidden'\], not a tensor"):
         target(torch.randint(0, 50, (2, 6)))
     assert objective.pairs == [(2, 0)]
+
+
+@pytest.mark.parametrize("bad", [
+    dict(layer_map=["L2E", "L2M"], target_dims=[16]),
+    dict(teacher_dims=0),
+    dict(projector=LayerMappingProjector([16, 16], [8, 8])),
+    dict(projector="conv"),
+    dict(projector=torch.nn.Linear(16, 8)),
+], ids=["target_dims", "teacher_dims", "projector pairs", "projector kind", "projector type"])
+def test_a_failed_construction_leaves_no_hooks_on_the_target(tiny_lm, bad):
+    target, teacher = tiny_lm(layers=4), tiny_lm(dim=8, seed=1)
+    with pytest.raises((TypeError, ValueError), match="dims|projector"):
+        LETObjective(target, teacher, schedule=LinearDecay(1.0, 4), **bad)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in target.modules())
