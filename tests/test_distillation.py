@@ -97,6 +97,33 @@ def test_chunked_equals_unchunked_and_the_reference(batch, seq, vocab, d, chunk_
     assert not g_chunked[..., vocab:].any()  # padded vocabulary entries get no gradient
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    batch=st.integers(2, 3),  # one row of logits[:, :-1] would be contiguous
+    seq=st.integers(1, 7),
+    vocab=st.integers(2, 20),
+    chunk_size=st.integers(1, 12),
+    pad=st.integers(0, 3),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_a_non_contiguous_view_of_the_logits_is_read_in_chunks_never_copied_whole(batch, seq, vocab, chunk_size, pad,
+                                                                                 masked, seed):
+    logits, hidden, weight, bias = random_problem(batch, seq + 1, vocab, d=4, seed=seed, pad=pad)
+    view, hidden = logits[:, :-1], hidden[:, :-1]  # the shifted logits a training loop hands over
+    assert not view.is_contiguous()
+    mask = torch.rand(batch, seq, generator=torch.Generator().manual_seed(seed)) > 0.5 if masked else None
+    kwargs = dict(temperature=1.3, mask=mask, vocab_size=vocab if pad else None, chunk_size=chunk_size)
+    got = logit_distillation_loss(view, hidden, weight, bias, **kwargs)
+    saved = got.grad_fn.saved_tensors[0]  # what is kept until backward: the caller's logits, not a copy
+    assert saved.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+    want = reference_loss(view, teacher_logits_of(hidden, weight, bias), 1.3, mask)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-14)
+
+
 def test_temperature_squared_keeps_the_gradient_scale():
     target, hidden, weight, bias = random_problem(batch=2, seq=4, vocab=9, d=3, seed=4)
     teacher = teacher_logits_of(hidden, weight, bias)

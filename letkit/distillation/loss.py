@@ -60,8 +60,20 @@ def _chunk_log_probs(
     return log_p_teacher, F.log_softmax(target.div_(temperature), dim=-1)
 
 
+def _token_rows(logits: Tensor, rows: slice) -> Tensor:
+    """Rows ``rows`` of ``logits`` seen as ``(tokens, V)``: ``logits`` is either that 2-D view, or a ``(..., V)``
+    tensor whose leading dims cannot be merged without a copy (e.g. ``logits[:, :-1]``), of which only these rows are
+    gathered."""
+    if logits.dim() == 2:
+        return logits[rows]
+    num_tokens = math.prod(logits.shape[:-1])
+    tokens = torch.arange(rows.start, min(rows.stop, num_tokens), device=logits.device)
+    return logits[torch.unravel_index(tokens, logits.shape[:-1])]
+
+
 class _ChunkedDistillationKL(torch.autograd.Function):
-    """``T^2 * sum_t w_t * KL_t`` over token chunks; backward recomputes each chunk (nothing ``[N, V]`` is saved)."""
+    """``T^2 * sum_t w_t * KL_t`` over token chunks; backward recomputes each chunk (nothing ``[N, V]`` is saved,
+    and ``target_logits`` is never copied whole: see :func:`_token_rows`)."""
 
     @staticmethod
     def forward(
@@ -78,11 +90,10 @@ class _ChunkedDistillationKL(torch.autograd.Function):
     ) -> Tensor:
         total = torch.zeros((), device=target_logits.device, dtype=token_weights.dtype)
         non_finite_tokens = torch.zeros((), device=target_logits.device, dtype=torch.long)
-        for start in range(0, target_logits.shape[0], chunk_size):
+        for start in range(0, token_weights.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            log_p_teacher, log_p_target = _chunk_log_probs(
-                target_logits[rows], teacher_hidden[rows], weight, bias, token_weights[rows] > 0, temperature, vocab_size
-            )
+            log_p_teacher, log_p_target = _chunk_log_probs(_token_rows(target_logits, rows), teacher_hidden[rows],
+                                                           weight, bias, token_weights[rows] > 0, temperature, vocab_size)
             if check_finite:  # one NaN/Inf teacher logit makes its whole row of log-probabilities non-finite
                 non_finite_tokens += (~torch.isfinite(log_p_teacher)).any(-1).sum()
             # KL per token: sum over the vocabulary of p_teacher * (log p_teacher - log p_target)
@@ -106,17 +117,18 @@ class _ChunkedDistillationKL(torch.autograd.Function):
         target_logits, teacher_hidden, weight, bias, token_weights = ctx.saved_tensors
         temperature, vocab_size, chunk_size = ctx.temperature, ctx.vocab_size, ctx.chunk_size
         # padded vocabulary entries (beyond vocab_size) get a zero gradient
-        padded = target_logits.shape[1] > vocab_size
-        grad = torch.zeros_like(target_logits) if padded else torch.empty_like(target_logits)
+        padded = target_logits.shape[-1] > vocab_size
+        allocate = torch.zeros if padded else torch.empty
+        grad = allocate(target_logits.shape, dtype=target_logits.dtype, device=target_logits.device)
+        grad_rows = grad.view(-1, grad.shape[-1])
         # d(T^2 KL)/dz_target = T * (softmax(z_target/T) - softmax(z_teacher/T)), times each token's weight
         scale = token_weights * (temperature * grad_output.to(token_weights.dtype))
-        for start in range(0, target_logits.shape[0], chunk_size):
+        for start in range(0, token_weights.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            log_p_teacher, log_p_target = _chunk_log_probs(
-                target_logits[rows], teacher_hidden[rows], weight, bias, token_weights[rows] > 0, temperature, vocab_size
-            )
+            log_p_teacher, log_p_target = _chunk_log_probs(_token_rows(target_logits, rows), teacher_hidden[rows],
+                                                           weight, bias, token_weights[rows] > 0, temperature, vocab_size)
             chunk_grad = log_p_target.exp_().sub_(log_p_teacher.exp_()).mul_(scale[rows, None])
-            grad[rows, :vocab_size] = chunk_grad.to(grad.dtype)
+            grad_rows[rows, :vocab_size] = chunk_grad.to(grad.dtype)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -149,7 +161,8 @@ def logit_distillation_loss(
             the first ``vocab_size`` entries of both (padding entries get no gradient). None: the two sizes
             must be equal.
         chunk_size: tokens per chunk; besides the gradient of ``target_logits`` the loss needs about
-            ``4.5 * chunk_size * V`` floats.
+            ``4.5 * chunk_size * V`` floats, whatever the layout of ``target_logits``: a non-contiguous view such
+            as ``logits[:, :-1]`` is read a chunk of rows at a time, never copied whole.
         check_finite: raise a ValueError when the teacher's logits on the unmasked tokens hold NaN/Inf (one
             host-device sync).
 
@@ -176,8 +189,12 @@ def logit_distillation_loss(
     compute_dtype = torch.float64 if target_logits.dtype == torch.float64 else torch.float32
     num_tokens = target_logits[..., 0].numel()
     weights = _token_weights(mask, target_logits.shape[:-1], target_logits.device, compute_dtype)
+    try:
+        token_logits = target_logits.view(num_tokens, target_logits.shape[-1])
+    except RuntimeError:  # leading dims that do not merge without a copy, e.g. logits[:, :-1]: see _token_rows
+        token_logits = target_logits
     return _ChunkedDistillationKL.apply(
-        target_logits.reshape(num_tokens, target_logits.shape[-1]),
+        token_logits,
         teacher_hidden.detach().reshape(num_tokens, teacher_hidden.shape[-1]),
         head_weight.detach(),
         None if head_bias is None else head_bias.detach(),
