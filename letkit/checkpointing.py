@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from letkit.atomic import atomic_write_json
+from letkit.validation import check_int
 
 __all__ = ["RunDirInUse", "RunDirLock", "checkpoint_dirs", "checkpoint_name", "checkpoint_problem", "file_owner",
            "find_checkpoint", "load_checkpoint", "locked_run_dir", "prune_checkpoints", "save_checkpoint"]
@@ -161,6 +162,7 @@ def prune_checkpoints(ckpt_dir: str | os.PathLike, newest: int, keep: int, skipp
     at resume), are neither counted nor deleted: they are left for inspection, and a save of the same step replaces
     them. So the newest intact checkpoint is never deleted, whatever else lies in ``ckpt_dir``.
     """
+    keep = check_int("keep", keep, minimum=0)  # a negative count would slice the newest ones off for deletion
     intact = [path for step, path in checkpoint_dirs(ckpt_dir) if step <= newest and path not in skipped
               and checkpoint_problem(path, checksums=False) is None]
     doomed = intact[keep:] if keep else []

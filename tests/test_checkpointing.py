@@ -140,6 +140,15 @@ def test_prune_counts_only_intact_checkpoints_up_to_the_newest(tmp_path):
     assert prune_checkpoints(tmp_path, 10, 0, skipped=[]) == []  # keep=0: all
 
 
+def test_prune_refuses_a_negative_or_non_integer_keep_before_deleting_anything(tmp_path):
+    fake_checkpoint(tmp_path, 10, {".metadata": b"m", "__0_0.distcp": b"abc"})
+    with pytest.raises(ValueError, match="keep must be >= 0, got -1"):
+        prune_checkpoints(tmp_path, 10, -1, skipped=[])
+    with pytest.raises(TypeError, match=r"keep must be an int, got float \(1.0\)"):
+        prune_checkpoints(tmp_path, 10, 1.0, skipped=[])
+    assert [p.name for p in tmp_path.iterdir()] == ["step_0000010"]  # the only checkpoint is still there
+
+
 
 
 def test_run_dir_lock_refuses_a_live_holder_and_takes_over_stale_locks(tmp_path, caplog):
