@@ -32,6 +32,16 @@ On the GPU machine (offline), one line:
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; python3 -m pip install -q --no-build-isolation --no-deps -e . && python3 benchmarks/gpu_suite.py --out-dir $OUT
 
 CPU smoke test of every stage on tiny shapes (what CI runs): python benchmarks/gpu_suite.py --device cpu --smoke
+
+Not a stage: the torchtitan integration's first real run (letkit.integrations.torchtitan; its Trainer cannot run on
+CPU). The GPU image has no torchtitan, so carry it in: add torchtitan==0.3.0 and those of its requirements the image
+lacks (``pip show torchtitan``: datasets, torchdata, tyro, spmd_types, torch_checkpointing, ... never torch) to the
+``pip download`` line above, and copy a torchtitan 0.3.0 source checkout's ``tests/assets``
+(its tokenizer and the c4_test data, which its debug config reads by relative path) to ``.tt/tests/assets``; then,
+with the time the suite leaves, after the install line above:
+
+  cd .tt && torchrun --standalone --nproc_per_node=1 -m torchtitan.train --module letkit.integrations.torchtitan \\
+      --config llama3_debugmodel_let --let.teacher_path random:tiny
 """
 
 from __future__ import annotations
