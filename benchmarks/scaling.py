@@ -57,6 +57,7 @@ class Run:
     teacher_parameters: int
     target_parameters: int
     setup: str  # everything else two runs must share to be pooled: the schedule but its LR, the context, the teacher
+    source: str  # the file it came from
 
     @property
     def group(self) -> tuple:
@@ -116,8 +117,22 @@ def load_runs(files: Sequence[Path], *, log=print) -> list[Run]:
             method, settings = variant_settings(report, record["variant"])
             runs.append(Run(method, record["variant"] == method, settings, record["seed"], record["lr"],
                             record["final_val_loss"], record.get("comparison"), key, schedule["steps"],
-                            report["teacher"]["non_embedding_parameters"], sizes[key], setup))
+                            report["teacher"]["non_embedding_parameters"], sizes[key], setup, str(path)))
+    check_distinct(runs)
     return runs
+
+
+def check_distinct(runs: Sequence[Run]) -> None:
+    """Refuse one run read twice (the same group, method, settings, seed and LR in two files, e.g. a rerun and the
+    original): pooling both would count one seed twice and narrow the confidence intervals."""
+    seen: dict[tuple, Run] = {}
+    for run in runs:
+        key = (run.group, run.method, _settings_key(run.settings), run.seed, run.lr)
+        if key in seen:
+            raise SystemExit(f"scaling: the {run.method} run of seed {run.seed} at lr {run.lr:g} (target "
+                             f"{','.join(map(str, run.shape))}) is in both {seen[key].source} and {run.source}: "
+                             "pass only one of them")
+        seen[key] = run
 
 
 def _settings_key(settings: dict[str, Any], *, without_stop_fraction: bool = False) -> str:

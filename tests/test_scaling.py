@@ -120,6 +120,11 @@ def test_bad_inputs(tmp_path, capsys):
     only_baseline = convergence_file(tmp_path / "baseline.json", 2, {}, [(0, 1e-3, "baseline", 4.6, None)])
     assert scaling.main([str(only_baseline)]) == 2
     assert "no let runs at their base settings" in capsys.readouterr().err
+    records = [(0, 1e-3, "baseline", 4.6, None), (0, 1e-3, "let", 4.4, 1.3)]
+    first = convergence_file(tmp_path / "first.json", 2, {"let": ("let", LET, None)}, records)
+    rerun = convergence_file(tmp_path / "rerun.json", 2, {"let": ("let", LET, None)}, records)
+    with pytest.raises(SystemExit, match=r"seed 0 at lr 0.001 .* is in both .*first.json and .*rerun.json"):
+        scaling.main([str(first), str(rerun)])
 
 
 def test_counts_parameters_on_the_meta_device():
