@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", metavar="DIR",
                         help="teacher checkpoint directory (HF layout), as letkit demo --teacher (default: the demo's "
                              "pretrained and cached teacher)")
+    parser.add_argument("--teacher-steps", type=int, metavar="N",
+                        help="pretrain the demo's teacher for N steps instead of the preset's (fewer: a weaker teacher, "
+                             "cached apart)")
     parser.add_argument("--tokenizer", metavar="FILE",
                         help="the target's tokenizer.json, as letkit demo --tokenizer (default: the teacher's, else a "
                              "byte-level BPE trained on the corpus)")
@@ -257,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                     cache_dir=args.cache_dir, teacher=args.teacher, tokenizer=args.tokenizer,
                     cross_tokenizer=args.cross_tokenizer,
                     teacher_vocab_size=args.teacher_vocab_size)
+    if args.teacher_steps is not None:
+        if args.teacher is not None:
+            parser.error(f"--teacher-steps {args.teacher_steps} pretrains the demo's teacher; --teacher {args.teacher} "
+                         "provides one: pass one of them")
+        config.teacher_schedule = dataclasses.replace(config.teacher_schedule, steps=args.teacher_steps)
     if args.steps:
         config.target_schedule = dataclasses.replace(config.target_schedule, steps=args.steps)
     if args.target_shape:

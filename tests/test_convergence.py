@@ -197,3 +197,17 @@ def test_cross_tokenizer_runs_and_a_provided_teacher(tmp_path, monkeypatch):
         assert baseline["aligned_fraction"] is None and baseline["teacher_tokenize_seconds"] == 0
         assert 0 < let["aligned_fraction"] <= 1 and let["teacher_tokenize_seconds"] > 0
     assert own["config"]["teacher_vocab_size"] == 280 and provided["config"]["tokenizer"] == str(target_tokenizer)
+
+
+def test_teacher_steps_pretrain_a_weaker_teacher_and_exclude_a_provided_one(tmp_path, monkeypatch, capsys):
+    convergence = load_convergence()
+    monkeypatch.setitem(demo.PRESETS, "quick", tiny_config(tmp_path, make_corpus(tmp_path / "corpus")))
+    with pytest.raises(SystemExit):
+        convergence.main(["--teacher-steps", "5", "--teacher", str(tmp_path), "--out", str(tmp_path / "x.json")])
+    assert "--teacher-steps 5 pretrains the demo's teacher" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(convergence, "prepare", lambda config, **kw: seen.append(config) or sys.exit(0))
+    with pytest.raises(SystemExit):
+        convergence.main(["--teacher-steps", "7", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "x.json")])
+    assert seen[0].teacher_schedule.steps == 7
+    assert seen[0].teacher_schedule.lr == demo.PRESETS["quick"].teacher_schedule.lr
