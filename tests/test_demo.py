@@ -409,6 +409,8 @@ def test_t_critical_values_and_confidence_interval():
     assert stats_["mean"] == 2.0 and stats_["std"] == 1.0
     assert stats_["ci95"] == pytest.approx([2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)])
     assert mean_ci95([1.5]) == {"n": 1, "mean": 1.5, "std": None, "ci95": None}
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_ci95([])
     with pytest.raises(ValueError, match="degrees of freedom"):
         t_critical_95(0)
 

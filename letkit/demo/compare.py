@@ -82,6 +82,8 @@ def t_critical_95(df: int) -> float:
 def mean_ci95(values: Sequence[float]) -> dict[str, Any]:
     """Mean, sample standard deviation and the t-based 95% confidence interval of the mean (None for n = 1)."""
     n = len(values)
+    if n == 0:
+        raise ValueError("mean_ci95 needs at least one value, got none")
     mean = sum(values) / n
     if n < 2:
         return {"n": n, "mean": mean, "std": None, "ci95": None}
