@@ -118,21 +118,23 @@ def load_runs(files: Sequence[Path], *, log=print) -> list[Run]:
             runs.append(Run(method, record["variant"] == method, settings, record["seed"], record["lr"],
                             record["final_val_loss"], record.get("comparison"), key, schedule["steps"],
                             report["teacher"]["non_embedding_parameters"], sizes[key], setup, str(path)))
-    check_distinct(runs)
-    return runs
+    return distinct_runs(runs)
 
 
-def check_distinct(runs: Sequence[Run]) -> None:
-    """Refuse one run read twice (the same group, method, settings, seed and LR in two files, e.g. a rerun and the
-    original): pooling both would count one seed twice and narrow the confidence intervals."""
-    seen: dict[tuple, Run] = {}
+def distinct_runs(runs: Sequence[Run]) -> list[Run]:
+    """Each run once. The same run (group, method, settings, seed and LR) in two files -- an LR sweep's baseline
+    beside the comparison's, or a rerun -- is kept once when both files agree on its final loss (the demo is
+    deterministic), and refused by name when they do not: pooling both would count one seed twice."""
+    kept: dict[tuple, Run] = {}
     for run in runs:
         key = (run.group, run.method, _settings_key(run.settings), run.seed, run.lr)
-        if key in seen:
+        first = kept.setdefault(key, run)
+        if first is not run and not math.isclose(first.final_val_loss, run.final_val_loss, rel_tol=1e-9):
             raise SystemExit(f"scaling: the {run.method} run of seed {run.seed} at lr {run.lr:g} (target "
-                             f"{','.join(map(str, run.shape))}) is in both {seen[key].source} and {run.source}: "
+                             f"{','.join(map(str, run.shape))}) is in both {first.source} (final loss "
+                             f"{first.final_val_loss:.6f}) and {run.source} ({run.final_val_loss:.6f}): "
                              "pass only one of them")
-        seen[key] = run
+    return list(kept.values())
 
 
 def _settings_key(settings: dict[str, Any], *, without_stop_fraction: bool = False) -> str:

@@ -123,8 +123,12 @@ def test_bad_inputs(tmp_path, capsys):
     records = [(0, 1e-3, "baseline", 4.6, None), (0, 1e-3, "let", 4.4, 1.3)]
     first = convergence_file(tmp_path / "first.json", 2, {"let": ("let", LET, None)}, records)
     rerun = convergence_file(tmp_path / "rerun.json", 2, {"let": ("let", LET, None)}, records)
-    with pytest.raises(SystemExit, match=r"seed 0 at lr 0.001 .* is in both .*first.json and .*rerun.json"):
-        scaling.main([str(first), str(rerun)])
+    [row] = scaling.scaling_rows(scaling.load_runs([first, rerun]), "let")  # the same runs, read once
+    assert row["seeds"] == [0] and row["step_speedup"]["n"] == 1
+    other = convergence_file(tmp_path / "other.json", 2, {"let": ("let", LET, None)},
+                             [(0, 1e-3, "baseline", 4.6, None), (0, 1e-3, "let", 4.3, 1.4)])
+    with pytest.raises(SystemExit, match=r"let run of seed 0 at lr 0.001 .* is in both .*first.json .* and .*other.json"):
+        scaling.main([str(first), str(other)])
 
 
 def test_counts_parameters_on_the_meta_device():
