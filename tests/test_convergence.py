@@ -131,9 +131,10 @@ def test_methods_compared_in_one_lockstep_group(tmp_path, monkeypatch):
     assert report["variants"]["rkd kd_weight=2"]["kd"] == {"weight": 2.0, "temperature": 2.0, "stop_fraction": 1.0}
     # each term's weight at each evaluation: SALT distils 2 of the 8 steps, RKD all 8, LET fades out by step 4
     weights = {n: [p["weights"] for p in records[n]["curve"][1:]] for n in names}
-    assert weights["salt"] == [{"kd": 0.5}, {"kd": 0.0}, {"kd": 0.0}, {"kd": 0.0}]
+    kd_weight = demo.KDSettings().weight
+    assert weights["salt"] == [{"kd": kd_weight}, {"kd": 0.0}, {"kd": 0.0}, {"kd": 0.0}]
     assert weights["rkd kd_weight=2"] == [{"kd": 2.0}] * 4
-    assert [w["kd"] for w in weights["let+salt"]] == [0.5, 0, 0, 0] and [w["let"] > 0 for w in weights["let+salt"]] == [
+    assert [w["kd"] for w in weights["let+salt"]] == [kd_weight, 0, 0, 0] and [w["let"] > 0 for w in weights["let+salt"]] == [
         True, True, False, False]
     assert weights["baseline"] == [{}] * 4
     baseline = records["baseline"]
