@@ -11,15 +11,17 @@ Reads convergence JSON files (paths or quoted globs; other JSON files are skippe
   points labelled by depth, error bars the 95% CIs.
 
 Rows pool every file's records of the same target shape, schedule (but its LR), context length, teacher and method
-settings. The method's
-runs are those at its base settings (the run named after the method; in files written before ``--methods`` existed,
+settings; a run found in two files (an LR sweep's baseline beside the comparison's) counts once, and is refused if
+the two disagree. The method's runs are those at its base settings (the run named after the method; in files written before ``--methods`` existed,
 ``let``). Each row uses one learning rate: of the learning rates the method ran at, the one where the baseline's
 mean final validation loss is lowest. A note says so when the baseline did better at a learning rate the method did
 not run at (sweep it there too). Non-embedding parameter counts come from the target's shape (``letkit.models``).
 
-Example (the scaling study's files, once run)::
+The scaling study in benchmarks/RESULTS.md and docs/scaling.png (one file set per target depth)::
 
-    python benchmarks/scaling.py 'benchmarks/results/demo/scaling_*.json' --markdown scaling.md --png docs/scaling.png
+    R=benchmarks/results/demo
+    python benchmarks/scaling.py $R/default_lr_seed0.json $R/default_lr_seeds12.json $R/default_seeds34.json \
+        "$R/deep6_*.json" "$R/scale12_*.json" --png docs/scaling.png
 """
 
 from __future__ import annotations
