@@ -488,9 +488,11 @@ def test_letkit_tokenize_bad_input_is_a_one_line_error(corpus, tmp_path, capsys)
 
 
 SLOW_TOKENIZE = """
-import sys, time
+import signal, sys, time
 import letkit.data.shards
 from letkit.cli import main
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, even if pytest runs with SIGINT ignored
 
 write = letkit.data.shards.atomic_write
 letkit.data.shards.atomic_write = lambda path, data: (time.sleep(0.1), write(path, data))  # workers fork with this
